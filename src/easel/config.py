@@ -1,0 +1,92 @@
+"""Settings: one object, read from the environment (prefix ``EASEL_``).
+
+Every field is documented here and in docs/CONFIG.md (a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from platformdirs import user_data_dir
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_home() -> Path:
+    return Path(user_data_dir("easel", appauthor=False))
+
+
+class Settings(BaseSettings):
+    """Easel's settings. Build with ``Settings()`` (reads ``EASEL_*``) or pass fields directly."""
+
+    model_config = SettingsConfigDict(env_prefix="EASEL_", extra="ignore")
+
+    home: Path = Field(
+        default_factory=_default_home,
+        description="Folder holding easel.db, images/, models/, loras/ and models.toml.",
+    )
+    default_model: str = Field(
+        "tiny-shapes", description="Model id used when a request names none."
+    )
+    device: str = Field(
+        "auto", description="Torch device for generation: auto, cpu, cuda, cuda:N or mps."
+    )
+    dtype: str = Field(
+        "auto",
+        description="Weights dtype: auto (bf16 on CUDA and on CPUs with native bf16, fp16 on mps, "
+        "else fp32), float32, bfloat16 or float16.",
+    )
+    cpu_offload: bool = Field(
+        False, description="Enable diffusers model CPU offload (saves GPU memory, slower)."
+    )
+    vae_tiling: bool = Field(
+        False, description="Decode latents in tiles (large images with little memory)."
+    )
+    model_cache_gb: float = Field(
+        8.0, description="Memory budget in GiB for loaded pipelines (least recently used go first)."
+    )
+    preview_every: int = Field(
+        2, description="Send a preview image every N denoising steps (0 turns previews off)."
+    )
+    host: str = Field("127.0.0.1", description="Address `easel serve` binds to.")
+    port: int = Field(7860, description="Port `easel serve` listens on.")
+    cpu_workers: int = Field(
+        1, description="Number of generation workers when running on the CPU."
+    )
+    max_queued_jobs: int = Field(
+        1000, description="Queued jobs accepted before new ones get 429 with Retry-After."
+    )
+    max_body_bytes: int = Field(
+        1_000_000, description="Largest accepted request body in bytes (larger gets 413)."
+    )
+    max_prompt_chars: int = Field(2000, description="Longest accepted prompt, in characters.")
+    max_pixels_per_job: int = Field(
+        4 * 1024 * 1024,
+        description="Budget for width × height × num_images of one job.",
+    )
+    max_attempts: int = Field(
+        3, description="A job interrupted this many times is marked failed."
+    )
+    drain_timeout_s: float = Field(
+        30.0, description="On SIGTERM, seconds to let the running job finish before requeueing it."
+    )
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "easel.db"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.home / "images"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def loras_dir(self) -> Path:
+        return self.home / "loras"
+
+    @property
+    def user_models_file(self) -> Path:
+        return self.home / "models.toml"

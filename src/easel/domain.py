@@ -1,0 +1,189 @@
+"""Plain typed data shared by every layer: requests, results, jobs, events, models, errors.
+
+Nothing here imports torch or diffusers; images travel as PIL images or PNG bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from typing import Any, Literal
+
+from PIL import Image
+
+Task = Literal["txt2img", "img2img", "inpaint"]
+TASKS: tuple[str, ...] = ("txt2img", "img2img", "inpaint")
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+class EaselError(Exception):
+    """An error with a message fit for a user: the CLI prints it (exit 2), the API returns it.
+
+    ``field`` names the offending input when there is one; ``status`` is the HTTP status to use.
+    """
+
+    status: int = 400
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidParams(EaselError):
+    """A request field is out of range or malformed (HTTP 422)."""
+
+    status = 422
+
+
+class ModelNotFound(EaselError):
+    """No model with that id or path (HTTP 404)."""
+
+    status = 404
+
+
+class ModelNotAvailable(EaselError):
+    """The model is known but its weights are not on this machine (HTTP 409)."""
+
+    status = 409
+
+
+class JobNotFound(EaselError):
+    status = 404
+
+
+class QueueFull(EaselError):
+    status = 429
+
+
+class Canceled(Exception):  # noqa: N818 - a control-flow signal, not an error to report
+    """Raised inside a generation when the caller asked to stop."""
+
+
+# --- generation ---------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationParams:
+    """One generation request. ``None`` fields take the model family's defaults.
+
+    Names follow diffusers' ``__call__`` arguments. After ``engine.resolve_params`` every
+    field is concrete, and that resolved copy is what goes into the PNG metadata.
+    """
+
+    prompt: str
+    model: str | None = None
+    task: str = "txt2img"
+    negative_prompt: str = ""
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    num_images: int = 1
+    scheduler: str | None = None
+    # img2img / inpaint inputs travel as PNG-encoded bytes so params stay serialisable
+    strength: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationParams:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class Progress:
+    """Reported after each denoising step. ``preview`` is set every few steps."""
+
+    step: int
+    total: int
+    preview: Image.Image | None = None
+
+
+ProgressCallback = Callable[[Progress], None]
+CancelCheck = Callable[[], bool]
+
+
+@dataclass
+class GenerationResult:
+    """Images of one request, in order; image i was made with seed ``params.seed + i``."""
+
+    images: list[Image.Image]
+    params: GenerationParams  # resolved: every field concrete
+    seconds: float
+    dropped_tokens: int = 0  # prompt tokens beyond the text encoder's limit
+
+    @property
+    def seeds(self) -> list[int]:
+        assert self.params.seed is not None
+        return [self.params.seed + i for i in range(len(self.images))]
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelRecord:
+    """A catalog entry: where the weights are, which family serves them, and its defaults."""
+
+    id: str
+    family: str
+    source: str  # hub repo id, local folder, or .safetensors file
+    description: str = ""
+    tasks: tuple[str, ...] = ("txt2img",)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    available: bool = False  # weights present on this machine
+    builtin: bool = True
+
+
+# --- jobs ---------------------------------------------------------------------------------------
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def final(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+@dataclass
+class ImageRecord:
+    id: str
+    job_id: str
+    seed: int
+    path: str  # relative to Settings.images_dir
+    width: int
+    height: int
+    prompt: str
+    created_at: datetime
+
+
+@dataclass
+class JobRecord:
+    id: str
+    task: str
+    model: str
+    params: GenerationParams
+    priority: int
+    status: JobStatus
+    created_at: datetime
+    owner: str | None = None
+    attempts: int = 0
+    step: int = 0
+    total_steps: int = 0
+    error: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    images: list[ImageRecord] = field(default_factory=list)
