@@ -1,0 +1,21 @@
+"""Shared fixtures: every test gets its own EASEL_HOME; nothing touches the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def easel_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh EASEL_HOME for one test (also exported for subprocesses)."""
+    home = tmp_path / "easel-home"
+    home.mkdir()
+    monkeypatch.setenv("EASEL_HOME", str(home))
+    return home
