@@ -141,6 +141,8 @@ class ModelRecord:
     defaults: dict[str, Any] = field(default_factory=dict)
     available: bool = False  # weights present on this machine
     builtin: bool = True
+    # for a .safetensors source: a diffusers folder or hub id holding the pipeline's configs
+    config: str | None = None
 
 
 # --- jobs ---------------------------------------------------------------------------------------
