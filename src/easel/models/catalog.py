@@ -1,0 +1,354 @@
+"""The model catalog: built-in entries, the user's own (EASEL_HOME/models.toml), and paths.
+
+Pure Python (no torch). ``get`` accepts a catalog id, a hub id already in the local Hugging Face
+cache, a local diffusers folder or a single ``.safetensors`` checkpoint.
+
+    >>> catalog = ModelCatalog(Settings())
+    >>> catalog.get("sd-turbo").source
+    'stabilityai/sd-turbo'
+"""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import difflib
+import json
+import os
+import re
+import struct
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from easel.config import Settings
+from easel.domain import InvalidParams, ModelNotFound, ModelRecord
+from easel.models.families import FAMILIES, family_for_pipeline, get_family
+
+TINY_SHAPES_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-shapes"
+
+BUILTINS: tuple[ModelRecord, ...] = (
+    ModelRecord(
+        id="tiny-shapes",
+        family="sd",
+        source=str(TINY_SHAPES_DIR),
+        description="Bundled 64x64 model of coloured shapes, trained by Easel (CPU friendly)",
+        defaults={"width": 64, "height": 64, "min_size": 32, "max_size": 128},
+    ),
+    ModelRecord(
+        id="z-image-turbo",
+        family="z-image",
+        source="Tongyi-MAI/Z-Image-Turbo",
+        description="Z-Image-Turbo 6B: 8 steps, no guidance",
+    ),
+    ModelRecord(
+        id="sd-turbo",
+        family="sd",
+        source="stabilityai/sd-turbo",
+        description="SD-Turbo (SD 2.1 distilled): 1 step at 512x512",
+        defaults={"num_inference_steps": 1, "guidance_scale": 0.0, "scheduler": "euler_a"},
+    ),
+    ModelRecord(
+        id="sdxl-turbo",
+        family="sdxl",
+        source="stabilityai/sdxl-turbo",
+        description="SDXL-Turbo: 1 step at 512x512",
+        defaults={
+            "num_inference_steps": 1,
+            "guidance_scale": 0.0,
+            "width": 512,
+            "height": 512,
+            "scheduler": "euler_a",
+        },
+    ),
+    ModelRecord(
+        id="sd15",
+        family="sd",
+        source="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        description="Stable Diffusion 1.5",
+    ),
+    ModelRecord(
+        id="sdxl",
+        family="sdxl",
+        source="stabilityai/stable-diffusion-xl-base-1.0",
+        description="Stable Diffusion XL 1.0 base",
+    ),
+    ModelRecord(
+        id="flux-schnell",
+        family="flux",
+        source="black-forest-labs/FLUX.1-schnell",
+        description="FLUX.1 [schnell]: 4 steps, no guidance",
+    ),
+)
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# state-dict key fragments that identify a single-file checkpoint's family (first match wins)
+_SINGLE_FILE_KEYS = (
+    ("conditioner.embedders.1", "sdxl"),
+    ("double_blocks.", "flux"),
+    ("noise_refiner.", "z-image"),
+    ("cap_embedder.", "z-image"),
+    ("model.diffusion_model.input_blocks", "sd"),
+)
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment at call time (tests change it)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot folder of ``repo_id`` if it holds a complete diffusers pipeline."""
+    from huggingface_hub import try_to_load_from_cache
+
+    index = try_to_load_from_cache(repo_id, "model_index.json", cache_dir=hub_cache_dir())
+    if not isinstance(index, str):
+        return None
+    folder = Path(index).parent
+    return folder if _pipeline_complete(folder) else None
+
+
+def _pipeline_complete(folder: Path) -> bool:
+    """Every component named in model_index.json has a non-empty subfolder."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        sub = folder / name
+        if not sub.is_dir() or not any(sub.iterdir()):
+            return False
+    return True
+
+
+def detect_family(path: Path) -> str:
+    """Family of a local diffusers folder (model_index.json) or .safetensors checkpoint."""
+    if path.is_dir():
+        try:
+            class_name = json.loads((path / "model_index.json").read_text())["_class_name"]
+        except (OSError, ValueError, KeyError):
+            raise InvalidParams(
+                f"{path} is not a diffusers pipeline folder (no readable model_index.json)",
+                field="model",
+            ) from None
+        family = family_for_pipeline(class_name)
+        if family is None:
+            raise InvalidParams(
+                f"{path} holds a {class_name}, which no Easel family serves "
+                f"(supported: {', '.join(FAMILIES)})",
+                field="model",
+            )
+        return family.name
+    keys = _safetensors_keys(path)
+    for fragment, family_name in _SINGLE_FILE_KEYS:
+        if any(fragment in key for key in keys):
+            return family_name
+    raise InvalidParams(
+        f"cannot tell the family of {path.name}; add it with "
+        f"`easel models add ID {path} --family {{{','.join(FAMILIES)}}}`",
+        field="family",
+    )
+
+
+def _safetensors_keys(path: Path) -> builtins.list[str]:
+    # a .safetensors file starts with an 8-byte little-endian header length, then a JSON header
+    try:
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, struct.error):
+        raise InvalidParams(f"{path} is not a readable .safetensors file", field="model") from None
+    return [k for k in header if k != "__metadata__"]
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith(("/", "~", ".")) or text.endswith(".safetensors") or text.count("/") > 1
+
+
+class ModelCatalog:
+    """Known models: built-ins plus entries in ``settings.user_models_file``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def list(self) -> builtins.list[ModelRecord]:
+        """Every catalog entry (built-ins first), with ``available`` filled in."""
+        return [self._with_availability(r) for r in self._records().values()]
+
+    def get(self, id_or_path: str) -> ModelRecord:
+        """The entry for a catalog id, a source, a cached hub id, or a local folder/file.
+
+        Raises ModelNotFound (field "model") with near-name suggestions when nothing matches.
+        """
+        records = self._records()
+        if id_or_path in records:
+            return self._with_availability(records[id_or_path])
+        for record in records.values():
+            if record.source == id_or_path:
+                return self._with_availability(record)
+        path = Path(id_or_path).expanduser()
+        if path.exists() and (path.is_dir() or path.suffix == ".safetensors"):
+            path = path.resolve()
+            record = ModelRecord(
+                id=str(path), family=detect_family(path), source=str(path), builtin=False
+            )
+            return self._with_availability(record)
+        if _HUB_ID_RE.match(id_or_path) and not _looks_like_path(id_or_path):
+            snapshot = cached_snapshot(id_or_path)
+            if snapshot is not None:
+                record = ModelRecord(
+                    id=id_or_path, family=detect_family(snapshot), source=id_or_path, builtin=False
+                )
+                return self._with_availability(record)
+        raise ModelNotFound(self._not_found_message(id_or_path, records), field="model")
+
+    def add(
+        self,
+        model_id: str,
+        source: str,
+        *,
+        family: str | None = None,
+        description: str = "",
+        config: str | None = None,
+        defaults: dict[str, Any] | None = None,
+    ) -> ModelRecord:
+        """Add (or replace) a user entry in models.toml and return it.
+
+        ``source`` is a local diffusers folder, a ``.safetensors`` file or a hub id. The family is
+        detected for local sources; a hub id that is not cached yet needs ``family``.
+        """
+        if not _ID_RE.match(model_id):
+            raise InvalidParams(
+                f"model id must be letters, digits, '.', '_' or '-' (got {model_id!r})", field="id"
+            )
+        if any(r.id == model_id for r in BUILTINS):
+            raise InvalidParams(f"{model_id!r} is a built-in model id; pick another", field="id")
+        path = Path(source).expanduser()
+        if path.exists():
+            source = str(path.resolve())
+            family = family or detect_family(path.resolve())
+        elif _looks_like_path(source) or not _HUB_ID_RE.match(source):
+            raise ModelNotFound(f"no model folder or file at {source}", field="source")
+        elif family is None and (snapshot := cached_snapshot(source)) is not None:
+            family = detect_family(snapshot)
+        if family is None:
+            raise InvalidParams(
+                f"family is required for {source} (one of {', '.join(FAMILIES)})", field="family"
+            )
+        get_family(family)
+        record = ModelRecord(
+            id=model_id,
+            family=family,
+            source=source,
+            description=description,
+            defaults=dict(defaults or {}),
+            builtin=False,
+            config=config,
+        )
+        entries = self._read_user_entries()
+        entries[model_id] = record
+        self._write_user_entries(entries)
+        return self._with_availability(record)
+
+    def is_available(self, record: ModelRecord) -> bool:
+        """True when the weights are on this machine: a local path, or complete in the HF cache."""
+        path = Path(record.source).expanduser()
+        if path.is_dir():
+            return _pipeline_complete(path)
+        if path.is_file():
+            return True
+        if _looks_like_path(record.source):
+            return False
+        return cached_snapshot(record.source) is not None
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _records(self) -> dict[str, ModelRecord]:
+        records = {r.id: r for r in BUILTINS}
+        records.update(self._read_user_entries())
+        return records
+
+    def _with_availability(self, record: ModelRecord) -> ModelRecord:
+        """A copy with the family's tasks and whether the weights are here."""
+        tasks = FAMILIES[record.family].tasks if record.family in FAMILIES else record.tasks
+        return dataclasses.replace(record, tasks=tasks, available=self.is_available(record))
+
+    def _not_found_message(self, query: str, records: dict[str, ModelRecord]) -> str:
+        if _looks_like_path(query):
+            return f"no model folder or .safetensors file at {query}"
+        close = difflib.get_close_matches(query, builtins.list(records), n=3, cutoff=0.5)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        if _HUB_ID_RE.match(query):
+            hint += f"; it is not in the local Hugging Face cache: `easel models pull {query}`"
+        return (
+            f"unknown model {query!r}{hint}. Known models: {', '.join(records)} "
+            "(add your own with `easel models add`)"
+        )
+
+    def _read_user_entries(self) -> dict[str, ModelRecord]:
+        file = self.settings.user_models_file
+        if not file.exists():
+            return {}
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise InvalidParams(f"cannot read {file}: {exc}", field="models.toml") from None
+        entries = {}
+        for model_id, entry in data.get("models", {}).items():
+            if not isinstance(entry, dict) or "source" not in entry or "family" not in entry:
+                raise InvalidParams(
+                    f"{file}: [models.{model_id}] needs `source` and `family`",
+                    field="models.toml",
+                )
+            entries[model_id] = ModelRecord(
+                id=model_id,
+                family=entry["family"],
+                source=entry["source"],
+                description=entry.get("description", ""),
+                defaults=dict(entry.get("defaults", {})),
+                builtin=False,
+                config=entry.get("config"),
+            )
+        return entries
+
+    def _write_user_entries(self, entries: dict[str, ModelRecord]) -> None:
+        lines = ["# Easel's user model catalog (`easel models add` writes it; edit freely)", ""]
+        for record in entries.values():
+            lines.append(f"[models.{_toml_key(record.id)}]")
+            lines.append(f"family = {_toml_value(record.family)}")
+            lines.append(f"source = {_toml_value(record.source)}")
+            if record.description:
+                lines.append(f"description = {_toml_value(record.description)}")
+            if record.config:
+                lines.append(f"config = {_toml_value(record.config)}")
+            if record.defaults:
+                body = ", ".join(f"{k} = {_toml_value(v)}" for k, v in record.defaults.items())
+                lines.append(f"defaults = {{ {body} }}")
+            lines.append("")
+        file = self.settings.user_models_file
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(".toml.tmp")
+        tmp.write_text("\n".join(lines), encoding="utf-8")
+        tmp.replace(file)  # atomic: a reader never sees half a file
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    # JSON's string escapes are valid TOML basic-string escapes; bool before int (bool is an int)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | str):
+        return json.dumps(value)
+    raise InvalidParams(f"cannot store {value!r} in models.toml", field="defaults")
