@@ -96,7 +96,9 @@ def parse_a1111(text: str) -> dict[str, Any]:
     settings: dict[str, str] = {}
     if _is_settings_line(lines[-1]):
         settings = {k: _unquote(v) for k, v in _ITEM.findall(lines.pop())}
-    prompt_lines, negative_lines, in_negative = [], [], False
+    prompt_lines: list[str] = []
+    negative_lines: list[str] = []
+    in_negative = False
     for line in lines:
         if not in_negative and line.startswith("Negative prompt:"):
             in_negative = True

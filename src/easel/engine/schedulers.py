@@ -25,12 +25,11 @@ from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
 )
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 
 @dataclass(frozen=True)
 class SchedulerSpec:
-    cls: type[SchedulerMixin]
+    cls: type[Any]  # a diffusers scheduler class (SchedulerMixin + ConfigMixin)
     overrides: dict[str, Any] = field(default_factory=dict)
     flow: bool = False  # a flow-matching sampler (velocity models), not an eps/v one
 
@@ -52,9 +51,7 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
 }
 
 
-def make_scheduler(
-    name: str, base_config: Mapping[str, Any], *, shift: float | None = None
-) -> SchedulerMixin:
+def make_scheduler(name: str, base_config: Mapping[str, Any], *, shift: float | None = None) -> Any:
     """A fresh scheduler ``name`` from the model's original scheduler config.
 
     ``shift`` sets the flow-matching timestep shift (``flow_euler`` only; e.g. 3.0 for
