@@ -1,18 +1,244 @@
-"""The `easel` command line: thin commands over services."""
+"""The `easel` command line: thin commands over the catalog, the model manager and the engine.
+
+    easel generate "a red circle" -m tiny-shapes --seed 7 -n 2 -o out/
+    easel info out/easel-7.png [--json]
+    easel models list [--json] | add ID SOURCE [--family F] | pull ID
+
+Every user error (an EaselError, a bad argument, an unreadable file) ends as one line on stderr
+and exit code 2, never a traceback. torch is imported only by the commands that generate or
+download, so `info` and `models list` start fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, NoReturn
+
+from easel.config import Settings
+from easel.domain import EaselError, GenerationParams, InvalidParams
+from easel.models.catalog import ModelCatalog
+
+# Commands from other packages plug in here: each function adds its subcommand(s) to the
+# `easel` subparsers and sets a handler with `parser.set_defaults(func=handler)`, where
+# `handler(args: argparse.Namespace) -> int | None` returns the exit code (None means 0).
+# The lead registers `serve` (easel.api), `train` and `eval` (easel.training) here.
+EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage, so bad arguments get the one-line path."""
+
+    def error(self, message: str) -> NoReturn:
+        raise EaselError(f"{self.prog}: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="easel", description=__doc__)
-    parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="easel", description="Easel: a self-hosted image-generation studio.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = commands.add_parser("generate", help="make images locally (no server needed)")
+    gen.add_argument("prompt", nargs="?", help="what to draw (optional with --from)")
+    gen.add_argument("-m", "--model", help="catalog id, hub id, local folder or .safetensors")
+    gen.add_argument("--negative-prompt", help="what to avoid")
+    gen.add_argument("--steps", type=int, help="denoising steps (model default if omitted)")
+    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    gen.add_argument("--size", type=_size, help="WIDTHxHEIGHT, e.g. 512x768")
+    gen.add_argument("--seed", type=int, help="seed of the first image (image i uses seed+i)")
+    gen.add_argument("-n", "--count", type=int, help="number of images (default 1)")
+    gen.add_argument("--scheduler", help="sampler by stable name, e.g. euler, dpmpp_2m")
+    gen.add_argument("-o", "--output", type=Path, help="a .png file or a folder (default: .)")
+    gen.add_argument(
+        "--from",
+        dest="from_image",
+        type=Path,
+        metavar="IMAGE",
+        help="repeat the request stored in an Easel PNG (other options override it)",
+    )
+    gen.set_defaults(func=cmd_generate)
+
+    info = commands.add_parser("info", help="print the generation parameters stored in an image")
+    info.add_argument("image", type=Path)
+    info.add_argument("--json", action="store_true", help="print the exact request as JSON")
+    info.set_defaults(func=cmd_info)
+
+    models = commands.add_parser("models", help="the model catalog")
+    models_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    listing = models_commands.add_parser("list", help="known models and whether they are here")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_models_list)
+    add = models_commands.add_parser("add", help="add a local folder, .safetensors or hub id")
+    add.add_argument("id", help="the name to use with -m")
+    add.add_argument("source", help="local diffusers folder, .safetensors file or hub repo id")
+    add.add_argument("--family", help="model family (detected for local sources)")
+    add.set_defaults(func=cmd_models_add)
+    pull = models_commands.add_parser("pull", help="download a model's weights")
+    pull.add_argument("id")
+    pull.set_defaults(func=cmd_models_pull)
+
+    for register in EXTRA_COMMANDS:
+        register(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    print(args, file=sys.stderr)
-    return 0
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args) or 0
+    except EaselError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+# --- generate -----------------------------------------------------------------------------------
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from easel.engine.generate import Engine
+    from easel.engine.metadata import parse_png, to_png_bytes
+
+    # 1. build the request: the stored one (--from), then the options given on the command line
+    params = parse_png(args.from_image) if args.from_image else GenerationParams(prompt="")
+    overrides = {
+        "prompt": args.prompt,
+        "model": args.model,
+        "negative_prompt": args.negative_prompt,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "seed": args.seed,
+        "num_images": args.count,
+        "scheduler": args.scheduler,
+    }
+    if args.size is not None:
+        overrides["width"], overrides["height"] = args.size
+    params = GenerationParams.from_dict(
+        {**params.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
+    )
+
+    # 2. check the model is here before loading torch (the default model gets advice)
+    settings = Settings()
+    catalog = ModelCatalog(settings)
+    _check_default_model(catalog, settings, params)
+    engine = Engine(_model_manager(settings, catalog), settings)
+
+    # 3. generate with a progress bar
+    bar: Any = None
+
+    def on_progress(progress: Any) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=progress.total, unit="step", desc="generating", file=sys.stderr)
+        bar.update(progress.step - bar.n)
+
+    try:
+        result = engine.generate(params, on_progress=on_progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if result.dropped_tokens:
+        print(
+            f"warning: the prompt is {result.dropped_tokens} tokens longer than the text "
+            "encoder's limit; those tokens were ignored",
+            file=sys.stderr,
+        )
+
+    # 4. write the PNGs with their parameters and print where they are
+    for index, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
+        path = _output_path(args.output, seed, multiple=len(result.images) > 1)
+        path.write_bytes(to_png_bytes(image, result.params, index=index))
+        print(path)
+
+
+def _model_manager(settings: Settings, catalog: ModelCatalog) -> Any:
+    # silence transformers' notes about optional packages (torchvision) on a user's terminal
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from easel.models.loader import ModelManager
+
+    return ModelManager(settings, catalog)
+
+
+def _check_default_model(
+    catalog: ModelCatalog, settings: Settings, params: GenerationParams
+) -> None:
+    if params.model is not None:
+        return
+    record = catalog.get(settings.default_model)
+    if not record.available:
+        raise EaselError(
+            f"the default model {settings.default_model!r} is not available on this machine; "
+            "choose another with -m ID or -m PATH (see `easel models list`), "
+            "or set EASEL_DEFAULT_MODEL",
+            field="model",
+        )
+
+
+def _output_path(output: Path | None, seed: int, *, multiple: bool) -> Path:
+    """``-o x.png`` names the file (``x-SEED.png`` for several); a folder gets ``easel-SEED.png``."""
+    if output is not None and output.suffix.lower() == ".png":
+        output.parent.mkdir(parents=True, exist_ok=True)
+        return output.with_name(f"{output.stem}-{seed}.png") if multiple else output
+    folder = output or Path(".")
+    folder.mkdir(parents=True, exist_ok=True)
+    path, copy = folder / f"easel-{seed}.png", 1
+    while path.exists():  # never overwrite an earlier run's image
+        path, copy = folder / f"easel-{seed}-{copy}.png", copy + 1
+    return path
+
+
+def _size(text: str) -> tuple[int, int]:
+    width, sep, height = text.lower().partition("x")
+    if not (sep and width.isdigit() and height.isdigit()):
+        raise InvalidParams(f"size must be WIDTHxHEIGHT, e.g. 512x768 (got {text!r})", field="size")
+    return int(width), int(height)
+
+
+# --- info ---------------------------------------------------------------------------------------
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from easel.engine.metadata import format_a1111, parse_png, read_metadata
+
+    params = parse_png(args.image)
+    if args.json:
+        print(json.dumps(params.to_dict(), indent=2))
+    else:
+        print(read_metadata(args.image)["parameters"] or format_a1111(params))
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+def cmd_models_list(args: argparse.Namespace) -> None:
+    records = ModelCatalog(Settings()).list()
+    if args.json:
+        print(json.dumps([asdict(r) for r in records], indent=2))
+        return
+    rows = [("ID", "FAMILY", "HERE", "SOURCE")]
+    rows += [(r.id, r.family, "yes" if r.available else "no", r.source) for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join([cell.ljust(w) for cell, w in zip(row, widths, strict=False)] + [row[3]]))
+
+
+def cmd_models_add(args: argparse.Namespace) -> None:
+    record = ModelCatalog(Settings()).add(args.id, args.source, family=args.family)
+    state = (
+        "available" if record.available else "not downloaded yet: easel models pull " + record.id
+    )
+    print(f"added {record.id} ({record.family}) from {record.source}; {state}")
+
+
+def cmd_models_pull(args: argparse.Namespace) -> None:
+    settings = Settings()
+    _model_manager(settings, ModelCatalog(settings)).pull(args.id, progress=True)
+    print(f"{args.id} is ready")
