@@ -1,0 +1,125 @@
+"""Job events: persisted with increasing ids, delivered live to async subscribers.
+
+Every event is written to the ``events`` table first (its row id is the SSE id, increasing
+across restarts), then handed to the event loop. Workers run in threads, so the hand-over is the
+one idiom of STYLE rule 6: ``loop.call_soon_threadsafe(inbox.put_nowait, event)``, and a single
+async pump fans events out to the subscribers of that job.
+
+A subscriber registers before it reads the backlog from the database, so an event is either in
+the backlog, or delivered live, or both (deduplicated by id): a reconnect with ``Last-Event-ID``
+misses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from easel.jobs.db import Database
+from easel.jobs.queue import utcnow
+
+EventType = Literal["queued", "started", "progress", "succeeded", "failed", "canceled", "requeued"]
+FINAL_EVENTS = frozenset({"succeeded", "failed", "canceled"})
+
+
+@dataclass
+class JobEvent:
+    """One thing that happened to a job. ``data`` is JSON-ready (see docs/API.md per type)."""
+
+    id: int
+    job_id: str
+    type: EventType
+    data: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+
+    @property
+    def final(self) -> bool:
+        return self.type in FINAL_EVENTS
+
+
+class EventBus:
+    """Publish from any thread; subscribe from the event loop."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inbox: asyncio.Queue[JobEvent] | None = None
+        self._subscribers: dict[str, set[asyncio.Queue[JobEvent]]] = {}
+        self._attach_lock = threading.Lock()
+
+    def publish(self, job_id: str, type: EventType, data: dict[str, Any] | None = None) -> JobEvent:
+        """Persist an event and forward it to live subscribers. Safe from any thread."""
+        payload = data or {}
+        created = utcnow()
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                "INSERT INTO events (job_id, type, data, created_at) VALUES (?, ?, ?, ?)"
+                " RETURNING id",
+                (job_id, type, json.dumps(payload), created),
+            ).fetchone()
+        event = JobEvent(id=row[0], job_id=job_id, type=type, data=payload, created_at=created)
+        loop, inbox = self._loop, self._inbox
+        if loop is not None and inbox is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(inbox.put_nowait, event)
+        return event
+
+    def history(self, job_id: str, after: int = 0) -> list[JobEvent]:
+        """The job's persisted events with id > ``after``, oldest first."""
+        rows = self.db.query(
+            "SELECT * FROM events WHERE job_id = ? AND id > ? ORDER BY id", (job_id, after)
+        )
+        return [
+            JobEvent(
+                id=r["id"],
+                job_id=r["job_id"],
+                type=r["type"],
+                data=json.loads(r["data"]),
+                created_at=r["created_at"],
+            )
+            for r in rows
+        ]
+
+    async def subscribe(self, job_id: str, last_event_id: int = 0) -> AsyncIterator[JobEvent]:
+        """Events of one job after ``last_event_id``: the backlog, then live ones, until a final
+        event (succeeded, failed, canceled)."""
+        self._attach(asyncio.get_running_loop())
+        mailbox: asyncio.Queue[JobEvent] = asyncio.Queue()
+        self._subscribers.setdefault(job_id, set()).add(mailbox)
+        try:
+            seen = last_event_id
+            for event in await asyncio.to_thread(self.history, job_id, last_event_id):
+                seen = event.id
+                yield event
+                if event.final:
+                    return
+            while True:
+                event = await mailbox.get()
+                if event.id <= seen:
+                    continue
+                seen = event.id
+                yield event
+                if event.final:
+                    return
+        finally:
+            self._subscribers[job_id].discard(mailbox)
+            if not self._subscribers[job_id]:
+                del self._subscribers[job_id]
+
+    def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Bind to the loop subscribers run on (the server's), starting the pump once per loop."""
+        with self._attach_lock:
+            if self._loop is loop:
+                return
+            self._inbox = asyncio.Queue()
+            self._loop = loop
+            loop.create_task(self._pump(self._inbox))
+
+    async def _pump(self, inbox: asyncio.Queue[JobEvent]) -> None:
+        while True:
+            event = await inbox.get()
+            for mailbox in self._subscribers.get(event.job_id, ()):
+                mailbox.put_nowait(event)

@@ -1,0 +1,314 @@
+"""The persistent job queue: priority then FIFO, positions, ETAs, atomic claim, recovery.
+
+Jobs live in SQLite (:mod:`easel.jobs.db`); a job's life is
+``queued -> running -> succeeded | failed | canceled`` (a queued job may go straight to
+``canceled``; a running job goes back to ``queued`` when the server stops under it).
+
+ETA. For each (model, width, height, device) the queue keeps an exponential moving average of
+seconds per denoising step, ``s <- s + ALPHA * (observed - s)`` with ``ALPHA = 0.3`` (the first
+observation sets ``s``). ``observed`` is a finished job's wall time divided by
+``num_inference_steps * num_images``, so per-job overhead (text encoding, VAE decode) is spread
+over the steps. A job's cost is ``s * steps * num_images``; the ETA of a queued job is
+(remaining cost of the running jobs + cost of every job ahead of it + its own cost) / workers;
+a running job's ETA is its own remaining cost. Unknown speed -> ETA ``None``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import sqlite3
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+from easel.domain import GenerationParams, ImageRecord, JobNotFound, JobRecord, JobStatus, QueueFull
+from easel.jobs.db import Database
+
+ALPHA = 0.3  # weight of the newest observation in the seconds-per-step moving average
+
+
+def utcnow() -> str:
+    """Now as ISO 8601 UTC text (sorts as text)."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def parse_time(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text else None
+
+
+@dataclass
+class QueueSummary:
+    """Counts of jobs by status and the jobs running right now."""
+
+    counts: dict[str, int]
+    running: list[JobRecord] = field(default_factory=list)
+
+
+class JobQueue(Protocol):
+    """The queue's seam (STYLE rule 2): what submitters and workers need from it."""
+
+    def submit(
+        self, params: GenerationParams, *, priority: int = 0, owner: str | None = None
+    ) -> JobRecord: ...
+    def get(self, job_id: str) -> JobRecord: ...
+    def claim(self) -> JobRecord | None: ...
+    def finish(self, job_id: str, status: JobStatus, error: str | None = None) -> JobRecord: ...
+    def cancel(self, job_id: str) -> JobRecord: ...
+
+
+class SqliteJobQueue:
+    """Jobs in SQLite. Thread-safe: workers and request handlers share one instance."""
+
+    def __init__(self, db: Database, *, max_queued: int, max_attempts: int) -> None:
+        self.db = db
+        self.max_queued = max_queued
+        self.max_attempts = max_attempts
+
+    # --- submit and read ------------------------------------------------------------------------
+
+    def submit(
+        self, params: GenerationParams, *, priority: int = 0, owner: str | None = None
+    ) -> JobRecord:
+        """Add a job with resolved ``params``; raises QueueFull when max_queued are waiting."""
+        assert params.model is not None, "submit resolved params (model set)"
+        job_id = uuid.uuid4().hex
+        with self.db.transaction() as conn:
+            (queued,) = conn.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()
+            if queued >= self.max_queued:
+                raise QueueFull(
+                    f"the queue is full ({queued} jobs waiting, limit {self.max_queued}); "
+                    "retry later"
+                )
+            conn.execute(
+                "INSERT INTO jobs (id, task, model, params, priority, owner, status, total_steps,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+                (
+                    job_id,
+                    params.task,
+                    params.model,
+                    json.dumps(params.to_dict()),
+                    priority,
+                    owner,
+                    params.num_inference_steps or 0,
+                    utcnow(),
+                ),
+            )
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> JobRecord:
+        """The job with its images; raises JobNotFound."""
+        rows = self.db.query("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        if not rows:
+            raise JobNotFound(f"no job with id {job_id!r}", field="job_id")
+        return self._with_images([_job(rows[0])])[0]
+
+    def list(
+        self, *, status: JobStatus | None = None, owner: str | None = None, limit: int = 50
+    ) -> builtins.list[JobRecord]:
+        """Jobs newest first, optionally only one status and/or one owner."""
+        where, args = [], []
+        if status is not None:
+            where.append("status = ?")
+            args.append(str(status))
+        if owner is not None:
+            where.append("owner = ?")
+            args.append(owner)
+        sql = "SELECT * FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self.db.query(sql + " ORDER BY seq DESC LIMIT ?", (*args, limit))
+        return self._with_images([_job(r) for r in rows])
+
+    def position(self, job_id: str) -> int | None:
+        """1 for the next job to start, 2 for the one after, ...; None unless queued."""
+        me = self.db.query(
+            "SELECT priority, seq FROM jobs WHERE id = ? AND status = 'queued'", (job_id,)
+        )
+        if not me:
+            return None
+        priority, seq = me[0]
+        (ahead,) = self.db.query(
+            "SELECT COUNT(*) FROM jobs WHERE status = 'queued'"
+            " AND (priority > ? OR (priority = ? AND seq < ?))",
+            (priority, priority, seq),
+        )[0]
+        return int(ahead) + 1
+
+    def summary(self) -> QueueSummary:
+        counts = {s.value: 0 for s in JobStatus}
+        for row in self.db.query("SELECT status, COUNT(*) FROM jobs GROUP BY status"):
+            counts[row[0]] = row[1]
+        return QueueSummary(counts=counts, running=self.list(status=JobStatus.RUNNING, limit=100))
+
+    # --- the worker's side ----------------------------------------------------------------------
+
+    def claim(self) -> JobRecord | None:
+        """Atomically take the next job (highest priority, oldest first) and mark it running.
+
+        One UPDATE ... RETURNING: two workers (or processes) can never claim the same row.
+        """
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                "UPDATE jobs SET status = 'running', attempts = attempts + 1, step = 0,"
+                " started_at = ? WHERE seq = (SELECT seq FROM jobs WHERE status = 'queued'"
+                " ORDER BY priority DESC, seq LIMIT 1) RETURNING *",
+                (utcnow(),),
+            ).fetchone()
+        return _job(row) if row is not None else None
+
+    def set_progress(self, job_id: str, step: int, total: int) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE jobs SET step = ?, total_steps = ? WHERE id = ?", (step, total, job_id)
+            )
+
+    def finish(self, job_id: str, status: JobStatus, error: str | None = None) -> JobRecord:
+        """Record a running job's final status (or ``queued`` to put it back)."""
+        finished = utcnow() if status.final else None
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
+                (str(status), error, finished, job_id),
+            )
+        return self.get(job_id)
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """A queued job becomes canceled now; a running one is flagged and stops at its next
+        step (see :meth:`cancel_requested`). Final jobs are left as they are."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE jobs SET status = 'canceled', finished_at = ?"
+                " WHERE id = ? AND status = 'queued'",
+                (utcnow(), job_id),
+            )
+            conn.execute(
+                "UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'running'",
+                (job_id,),
+            )
+        return self.get(job_id)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        rows = self.db.query("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,))
+        return bool(rows and rows[0][0])
+
+    def recover(self) -> builtins.list[JobRecord]:
+        """At start-up: put jobs a dead process left ``running`` back in the queue, or fail them
+        when they have been started ``max_attempts`` times. Returns the jobs it touched."""
+        now = utcnow()
+        with self.db.transaction() as conn:
+            ids = [r[0] for r in conn.execute("SELECT id FROM jobs WHERE status = 'running'")]
+            conn.execute(
+                "UPDATE jobs SET status = 'failed', finished_at = ?, error = 'interrupted ' ||"
+                " attempts || ' times (the server stopped while it ran); giving up'"
+                " WHERE status = 'running' AND attempts >= ?",
+                (now, self.max_attempts),
+            )
+            conn.execute(
+                "UPDATE jobs SET status = 'queued', step = 0, cancel_requested = 0"
+                " WHERE status = 'running'"
+            )
+        return [self.get(i) for i in ids]
+
+    # --- speed and ETA --------------------------------------------------------------------------
+
+    def record_speed(self, job: JobRecord, device: str, seconds: float) -> None:
+        """Fold one finished job's wall time into the (model, size, device) moving average."""
+        p = job.params
+        steps = (p.num_inference_steps or 1) * p.num_images
+        observed = seconds / max(steps, 1)
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO step_timings VALUES (?, ?, ?, ?, ?, 1)"
+                " ON CONFLICT (model, width, height, device) DO UPDATE SET"
+                " seconds_per_step = seconds_per_step + ? * (excluded.seconds_per_step"
+                " - seconds_per_step), samples = samples + 1",
+                (job.model, p.width, p.height, device, observed, ALPHA),
+            )
+
+    def seconds_per_step(self, model: str, width: int, height: int) -> float | None:
+        """The moving average for this model and size (slowest device when there are several)."""
+        rows = self.db.query(
+            "SELECT MAX(seconds_per_step) FROM step_timings"
+            " WHERE model = ? AND width = ? AND height = ?",
+            (model, width, height),
+        )
+        return rows[0][0]
+
+    def eta_seconds(self, job_id: str, workers: int = 1) -> float | None:
+        """Seconds until the job finishes (see the module docstring); None when unknown."""
+        job = self.get(job_id)
+        if job.status.final:
+            return 0.0
+        if job.status is JobStatus.RUNNING:
+            return self._remaining(job)
+        ahead = self._remaining_all(
+            "SELECT * FROM jobs WHERE status = 'running' OR (status = 'queued' AND"
+            " (priority > ? OR (priority = ? AND seq <= (SELECT seq FROM jobs WHERE id = ?))))",
+            (job.priority, job.priority, job_id),
+        )
+        return None if ahead is None else ahead / max(workers, 1)
+
+    def _remaining_all(self, sql: str, args: tuple[object, ...]) -> float | None:
+        total = 0.0
+        for row in self.db.query(sql, args):
+            left = self._remaining(_job(row))
+            if left is None:
+                return None
+            total += left
+        return total
+
+    def _remaining(self, job: JobRecord) -> float | None:
+        p = job.params
+        assert p.width is not None and p.height is not None
+        speed = self.seconds_per_step(job.model, p.width, p.height)
+        if speed is None:
+            return None
+        steps = p.num_inference_steps or 1
+        return speed * p.num_images * (steps - min(job.step, steps))
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def _with_images(self, jobs: builtins.list[JobRecord]) -> builtins.list[JobRecord]:
+        if not jobs:
+            return jobs
+        by_id = {j.id: j for j in jobs}
+        marks = ",".join("?" * len(by_id))
+        for row in self.db.query(
+            f"SELECT * FROM images WHERE job_id IN ({marks}) ORDER BY idx", tuple(by_id)
+        ):
+            by_id[row["job_id"]].images.append(image_record(row))
+        return jobs
+
+
+def _job(row: sqlite3.Row) -> JobRecord:
+    return JobRecord(
+        id=row["id"],
+        task=row["task"],
+        model=row["model"],
+        params=GenerationParams.from_dict(json.loads(row["params"])),
+        priority=row["priority"],
+        status=JobStatus(row["status"]),
+        created_at=datetime.fromisoformat(row["created_at"]),
+        owner=row["owner"],
+        attempts=row["attempts"],
+        step=row["step"],
+        total_steps=row["total_steps"],
+        error=row["error"],
+        started_at=parse_time(row["started_at"]),
+        finished_at=parse_time(row["finished_at"]),
+    )
+
+
+def image_record(row: sqlite3.Row) -> ImageRecord:
+    return ImageRecord(
+        id=row["id"],
+        job_id=row["job_id"],
+        seed=row["seed"],
+        path=row["path"],
+        width=row["width"],
+        height=row["height"],
+        prompt=row["prompt"],
+        created_at=datetime.fromisoformat(row["created_at"]),
+    )

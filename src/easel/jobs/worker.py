@@ -1,0 +1,194 @@
+"""Workers: one thread per device that claims jobs, runs the generator, stores the images and
+publishes events. One job at a time per worker, so a pipeline never serves two calls at once.
+
+    worker = Worker("cpu-0", "cpu", queue=queue, images=images, events=events, generator=engine)
+    worker.start()          # thread: claim -> generate -> store -> publish, until stop()
+    worker.run_once()       # or one job in the calling thread (tests, benchmarks)
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import threading
+import time
+from typing import Protocol
+
+from PIL import Image
+
+from easel.domain import (
+    CancelCheck,
+    Canceled,
+    EaselError,
+    GenerationParams,
+    GenerationResult,
+    JobRecord,
+    JobStatus,
+    Progress,
+    ProgressCallback,
+)
+from easel.engine.metadata import to_png_bytes
+from easel.jobs.events import EventBus
+from easel.jobs.images import DiskImageStore
+from easel.jobs.queue import SqliteJobQueue
+
+log = logging.getLogger(__name__)
+
+PREVIEW_SIZE = 128  # longest side of preview images sent with progress events
+IDLE_POLL_S = 0.5  # how long an idle worker sleeps when nobody wakes it
+
+
+class Generator(Protocol):
+    """What a worker runs: the real :class:`easel.engine.generate.Engine`, or a stand-in."""
+
+    def generate(
+        self,
+        params: GenerationParams,
+        *,
+        on_progress: ProgressCallback | None = None,
+        is_canceled: CancelCheck | None = None,
+    ) -> GenerationResult: ...
+
+
+def preview_data_url(image: Image.Image) -> str:
+    """A small JPEG of ``image`` as a ``data:`` URL (a few kB), for progress events."""
+    small = image.convert("RGB")
+    small.thumbnail((PREVIEW_SIZE, PREVIEW_SIZE))
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=70)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class Worker:
+    """Runs jobs from ``queue`` on one device with one generator."""
+
+    def __init__(
+        self,
+        name: str,
+        device: str,
+        *,
+        queue: SqliteJobQueue,
+        images: DiskImageStore,
+        events: EventBus,
+        generator: Generator,
+        wakeup: threading.Event | None = None,
+    ) -> None:
+        self.name = name
+        self.device = device
+        self.queue = queue
+        self.images = images
+        self.events = events
+        self.generator = generator
+        self.wakeup = wakeup or threading.Event()
+        self.current: JobRecord | None = None
+        self._stopping = threading.Event()  # no new claims
+        self._abort = threading.Event()  # stop the running job and requeue it
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=f"easel-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain_timeout_s: float) -> None:
+        """Drain: claim nothing new, give the running job ``drain_timeout_s`` to finish, then
+        stop it at its next step and put it back in the queue (nothing accepted is lost)."""
+        self._stopping.set()
+        self.wakeup.set()
+        if self._thread is None:
+            return
+        self._thread.join(drain_timeout_s)
+        if self._thread.is_alive():
+            self._abort.set()
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            if not self.run_once():
+                self.wakeup.wait(IDLE_POLL_S)
+                self.wakeup.clear()
+
+    # --- one job --------------------------------------------------------------------------------
+
+    def run_once(self) -> bool:
+        """Claim and run one job; False when the queue had none (or the worker is stopping)."""
+        # 1. claim the next job atomically
+        job = None if self._stopping.is_set() else self.queue.claim()
+        if job is None:
+            return False
+        self.current = job
+        try:
+            self._run(job)
+        finally:
+            self.current = None
+        return True
+
+    def _run(self, job: JobRecord) -> None:
+        # 2. announce it
+        self.events.publish(job.id, "started", {"attempt": job.attempts, "worker": self.name})
+        started = time.perf_counter()
+        try:
+            # 3. generate, reporting steps and honouring cancel
+            result = self.generator.generate(
+                job.params,
+                on_progress=lambda progress: self._report_progress(job, progress),
+                is_canceled=lambda: self._abort.is_set() or self.queue.cancel_requested(job.id),
+            )
+        except Canceled:
+            self._stop_canceled(job)
+            return
+        except EaselError as exc:
+            self._fail(job, exc.message)
+            return
+        except Exception as exc:  # a worker survives any one job; the log keeps the traceback
+            log.exception("job %s failed", job.id)
+            self._fail(job, f"internal error: {type(exc).__name__}: {exc}")
+            return
+        seconds = time.perf_counter() - started
+        # 4. store the images with their metadata
+        stored = [
+            self.images.save(
+                job_id=job.id,
+                index=i,
+                seed=seed,
+                png=to_png_bytes(image, result.params, index=i),
+                width=image.width,
+                height=image.height,
+                prompt=result.params.prompt,
+            )
+            for i, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True))
+        ]
+        # 5. finish: status, speed for ETAs, the final event
+        self.queue.finish(job.id, JobStatus.SUCCEEDED)
+        self.queue.record_speed(job, self.device, seconds)
+        self.events.publish(
+            job.id,
+            "succeeded",
+            {
+                "images": [
+                    {"id": r.id, "url": f"/api/v1/images/{r.id}", "seed": r.seed} for r in stored
+                ],
+                "seconds": round(seconds, 3),
+            },
+        )
+
+    def _report_progress(self, job: JobRecord, progress: Progress) -> None:
+        self.queue.set_progress(job.id, progress.step, progress.total)
+        data: dict[str, object] = {"step": progress.step, "total": progress.total}
+        if progress.preview is not None:
+            data["preview"] = preview_data_url(progress.preview)
+        self.events.publish(job.id, "progress", data)
+
+    def _stop_canceled(self, job: JobRecord) -> None:
+        if self.queue.cancel_requested(job.id):
+            self.queue.finish(job.id, JobStatus.CANCELED)
+            self.events.publish(job.id, "canceled", {"while": "running"})
+        else:  # aborted by a drain: back to the queue, it will run again after the restart
+            self.queue.finish(job.id, JobStatus.QUEUED)
+            self.events.publish(job.id, "requeued", {"reason": "server stopping"})
+
+    def _fail(self, job: JobRecord, message: str) -> None:
+        self.queue.finish(job.id, JobStatus.FAILED, message)
+        self.events.publish(job.id, "failed", {"error": message})

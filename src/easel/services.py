@@ -1,0 +1,321 @@
+"""The one place where Easel's parts are built and wired together.
+
+The API, the web UI and the CLI all call the plain methods of :class:`Services`; none of them
+builds a queue, a database or a model manager itself.
+
+    services = build_services(Settings())                 # real engine, one worker per device
+    services.start()                                      # recover interrupted jobs, start workers
+    job = services.submit_job(GenerationParams(prompt="a red circle"))
+    async for event in services.subscribe(job.id): ...    # queued, started, progress, ...
+    services.stop()                                       # drain (settings.drain_timeout_s)
+
+Tests and benchmarks pass ``generator=`` (anything with ``Engine.generate``'s signature) to run
+without torch.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from easel.config import Settings
+from easel.domain import (
+    GenerationParams,
+    ImageRecord,
+    InvalidParams,
+    JobRecord,
+    JobStatus,
+    ModelNotAvailable,
+    ModelRecord,
+)
+from easel.jobs.db import Database
+from easel.jobs.events import EventBus, JobEvent
+from easel.jobs.images import DiskImageStore
+from easel.jobs.queue import QueueSummary, SqliteJobQueue
+from easel.jobs.worker import Generator, Worker
+from easel.models.catalog import ModelCatalog
+from easel.models.families import Family, get_family
+from easel.models.params import defaults_for, effective_family, resolve_params
+
+PRIORITY_RANGE = (-100, 100)
+
+
+class LoadedModels(Protocol):
+    """What Services asks a model manager: which models are in memory now."""
+
+    def loaded(self) -> list[str]: ...
+
+
+@dataclass
+class ModelInfo:
+    """A catalog entry as clients see it: merged defaults, the family's limits, loaded or not."""
+
+    record: ModelRecord
+    family: Family  # with the entry's limit overrides applied
+    defaults: dict[str, Any]
+    loaded: bool
+
+
+@dataclass
+class Services:
+    """Everything a server needs, wired. Build with :func:`build_services`."""
+
+    settings: Settings
+    db: Database
+    catalog: ModelCatalog
+    queue: SqliteJobQueue
+    images: DiskImageStore
+    events: EventBus
+    workers: list[Worker]
+    model_managers: list[LoadedModels] = field(default_factory=list)
+    wakeup: threading.Event = field(default_factory=threading.Event)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Requeue (or fail) jobs a crash left running, then start the workers."""
+        for job in self.queue.recover():
+            if job.status is JobStatus.FAILED:
+                self.events.publish(job.id, "failed", {"error": job.error})
+            else:
+                self.events.publish(job.id, "requeued", {"reason": "server restarted"})
+        for worker in self.workers:
+            worker.start()
+
+    def stop(self) -> None:
+        """Drain: no new claims; running jobs get ``drain_timeout_s`` to finish, then go back to
+        the queue. Closes the database."""
+        threads = [
+            threading.Thread(target=w.stop, args=(self.settings.drain_timeout_s,))
+            for w in self.workers
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.db.close()
+
+    # --- jobs -----------------------------------------------------------------------------------
+
+    def submit_job(
+        self, params: GenerationParams, *, priority: int = 0, owner: str | None = None
+    ) -> JobRecord:
+        """Validate ``params`` against the model (no model load) and queue a job.
+
+        Raises ModelNotFound (404), ModelNotAvailable (409), InvalidParams (422, names the field)
+        or QueueFull (429); nothing is stored for a rejected request.
+        """
+        # 1. check what does not need the model
+        self._check_limits(params, priority)
+        # 2. resolve defaults and check every field against the model's family
+        record = self.catalog.get(params.model or self.settings.default_model)
+        if not record.available:
+            raise ModelNotAvailable(
+                f"model {record.id} is not on this machine; fetch it with "
+                f"`easel models pull {record.id}`",
+                field="model",
+            )
+        resolved = resolve_params(params, record, get_family(record.family))
+        self._check_pixels(resolved)
+        # 3. store the job and its first event together, then wake a worker
+        with self.db.transaction():
+            job = self.queue.submit(resolved, priority=priority, owner=owner)
+            self.events.publish(
+                job.id,
+                "queued",
+                {"position": self.job_position(job.id), "eta_seconds": self.job_eta(job.id)},
+            )
+        self.wakeup.set()
+        return job
+
+    def get_job(self, job_id: str) -> JobRecord:
+        """The job with its images; raises JobNotFound (404)."""
+        return self.queue.get(job_id)
+
+    def list_jobs(
+        self, status: JobStatus | None = None, limit: int = 50, owner: str | None = None
+    ) -> list[JobRecord]:
+        """Jobs newest first, optionally one status and/or one owner."""
+        return self.queue.list(status=status, owner=owner, limit=limit)
+
+    def cancel_job(self, job_id: str) -> JobRecord:
+        """Cancel: a queued job never starts; a running one stops at its next step (its status
+        turns ``canceled`` then). A finished job is returned unchanged."""
+        with self.db.transaction():
+            before = self.queue.get(job_id).status
+            job = self.queue.cancel(job_id)
+            if before is JobStatus.QUEUED:
+                self.events.publish(job_id, "canceled", {"while": "queued"})
+        return job
+
+    def job_position(self, job_id: str) -> int | None:
+        """1-based place among waiting jobs (1 starts next); None unless queued."""
+        return self.queue.position(job_id)
+
+    def job_eta(self, job_id: str) -> float | None:
+        """Estimated seconds until the job finishes; None while the speed is unknown."""
+        return self.queue.eta_seconds(job_id, workers=len(self.workers))
+
+    def queue_summary(self) -> QueueSummary:
+        """Job counts by status and the running jobs."""
+        return self.queue.summary()
+
+    def retry_after_s(self) -> int:
+        """Seconds a client should wait after QueueFull: until the next waiting job finishes."""
+        nxt = self.queue.list(status=JobStatus.QUEUED, limit=1)
+        eta = self.job_eta(nxt[0].id) if nxt else None
+        return max(1, min(3600, round(eta))) if eta is not None else 10
+
+    def subscribe(self, job_id: str, last_event_id: int = 0) -> AsyncIterator[JobEvent]:
+        """Events of a job after ``last_event_id`` (backlog, then live) until its final event.
+        Raises JobNotFound now, not when iteration starts."""
+        self.queue.get(job_id)
+        return self.events.subscribe(job_id, last_event_id)
+
+    # --- images ---------------------------------------------------------------------------------
+
+    def list_images(self, query: str | None = None, limit: int = 50) -> list[ImageRecord]:
+        """Stored images newest first; ``query`` filters by prompt text (any case)."""
+        return self.images.list(query, limit)
+
+    def get_image(self, image_id: str) -> ImageRecord:
+        """One image's record; raises ImageNotFound (404)."""
+        return self.images.get(image_id)
+
+    def image_path(self, image_id: str) -> Path:
+        """The PNG file on disk (with its metadata chunks)."""
+        return self.images.path(image_id)
+
+    def image_bytes(self, image_id: str) -> bytes:
+        """The PNG file's bytes."""
+        return self.images.path(image_id).read_bytes()
+
+    def read_image_info(self, png: bytes) -> dict[str, Any]:
+        """Generation parameters stored in a PNG: ``{"parameters": A1111 text, "easel": dict}``
+        (either may be None); raises InvalidParams(field="image") for a non-image."""
+        from easel.engine.metadata import read_metadata  # PIL only
+
+        return read_metadata(png)
+
+    # --- models ---------------------------------------------------------------------------------
+
+    def list_models(self) -> list[ModelInfo]:
+        """Catalog entries with defaults, limits, availability and whether loaded now."""
+        loaded = {m for manager in self.model_managers for m in manager.loaded()}
+        infos = []
+        for record in self.catalog.list():
+            family = effective_family(record, get_family(record.family))
+            infos.append(
+                ModelInfo(
+                    record=record,
+                    family=family,
+                    defaults=defaults_for(record, family),
+                    loaded=record.id in loaded,
+                )
+            )
+        return infos
+
+    # --- checks ---------------------------------------------------------------------------------
+
+    def _check_limits(self, params: GenerationParams, priority: int) -> None:
+        limit = self.settings.max_prompt_chars
+        for name in ("prompt", "negative_prompt"):
+            text = getattr(params, name)
+            if isinstance(text, str) and len(text) > limit:
+                raise InvalidParams(
+                    f"{name} must be at most {limit} characters (got {len(text)})", field=name
+                )
+        low, high = PRIORITY_RANGE
+        if (
+            isinstance(priority, bool)
+            or not isinstance(priority, int)
+            or not low <= priority <= high
+        ):
+            raise InvalidParams(
+                f"priority must be a whole number between {low} and {high} (got {priority!r})",
+                field="priority",
+            )
+
+    def _check_pixels(self, params: GenerationParams) -> None:
+        assert params.width is not None and params.height is not None
+        pixels = params.width * params.height * params.num_images
+        budget = self.settings.max_pixels_per_job
+        if pixels > budget:
+            raise InvalidParams(
+                f"width × height × num_images must be at most {budget} pixels "
+                f"(got {params.width}×{params.height}×{params.num_images} = {pixels}); "
+                "lower num_images or the size",
+                field="num_images",
+            )
+
+
+def build_services(settings: Settings, *, generator: Generator | None = None) -> Services:
+    """Wire everything for ``settings``.
+
+    Without ``generator`` each worker gets its own real Engine (and model manager) on its
+    device: one worker per CUDA device, or ``settings.cpu_workers`` on the CPU. With a
+    ``generator`` (a stand-in), ``settings.cpu_workers`` workers share it.
+    """
+    db = Database(settings.db_path)
+    queue = SqliteJobQueue(
+        db, max_queued=settings.max_queued_jobs, max_attempts=settings.max_attempts
+    )
+    images = DiskImageStore(db, settings.images_dir)
+    events = EventBus(db)
+    catalog = ModelCatalog(settings)
+    wakeup = threading.Event()
+    managers: list[LoadedModels] = []
+    if generator is None:
+        generators = _engines(settings, catalog, managers)
+    else:
+        generators = [("cpu", generator)] * max(settings.cpu_workers, 1)
+    workers = [
+        Worker(
+            f"{device}-{i}",
+            device,
+            queue=queue,
+            images=images,
+            events=events,
+            generator=gen,
+            wakeup=wakeup,
+        )
+        for i, (device, gen) in enumerate(generators)
+    ]
+    return Services(
+        settings=settings,
+        db=db,
+        catalog=catalog,
+        queue=queue,
+        images=images,
+        events=events,
+        workers=workers,
+        model_managers=managers,
+        wakeup=wakeup,
+    )
+
+
+def _engines(
+    settings: Settings, catalog: ModelCatalog, managers: list[LoadedModels]
+) -> list[tuple[str, Generator]]:
+    """One (device, Engine) per worker; each Engine owns its ModelManager (no shared pipeline)."""
+    # imported here: torch loads only when a real engine is wanted
+    from easel.engine.generate import Engine
+    from easel.models.loader import ModelManager, pick_device
+
+    device = pick_device(settings.device)
+    if device == "cuda":
+        import torch
+
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    else:
+        devices = [device] * (max(settings.cpu_workers, 1) if device == "cpu" else 1)
+    engines: list[tuple[str, Generator]] = []
+    for dev in devices:
+        own = settings.model_copy(update={"device": dev})
+        manager = ModelManager(own, catalog)
+        managers.append(manager)
+        engines.append((dev, Engine(manager, own)))
+    return engines
