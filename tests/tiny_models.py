@@ -10,6 +10,8 @@ The tokenizers are built in memory from small character vocabularies (no hub acc
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 import string
 from pathlib import Path
 
@@ -292,6 +294,21 @@ MAKERS = {
     "z-image": make_tiny_zimage,
     "flux": make_tiny_flux,
 }
+
+
+def populate_hub_cache(cache_dir: Path | str, repo_id: str, folder: Path | str) -> Path:
+    """Place a saved pipeline folder into a Hugging Face hub cache as if ``repo_id`` was pulled.
+
+    Writes the cache layout ``models--org--name/{refs/main, snapshots/<commit>/...}`` (plain
+    files instead of blob symlinks, which the hub client also accepts) and returns the snapshot.
+    """
+    repo_dir = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    snapshot = repo_dir / "snapshots" / commit
+    shutil.copytree(folder, snapshot, dirs_exist_ok=True)
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return snapshot
 
 
 def _save(pipe: object, path: Path | str) -> Path:

@@ -170,6 +170,11 @@ def _safetensors_keys(path: Path) -> builtins.list[str]:
     return [k for k in header if k != "__metadata__"]
 
 
+def is_hub_id(text: str) -> bool:
+    """True for an ``org/name`` Hugging Face repo id that is not an existing local path."""
+    return bool(_HUB_ID_RE.match(text)) and not Path(text).expanduser().exists()
+
+
 def _looks_like_path(text: str) -> bool:
     return text.startswith(("/", "~", ".")) or text.endswith(".safetensors") or text.count("/") > 1
 
