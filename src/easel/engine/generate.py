@@ -1,0 +1,218 @@
+"""The engine: one generation request in, images out.
+
+    >>> engine = Engine(ModelManager(settings, ModelCatalog(settings)), settings)  # doctest: +SKIP
+    >>> result = engine.generate(GenerationParams(prompt="a red circle", seed=7, num_images=2))
+    >>> result.seeds
+    [7, 8]
+
+Reproducibility rules (tests hold the engine to them):
+
+- image i of a request is made by its own pipeline call with one CPU ``torch.Generator`` seeded
+  ``seed + i``, so it equals the single-image request with seed ``seed + i`` bit for bit. Batching
+  the images into one call would be a little faster on a GPU, but batched matrix kernels may
+  round differently from single ones, and then ``easel generate --from IMAGE`` could not
+  reproduce image i exactly.
+- the noise comes from a CPU generator (diffusers moves it to the device), so a seed gives the
+  same starting noise on every device.
+- the pipeline call is exactly the bare diffusers call: same components, scheduler, generator
+  and arguments; the engine only adds a ``callback_on_step_end`` that reads latents.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from typing import Any
+
+import torch
+
+from easel.config import Settings
+from easel.domain import (
+    CancelCheck,
+    Canceled,
+    GenerationParams,
+    GenerationResult,
+    Progress,
+    ProgressCallback,
+)
+from easel.engine.preview import latents_to_preview, unpack_tokens
+from easel.engine.schedulers import make_scheduler
+from easel.models.families import Family, get_family
+from easel.models.loader import LoadedModel, ModelManager
+from easel.models.params import resolve_params
+
+# family -> the tokenizer whose tokens reach the denoiser. SD/SDXL: CLIP (77 tokens, SDXL's
+# second CLIP has the same limit); Flux: T5 (CLIP only gives a pooled vector, always cut at 77);
+# Z-Image: Qwen, on the chat-templated prompt. Flux and Z-Image cut at the pipeline's
+# ``max_sequence_length``.
+_PROMPT_TOKENIZER = {"sd": "tokenizer", "sdxl": "tokenizer", "flux": "tokenizer_2"}
+
+
+class Engine:
+    """Runs generation requests on models from a ModelManager, one call per model at a time."""
+
+    def __init__(self, models: ModelManager, settings: Settings) -> None:
+        self.models = models
+        self.settings = settings
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        # each model's scheduler config as loaded, before the engine swapped any scheduler in
+        self._scheduler_configs: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def generate(
+        self,
+        params: GenerationParams,
+        *,
+        on_progress: ProgressCallback | None = None,
+        is_canceled: CancelCheck | None = None,
+    ) -> GenerationResult:
+        """Make ``params.num_images`` images; image i uses seed ``params.seed + i``.
+
+        ``on_progress`` gets a Progress after every denoising step (steps count on across the
+        images; a preview every ``settings.preview_every`` steps). Raises ``Canceled`` at the
+        first step end after ``is_canceled()`` turns true, InvalidParams for a bad request,
+        ModelNotFound / ModelNotAvailable for a model that cannot be used.
+        """
+        started = time.perf_counter()
+        # 1. resolve the request against its model's defaults and limits (before any loading)
+        record = self.models.catalog.get(params.model or self.settings.default_model)
+        family = get_family(record.family)
+        params = resolve_params(params, record, family)
+        assert params.seed is not None and params.scheduler is not None
+
+        # 2. take the model: never two calls on one pipeline (or its shared modules) at once
+        with self._lock(record.id):
+            loaded = self.models.get_pipeline(record.id, params.task)
+            pipe: Any = loaded.pipeline  # a concrete pipeline class: callable, family-specific
+            pipe.set_progress_bar_config(disable=True)
+
+            # 3. count prompt tokens the text encoder will not see
+            dropped_tokens = count_dropped_tokens(pipe, family.name, params.prompt)
+
+            # 4. set the scheduler by its stable name
+            pipe.scheduler = make_scheduler(
+                params.scheduler, self._base_scheduler_config(loaded), shift=family.flow_shift
+            )
+
+            # 5. denoise and decode each image with its own seed
+            images = []
+            for index in range(params.num_images):
+                callback = _StepCallback(
+                    family, params, index, self.settings.preview_every, on_progress, is_canceled
+                )
+                if is_canceled is not None and is_canceled():
+                    raise Canceled()
+                output = pipe(
+                    **pipeline_args(params),
+                    generator=torch.Generator("cpu").manual_seed(params.seed + index),
+                    callback_on_step_end=callback,
+                )
+                images.append(output.images[0])
+
+        # 6. report the images with the resolved request that made them
+        return GenerationResult(
+            images=images,
+            params=params,
+            seconds=time.perf_counter() - started,
+            dropped_tokens=dropped_tokens,
+        )
+
+    def _lock(self, model_id: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(model_id, threading.Lock())
+
+    def _base_scheduler_config(self, loaded: LoadedModel) -> dict[str, Any]:
+        # Building every scheduler from the original config (not the last one swapped in) keeps
+        # one request's choice (say, Karras sigmas) from leaking into the next.
+        key = (loaded.record.id, loaded.record.source)
+        if key not in self._scheduler_configs:
+            self._scheduler_configs[key] = dict(loaded.pipeline.scheduler.config)
+        return self._scheduler_configs[key]
+
+
+def pipeline_args(params: GenerationParams) -> dict[str, Any]:
+    """The diffusers ``__call__`` arguments for one image of resolved ``params``."""
+    return {
+        "prompt": params.prompt,
+        # None and "" mean the same to SD-style CFG; Flux treats any negative prompt as a request
+        # for true CFG, so an empty one must be None
+        "negative_prompt": params.negative_prompt or None,
+        "num_inference_steps": params.num_inference_steps,
+        "guidance_scale": params.guidance_scale,
+        "width": params.width,
+        "height": params.height,
+        "num_images_per_prompt": 1,
+    }
+
+
+def count_dropped_tokens(pipe: Any, family: str, prompt: str) -> int:
+    """How many tokens of ``prompt`` lie beyond the text encoder's limit (0 when it fits)."""
+    if family == "z-image":
+        tokenizer = pipe.tokenizer
+        # the pipeline wraps the prompt in Qwen's chat template before tokenizing
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=True,
+        )
+    else:
+        tokenizer = getattr(pipe, _PROMPT_TOKENIZER.get(family, "tokenizer"))
+    limit = _max_sequence_length(pipe) or tokenizer.model_max_length
+    count = len(tokenizer(prompt, truncation=False, verbose=False).input_ids)
+    return max(0, count - limit)
+
+
+def _max_sequence_length(pipe: Any) -> int | None:
+    parameter = inspect.signature(pipe.__call__).parameters.get("max_sequence_length")
+    return None if parameter is None else int(parameter.default)
+
+
+class _StepCallback:
+    """``callback_on_step_end`` for one image: cancellation, progress, previews."""
+
+    def __init__(
+        self,
+        family: Family,
+        params: GenerationParams,
+        index: int,
+        preview_every: int,
+        on_progress: ProgressCallback | None,
+        is_canceled: CancelCheck | None,
+    ) -> None:
+        self.family = family
+        self.params = params
+        self.index = index
+        self.preview_every = preview_every
+        self.on_progress = on_progress
+        self.is_canceled = is_canceled
+
+    def __call__(
+        self, pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]
+    ) -> dict[str, Any]:
+        if self.is_canceled is not None and self.is_canceled():
+            raise Canceled()  # unwinds out of the pipeline call: no further step runs
+        if self.on_progress is not None:
+            per_image = pipe.num_timesteps
+            done = step + 1
+            preview = None
+            if self.preview_every and done % self.preview_every == 0:
+                preview = self._preview(pipe, tensors["latents"])
+            self.on_progress(
+                Progress(
+                    step=self.index * per_image + done,
+                    total=self.params.num_images * per_image,
+                    preview=preview,
+                )
+            )
+        return {}
+
+    def _preview(self, pipe: Any, latents: torch.Tensor) -> Any:
+        width, height = self.params.width, self.params.height
+        assert width is not None and height is not None
+        if latents.ndim == 3:  # Flux packs 2x2 latent patches into tokens
+            # as FluxPipeline._unpack_latents: latent sides are rounded down to even numbers
+            scale = pipe.vae_scale_factor * 2
+            latents = unpack_tokens(latents, 2 * (height // scale), 2 * (width // scale))
+        return latents_to_preview(latents, self.family.name, (width, height))
