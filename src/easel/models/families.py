@@ -39,6 +39,8 @@ class Family:
     max_images: int = 8
     flow_shift: float | None = None
     description: str = ""
+    # hub repo whose configs describe a single-file (.safetensors) checkpoint of this family
+    config_repo: str | None = None
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -48,6 +50,7 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "sd": Family(
         name="sd",
+        config_repo="stable-diffusion-v1-5/stable-diffusion-v1-5",
         kind="eps",
         description="Stable Diffusion 1.x / 2.x, SD-Turbo",
         pipelines={
@@ -72,6 +75,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "sdxl": Family(
         name="sdxl",
+        config_repo="stabilityai/stable-diffusion-xl-base-1.0",
         kind="eps",
         description="Stable Diffusion XL, SDXL-Turbo",
         pipelines={
@@ -96,6 +100,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "z-image": Family(
         name="z-image",
+        config_repo="Tongyi-MAI/Z-Image-Turbo",
         kind="flow",
         description="Z-Image (Turbo): single-stream DiT with a Qwen3 text encoder",
         pipelines={
@@ -124,6 +129,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "flux": Family(
         name="flux",
+        config_repo="black-forest-labs/FLUX.1-schnell",
         kind="flow",
         description="FLUX.1 (schnell defaults: 4 steps, no guidance)",
         pipelines={

@@ -26,7 +26,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 from easel.config import Settings
 from easel.domain import EaselError, InvalidParams, ModelNotAvailable, ModelRecord
-from easel.models.catalog import ModelCatalog, hub_cache_dir, is_hub_id
+from easel.models.catalog import ModelCatalog, cached_snapshot, hub_cache_dir, is_hub_id
 from easel.models.families import Family, get_family
 
 _DTYPES = {
@@ -265,7 +265,7 @@ class ModelManager:
         source = Path(record.source).expanduser()
         kwargs: dict[str, Any] = {"torch_dtype": self.dtype}
         if source.is_file():
-            pipe = _load_single_file(cls, record, kwargs)
+            pipe = _load_single_file(cls, record, family, kwargs)
         elif source.is_dir():
             pipe = cls.from_pretrained(source, **kwargs)
         else:  # a hub id complete in the local cache (checked by record.available)
@@ -299,22 +299,32 @@ def _pipeline_class(family: Family, task: str) -> type[DiffusionPipeline]:
 
 
 def _load_single_file(
-    cls: type[DiffusionPipeline], record: ModelRecord, kwargs: dict[str, Any]
+    cls: type[DiffusionPipeline], record: ModelRecord, family: Family, kwargs: dict[str, Any]
 ) -> DiffusionPipeline:
-    """A .safetensors checkpoint. Offline, diffusers needs the pipeline's configs: a local
-    diffusers folder or a cached hub id given as ``config`` in models.toml."""
-    if record.config:
-        kwargs["config"] = record.config
+    """A .safetensors checkpoint, configured from ``record.config`` (a diffusers folder or hub id
+    of the same architecture) or else from the family's reference repo in the local HF cache.
+
+    The config is always resolved here first: left alone, diffusers would go online for it.
+    """
+    config = record.config
+    if config is None and family.config_repo:
+        snapshot = cached_snapshot(family.config_repo)
+        config = str(snapshot) if snapshot else None
+    if config is None:
+        raise ModelNotAvailable(
+            f"{record.source} is a single-file checkpoint and needs its pipeline configs: set "
+            f'`config = "FOLDER or hub id"` for it in models.toml, or run '
+            f"`easel models pull {family.config_repo}` to use the reference configs",
+            field="model",
+        )
     try:
         pipe: DiffusionPipeline = cls.from_single_file(  # type: ignore[attr-defined]
-            record.source, cache_dir=hub_cache_dir(), local_files_only=True, **kwargs
+            record.source, config=config, cache_dir=hub_cache_dir(), local_files_only=True, **kwargs
         )
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # diffusers raises many kinds here; all mean "this file won't load"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelNotAvailable(
-            f"cannot load {record.source}: {str(exc).splitlines()[0]} — a single-file checkpoint "
-            'needs its pipeline configs offline: set `config = "FOLDER or hub id"` for it in '
-            "models.toml (a diffusers folder of the same architecture)",
-            field="model",
+            f"cannot load {record.source} with configs from {config}: {reason}", field="model"
         ) from None
     return pipe
 
