@@ -204,19 +204,26 @@ class Services:
 
     def list_models(self) -> list[ModelInfo]:
         """Catalog entries with defaults, limits, availability and whether loaded now."""
-        loaded = {m for manager in self.model_managers for m in manager.loaded()}
-        infos = []
-        for record in self.catalog.list():
-            family = effective_family(record, get_family(record.family))
-            infos.append(
-                ModelInfo(
-                    record=record,
-                    family=family,
-                    defaults=defaults_for(record, family),
-                    loaded=record.id in loaded,
-                )
-            )
-        return infos
+        loaded = self._loaded_models()
+        return [self._model_info(r, loaded) for r in self.catalog.list()]
+
+    def model_info(self, id_or_path: str) -> ModelInfo:
+        """One model by catalog id or local path (e.g. ``settings.default_model``);
+        raises ModelNotFound (404)."""
+        return self._model_info(self.catalog.get(id_or_path), self._loaded_models())
+
+    def _loaded_models(self) -> set[str]:
+        return {m for manager in self.model_managers for m in manager.loaded()}
+
+    @staticmethod
+    def _model_info(record: ModelRecord, loaded: set[str]) -> ModelInfo:
+        family = effective_family(record, get_family(record.family))
+        return ModelInfo(
+            record=record,
+            family=family,
+            defaults=defaults_for(record, family),
+            loaded=record.id in loaded,
+        )
 
     # --- checks ---------------------------------------------------------------------------------
 

@@ -1,0 +1,62 @@
+"""Errors as typed JSON (``{"error": {"type", "message", "field"}}``), never a traceback."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from easel.domain import EaselError, QueueFull
+from easel.services import Services
+
+log = logging.getLogger(__name__)
+
+
+def error_response(
+    status: int, type_: str, message: str, field: str | None = None, **headers: str
+) -> JSONResponse:
+    body = {"error": {"type": type_, "message": message, "field": field}}
+    return JSONResponse(body, status_code=status, headers=headers or None)
+
+
+def install_error_handlers(app: FastAPI, services: Services) -> None:
+    """Map EaselError subclasses, request validation and HTTP errors to typed JSON."""
+
+    @app.exception_handler(EaselError)
+    async def easel_error(request: Request, exc: EaselError) -> JSONResponse:
+        headers = {}
+        if isinstance(exc, QueueFull):
+            headers["Retry-After"] = str(services.retry_after_s())
+        return error_response(exc.status, type(exc).__name__, exc.message, exc.field, **headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        if first["type"] == "json_invalid":
+            return error_response(
+                400, "MalformedJSON", f"request body is not valid JSON: {first['msg']}"
+            )
+        field = ".".join(str(p) for p in first["loc"] if p not in ("body", "query", "path"))
+        if not field:  # the body as a whole (missing, or not an object)
+            return error_response(
+                422, "InvalidRequest", f"request body must be a JSON object ({first['msg']})"
+            )
+        if first["type"] == "extra_forbidden":
+            message = f"{field} is not a known field"
+        elif first["type"] == "missing":
+            message = f"{field} is required"
+        else:
+            message = f"{field}: {first['msg']} (got {first.get('input')!r})"
+        return error_response(422, "InvalidParams", message, field)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(exc.status_code, "HTTPError", str(exc.detail), **(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "InternalError", "internal error; see the server log")

@@ -1,0 +1,135 @@
+"""/api/v1/jobs: submit, read, list, cancel, and follow a job's events (SSE)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import StreamingResponse
+
+from easel.api.deps import ServicesDep
+from easel.api.schemas import ErrorBody, JobCreate, JobPublic
+from easel.domain import InvalidParams, JobRecord, JobStatus
+from easel.jobs.events import JobEvent
+from easel.services import Services
+
+KEEPALIVE_S = 15.0  # SSE comment this often so proxies keep an idle stream open
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "Unknown job or model"},
+    422: {"model": ErrorBody, "description": "A field is out of range (named in the error)"},
+}
+
+
+def job_public(services: Services, job: JobRecord) -> JobPublic:
+    queued = job.status is JobStatus.QUEUED
+    return JobPublic.of(
+        job,
+        position=services.job_position(job.id) if queued else None,
+        eta_seconds=None if job.status.final else services.job_eta(job.id),
+    )
+
+
+@router.post(
+    "",
+    status_code=202,
+    responses={
+        **ERRORS,
+        400: {"model": ErrorBody, "description": "Malformed JSON"},
+        409: {"model": ErrorBody, "description": "Model known but not on this machine"},
+        413: {"model": ErrorBody, "description": "Body larger than max_body_bytes"},
+        429: {"model": ErrorBody, "description": "Queue full; see Retry-After"},
+    },
+)
+def create_job(body: JobCreate, services: ServicesDep, response: Response) -> JobPublic:
+    """Queue a generation. Returns at once (202) with the job; follow it with GET or events."""
+    job = services.submit_job(body.to_params(), priority=body.priority)
+    response.headers["Location"] = f"/api/v1/jobs/{job.id}"
+    return job_public(services, job)
+
+
+@router.get("")
+def list_jobs(
+    services: ServicesDep,
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"] | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> list[JobPublic]:
+    """Jobs, newest first, optionally only those with one status."""
+    wanted = JobStatus(status) if status else None
+    return [job_public(services, j) for j in services.list_jobs(wanted, limit)]
+
+
+@router.get("/{job_id}", responses=ERRORS)
+def get_job(job_id: str, services: ServicesDep) -> JobPublic:
+    """Status, queue position, ETA, progress, images, error, attempts and params of a job."""
+    return job_public(services, services.get_job(job_id))
+
+
+@router.delete("/{job_id}", responses=ERRORS)
+def cancel_job(job_id: str, services: ServicesDep) -> JobPublic:
+    """Cancel: a queued job never starts; a running one stops at its next step (its status
+    turns ``canceled`` a moment later). Cancelling a finished job changes nothing."""
+    return job_public(services, services.cancel_job(job_id))
+
+
+@router.get(
+    "/{job_id}/events",
+    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}},
+    response_class=StreamingResponse,
+)
+async def job_events(
+    job_id: str,
+    services: ServicesDep,
+    last_event_id: Annotated[str | None, Header()] = None,
+    after: Annotated[int | None, Query(ge=0, description="Same as Last-Event-ID")] = None,
+) -> StreamingResponse:
+    """Server-Sent Events of one job: ``queued``, ``started``, ``progress``, ``succeeded``,
+    ``failed``, ``canceled`` (and ``requeued`` after a restart). Each has an ``id``; reconnect
+    with ``Last-Event-ID`` to get exactly the events after it. The stream ends after the final
+    event."""
+    since = after or 0
+    if last_event_id is not None:
+        if not last_event_id.strip().isdigit():
+            raise InvalidParams(
+                f"Last-Event-ID must be an event id (got {last_event_id!r})",
+                field="last_event_id",
+            )
+        since = int(last_event_id)
+    events = services.subscribe(job_id, since)
+    return StreamingResponse(
+        sse_stream(events),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def sse_format(event: JobEvent) -> str:
+    data = {"job_id": event.job_id, "created_at": event.created_at, **event.data}
+    return f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(data)}\n\n"
+
+
+async def sse_stream(events: AsyncIterator[JobEvent]) -> AsyncIterator[str]:
+    """Format events for SSE, with a keep-alive comment while nothing happens."""
+    next_event: asyncio.Future[JobEvent] | None = None
+    try:
+        yield "retry: 1000\n\n"
+        while True:
+            if next_event is None:
+                next_event = asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait({next_event}, timeout=KEEPALIVE_S)
+            if not done:
+                yield ": keep-alive\n\n"
+                continue
+            try:
+                event = next_event.result()
+            except StopAsyncIteration:
+                return
+            next_event = None
+            yield sse_format(event)
+    finally:
+        if next_event is not None and not next_event.done():
+            next_event.cancel()

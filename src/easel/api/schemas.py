@@ -1,0 +1,202 @@
+"""Typed request and response bodies of the HTTP API (field names follow diffusers' __call__)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from easel.domain import GenerationParams, ImageRecord, JobRecord
+from easel.jobs.queue import QueueSummary
+from easel.services import ModelInfo
+
+
+def image_url(image_id: str) -> str:
+    return f"/api/v1/images/{image_id}"
+
+
+class JobCreate(BaseModel):
+    """A generation request. Omitted fields take the model's defaults; ranges are checked
+    against the model's family (the error names the field and the allowed values)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"prompt": "a red circle on a blue square", "model": "tiny-shapes"}]
+        },
+    )
+
+    task: Literal["txt2img", "img2img", "inpaint"] = "txt2img"
+    model: str | None = Field(None, description="Catalog id or local path; default: the server's.")
+    prompt: str
+    negative_prompt: str = ""
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = Field(None, description="Random when omitted; image i uses seed + i.")
+    num_images: int = 1
+    scheduler: str | None = None
+    strength: float | None = None
+    priority: int = Field(0, description="Higher runs first (-100..100); FIFO within a priority.")
+
+    def to_params(self) -> GenerationParams:
+        return GenerationParams.from_dict(self.model_dump(exclude={"priority"}))
+
+
+class ImageRef(BaseModel):
+    id: str
+    url: str
+    seed: int
+    width: int
+    height: int
+
+
+class ImagePublic(ImageRef):
+    job_id: str
+    prompt: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, image: ImageRecord) -> ImagePublic:
+        return cls(
+            id=image.id,
+            url=image_url(image.id),
+            seed=image.seed,
+            width=image.width,
+            height=image.height,
+            job_id=image.job_id,
+            prompt=image.prompt,
+            created_at=image.created_at,
+        )
+
+
+class ProgressPublic(BaseModel):
+    step: int
+    total: int
+
+
+class JobPublic(BaseModel):
+    """A job as clients see it. ``position`` and ``eta_seconds`` are null when not applicable
+    (position: not queued; eta: speed for this model and size not measured yet)."""
+
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    task: str
+    model: str
+    priority: int
+    owner: str | None
+    position: int | None
+    eta_seconds: float | None
+    progress: ProgressPublic
+    images: list[ImageRef]
+    error: str | None
+    attempts: int
+    params: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, job: JobRecord, *, position: int | None, eta_seconds: float | None) -> JobPublic:
+        return cls(
+            id=job.id,
+            status=job.status.value,
+            task=job.task,
+            model=job.model,
+            priority=job.priority,
+            owner=job.owner,
+            position=position,
+            eta_seconds=None if eta_seconds is None else round(eta_seconds, 2),
+            progress=ProgressPublic(step=job.step, total=job.total_steps),
+            images=[
+                ImageRef(id=i.id, url=image_url(i.id), seed=i.seed, width=i.width, height=i.height)
+                for i in job.images
+            ],
+            error=job.error,
+            attempts=job.attempts,
+            params=job.params.to_dict(),
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+        )
+
+
+class ModelLimits(BaseModel):
+    size_multiple: int
+    min_size: int
+    max_size: int
+    max_steps: int
+    max_images: int
+    guidance_range: tuple[float, float]
+    schedulers: list[str]
+
+
+class ModelPublic(BaseModel):
+    id: str
+    family: str
+    description: str
+    source: str
+    tasks: list[str]
+    defaults: dict[str, Any]
+    limits: ModelLimits
+    available: bool
+    loaded: bool
+    builtin: bool
+
+    @classmethod
+    def of(cls, info: ModelInfo) -> ModelPublic:
+        r, f = info.record, info.family
+        return cls(
+            id=r.id,
+            family=r.family,
+            description=r.description,
+            source=r.source,
+            tasks=list(r.tasks),
+            defaults=info.defaults,
+            limits=ModelLimits(
+                size_multiple=f.size_multiple,
+                min_size=f.min_size,
+                max_size=f.max_size,
+                max_steps=f.max_steps,
+                max_images=f.max_images,
+                guidance_range=f.guidance_range,
+                schedulers=list(f.schedulers),
+            ),
+            available=r.available,
+            loaded=info.loaded,
+            builtin=r.builtin,
+        )
+
+
+class QueuePublic(BaseModel):
+    counts: dict[str, int]
+    running: list[JobPublic]
+    workers: int
+
+    @classmethod
+    def of(cls, summary: QueueSummary, workers: int) -> QueuePublic:
+        return cls(
+            counts=summary.counts,
+            running=[JobPublic.of(j, position=None, eta_seconds=None) for j in summary.running],
+            workers=workers,
+        )
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    version: str
+    workers: int
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="Error class, e.g. InvalidParams, ModelNotFound, QueueFull.")
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error response: ``{"error": {"type", "message", "field"}}``."""
+
+    error: ErrorDetail

@@ -1,0 +1,73 @@
+"""``easel serve``: the API (and the web UI when Gradio is installed) under uvicorn.
+
+SIGTERM or Ctrl-C drains: workers claim nothing new, the running job gets
+``settings.drain_timeout_s`` to finish and is otherwise put back in the queue, so nothing
+accepted is lost. Also runnable as ``python -m easel.api.server [--host H] [--port P]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+import uvicorn
+
+from easel.api.app import MountUI, create_app
+from easel.config import Settings
+from easel.services import build_services
+
+log = logging.getLogger(__name__)
+
+# uvicorn waits this long for open connections (SSE streams never end by themselves) before
+# the lifespan shutdown, which then drains the workers.
+CONNECTIONS_GRACE_S = 3
+
+
+def find_ui() -> MountUI | None:
+    """The web UI's mount function, or None when Gradio is not installed (API only)."""
+    try:
+        from easel.ui.app import mount_ui
+    except ImportError as exc:
+        log.warning("web UI disabled (%s); serving the API only", exc)
+        return None
+    return mount_ui
+
+
+def serve(settings: Settings, *, ui: bool = True) -> None:
+    """Run the server until SIGTERM/SIGINT, then drain the queue's workers."""
+    services = build_services(settings)
+    app = create_app(services, mount_ui=find_ui() if ui else None)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        timeout_graceful_shutdown=CONNECTIONS_GRACE_S,
+        log_level="info",
+    )
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    print(f"Easel on http://{host}:{settings.port}/  (API docs: /docs)", flush=True)
+    uvicorn.Server(config).run()
+
+
+def register(commands: Any) -> None:
+    """Add ``serve`` to the ``easel`` command's subparsers."""
+    parser = commands.add_parser("serve", help="run the web UI and REST API")
+    parser.add_argument("--host", help="address to bind (default: settings.host, 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default: settings.port, 7860)")
+    parser.add_argument("--no-ui", action="store_true", help="serve the REST API only")
+    parser.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    serve(Settings(**overrides), ui=not args.no_ui)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main_parser = argparse.ArgumentParser(prog="python -m easel.api.server")
+    register(main_parser.add_subparsers(dest="command", required=True))
+    parsed = main_parser.parse_args(["serve", *sys.argv[1:]])
+    parsed.func(parsed)
