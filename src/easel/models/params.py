@@ -63,7 +63,7 @@ def resolve_params(
         values["strength"] = None  # only image-to-image tasks use it
 
     _check_prompt(values)
-    _check_task(values["task"], record, family)
+    _check_task(values["task"], family)
     for name in ("width", "height"):
         _check_size(name, values[name], family)
     _check_int("num_inference_steps", values["num_inference_steps"], 1, family.max_steps)
@@ -92,11 +92,11 @@ def _check_prompt(values: dict[str, Any]) -> None:
         raise InvalidParams("negative_prompt must be text", field="negative_prompt")
 
 
-def _check_task(task: str, record: ModelRecord, family: Family) -> None:
-    allowed = [t for t in family.tasks if t in record.tasks]
-    if task not in allowed:
+def _check_task(task: str, family: Family) -> None:
+    if task not in family.tasks:
         raise InvalidParams(
-            f"task must be one of {', '.join(allowed)} for model {record.id} (got {task!r})",
+            f"task must be one of {', '.join(family.tasks)} for {family.name} models "
+            f"(got {task!r})",
             field="task",
         )
 
