@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gc
+import os
 import time
 import weakref
 from pathlib import Path
 
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from easel.config import Settings
 from easel.domain import EaselError, ModelNotAvailable
@@ -174,3 +176,41 @@ def test_pick_device_and_dtype() -> None:
     assert info.value.field == "device"
     with pytest.raises(EaselError, match="dtype must be"):
         pick_dtype("cpu", "int8")
+
+
+def _rss_mib() -> float:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+def test_unload_returns_memory_to_the_os(tiny_sd_path: Path, tmp_path: Path) -> None:
+    # an SD pipeline with a ~20M-parameter UNet, loaded in bf16 so weights are real copies
+    # (fp32 safetensors may stay memory-mapped and barely show in RSS)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    torch.manual_seed(0)
+    pipe.unet = UNet2DConditionModel(
+        block_out_channels=(128, 256),
+        layers_per_block=2,
+        sample_size=32,
+        cross_attention_dim=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    pipe.save_pretrained(tmp_path / "medium")
+    del pipe
+    settings = Settings(home=tmp_path / "home", device="cpu", dtype="bfloat16")
+    manager = ModelManager(settings, ModelCatalog(settings))
+    model = str(tmp_path / "medium")
+    manager.get_pipeline(model)
+    manager.unload(model)  # first round warms imports and the allocator
+    before = _rss_mib()
+    manager.get_pipeline(model)
+    manager.get_pipeline(model, "img2img")
+    weights = manager.memory_bytes() / 2**20
+    loaded = _rss_mib()
+    manager.unload(model)
+    after = _rss_mib()
+    assert weights > 30
+    assert loaded - before > 0.7 * weights
+    assert after - before < 0.2 * weights, f"{before=:.0f} {loaded=:.0f} {after=:.0f} MiB"
