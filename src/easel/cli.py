@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    _quiet_libraries()
     from tqdm import tqdm
 
     from easel.engine.generate import Engine
@@ -159,9 +161,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(path)
 
 
-def _model_manager(settings: Settings, catalog: ModelCatalog) -> Any:
-    # silence transformers' notes about optional packages (torchvision) on a user's terminal
+def _quiet_libraries() -> None:
+    # A terminal user cannot act on the libraries' notes (optional torchvision, deprecations,
+    # diffusers' own prompt-truncation log, which `generate` reports as a warning itself).
+    # Must run before transformers/diffusers are first imported.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _model_manager(settings: Settings, catalog: ModelCatalog) -> Any:
+    _quiet_libraries()
     from easel.models.loader import ModelManager
 
     return ModelManager(settings, catalog)
