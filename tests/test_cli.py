@@ -92,7 +92,8 @@ def test_from_reproduces_the_pixels_exactly(
     assert np.array_equal(_pixels(again), _pixels(generated[1]))
     assert read_metadata(again)["easel"] == read_metadata(generated[1])["easel"]
     # an option given beside --from overrides the stored request
-    code, out, _ = _run(["generate", "--from", str(generated[1]), "--seed", "41", "-o", str(tmp_path)], capsys)  # fmt: skip
+    argv = ["generate", "--from", str(generated[1]), "--seed", "41", "-o", str(tmp_path)]
+    code, out, _ = _run(argv, capsys)
     assert np.array_equal(_pixels(out.strip()), _pixels(generated[0]))
 
 
