@@ -33,6 +33,7 @@ from easel.domain import (
     Canceled,
     GenerationParams,
     GenerationResult,
+    InvalidParams,
     Progress,
     ProgressCallback,
 )
@@ -80,6 +81,12 @@ class Engine:
         family = get_family(record.family)
         params = resolve_params(params, record, family)
         assert params.seed is not None and params.scheduler is not None
+        if params.task != "txt2img":
+            raise InvalidParams(
+                f"task must be txt2img for now (got {params.task!r}): img2img and inpaint need "
+                "an input image, which a request cannot carry yet",
+                field="task",
+            )
 
         # 2. take the model: never two calls on one pipeline (or its shared modules) at once
         with self._lock(record.id):
