@@ -38,6 +38,7 @@ MAX_LOCAL_RESIDUAL = 0.13  # largest mean |object - template| over a 3x3 window
 FOREGROUND_DISTANCE = 0.2  # RGB distance (0..1 per channel) from the background that is "object"
 MIN_OBJECT_AREA = 0.004  # of the canvas (16 px at 64x64); smaller specks are noise
 MAX_COLOUR_DISTANCE = 0.3  # farther than this from every named colour -> "unknown" colour
+MAX_OBJECTS = 4  # components analysed per image, largest first
 MIN_SOLID_BORDER = 0.7  # fraction of border pixels that must match the background colour
 TEMPLATE_BLURS = (0.0, 0.5, 0.8, 1.1)  # px; Gaussian blurs tried on the template
 SUPERSAMPLE = 4  # samples per pixel side when rasterising templates
@@ -280,9 +281,10 @@ def _fit_template(
                     best, centre, radius, improved = value, c, r, True
             if not improved:
                 step /= 2
-        sigma = max(TEMPLATE_BLURS, key=lambda s: evaluate(centre, radius, s))
-    best_template = template(centre, radius, sigma)
-    iou, residual = _iou(alpha, best_template), _local_residual(alpha, best_template)
+    # the blur is a nuisance (a decoder's softness): each score takes the blur that suits it best
+    templates = [template(centre, radius, s) for s in TEMPLATE_BLURS]
+    iou = max(_iou(alpha, t) for t in templates)
+    residual = min(_local_residual(alpha, t) for t in templates)
     return _Fit(
         iou=iou, residual=residual, centre=(float(centre[0]), float(centre[1])), radius=radius
     )
@@ -368,9 +370,11 @@ def analyse(image: Image.Image | np.ndarray) -> Analysis:
     if distance > MAX_COLOUR_DISTANCE or not _border_is_solid(pixels, background):
         name = UNKNOWN
     foreground = np.linalg.norm(pixels - background, axis=2) > FOREGROUND_DISTANCE
+    # the largest few only: a noise image has hundreds of specks, and any count over two is wrong
+    components = sorted(_components(foreground), key=lambda c: -int(c.sum()))[:MAX_OBJECTS]
     objects = [
         found
-        for component in _components(foreground)
+        for component in components
         if (found := _analyse_object(pixels, component, background, name)) is not None
     ]
     objects.sort(key=lambda o: o.centre[0] + o.centre[1])  # left before right, top before bottom
