@@ -91,7 +91,7 @@ class SqliteJobQueue:
                     json.dumps(params.to_dict()),
                     priority,
                     owner,
-                    params.num_inference_steps or 0,
+                    (params.num_inference_steps or 0) * params.num_images,
                     utcnow(),
                 ),
             )
@@ -266,7 +266,7 @@ class SqliteJobQueue:
         if speed is None:
             return None
         steps = p.num_inference_steps or 1
-        return speed * p.num_images * (steps - min(job.step, steps))
+        return speed * max(steps * p.num_images - job.step, 0)  # steps count on across images
 
     # --- helpers --------------------------------------------------------------------------------
 
