@@ -1,0 +1,739 @@
+"""Train the bundled `tiny-shapes` model from scratch: `train_base(config, on_step, is_canceled)`.
+
+Two stages, each one visible loop with a wall-clock budget (the learning rate follows the elapsed
+fraction of the budget, so a run ends on time whatever the machine's speed):
+
+1. an `AutoencoderKL` (64x64x3 images <-> 16x16x4 latents) trained on rendered scenes;
+2. a `UNet2DConditionModel` and a `CLIPTextModel`, trained jointly from scratch on the frozen VAE's
+   latents (v-prediction, 10 % empty captions for classifier-free guidance, an EMA copy kept).
+
+The result is a `StableDiffusionPipeline` folder (`<out>/pipeline`) that plain
+`StableDiffusionPipeline.from_pretrained` loads. Along the way it writes step-stamped checkpoints
+(`<out>/checkpoints`, resumed automatically), sample grids (`<out>/samples`), `loss.png` and
+`summary.json`.
+
+This module imports only torch, diffusers, transformers, tokenizers, numpy, PIL, matplotlib, tqdm
+and easel.training / easel.domain, so it also runs as a script on a bare GPU machine::
+
+    python -m easel.training.base --preset gpu --out runs/gpu --max-minutes 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from tqdm import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from easel.domain import Canceled
+from easel.training.data import (
+    HELD_OUT,
+    IMAGE_SIZE,
+    Scene,
+    SceneStream,
+    ShapeObject,
+    caption,
+    image_grid,
+    parse_prompt,
+    render,
+    to_pil,
+)
+from easel.training.tokenizer import MAX_LENGTH, train_tokenizer
+
+
+@dataclass
+class BaseConfig:
+    """Everything a from-scratch run needs. Defaults are the CPU preset (<= 2 h on 2 cores)."""
+
+    out_dir: str = "runs/tiny-shapes"
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    seed: int = 0
+    max_minutes: float = 110.0  # wall-clock budget for both stages together
+    vae_share: float = 0.15  # fraction of max_minutes spent on the autoencoder
+    bf16: bool = True  # bf16 autocast (CUDA, or a CPU with AMX/AVX512-BF16)
+    # -- stage 1: autoencoder (factor 4: 64x64x3 -> 16x16x4)
+    vae_channels: tuple[int, ...] = (32, 64, 128)
+    vae_batch_size: int = 32
+    vae_lr: float = 1e-3
+    vae_max_steps: int = 100_000  # a cap; normally the time budget ends the stage
+    vae_kl_weight: float = 1e-6  # tiny: latents stay near-deterministic, decoder stays crisp
+    vae_edge_weight: float = 1.0  # L1 on image gradients keeps corners and edges sharp
+    # -- stage 2: denoiser + text encoder
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_attention: tuple[bool, ...] = (False, True, True)  # cross-attention per resolution
+    text_width: int = 128
+    text_layers: int = 4
+    batch_size: int = 48
+    lr: float = 5e-4
+    max_steps: int = 1_000_000  # a cap; normally the time budget ends the stage
+    warmup_steps: int = 200
+    caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
+    min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023)
+    ema_decay: float = 0.999
+    # -- bookkeeping
+    log_every_seconds: float = 60.0  # a throughput line (it/s, images/s) on stdout
+    sample_every_minutes: float = 15.0
+    checkpoint_every_minutes: float = 10.0
+    keep_checkpoints: int = 2
+    sample_steps: int = 12  # also the shipped scheduler's recommended step count
+    guidance_scale: float = 4.0
+
+
+PRESETS: dict[str, dict] = {
+    "cpu": {},
+    "gpu": {
+        "max_minutes": 7.0,
+        "vae_share": 0.2,
+        "vae_batch_size": 128,
+        "vae_lr": 2e-3,
+        "batch_size": 256,
+        "lr": 1e-3,
+        "warmup_steps": 300,
+        "log_every_seconds": 20.0,
+        "sample_every_minutes": 2.0,
+        "checkpoint_every_minutes": 2.0,
+    },
+    # For tests: seconds, not hours.
+    "tiny": {
+        "max_minutes": 0.5,
+        "vae_channels": (32, 32),
+        "vae_batch_size": 8,
+        "unet_channels": (32, 32),
+        "unet_attention": (False, True),
+        "text_width": 32,
+        "text_layers": 1,
+        "batch_size": 8,
+        "warmup_steps": 5,
+        "sample_steps": 2,
+    },
+}
+
+
+def preset(name: str, **overrides) -> BaseConfig:
+    """A `BaseConfig` from a preset ("cpu", "gpu", "tiny") with field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)} (got {name!r})")
+    return replace(BaseConfig(), **{**PRESETS[name], **overrides})
+
+
+@dataclass
+class TrainStep:
+    """What `on_step` receives after every optimisation step."""
+
+    stage: str  # "vae" or "unet"
+    step: int
+    loss: float
+    lr: float
+    elapsed_s: float
+    fraction: float  # of the stage's budget (time or steps, whichever is further)
+
+
+@dataclass
+class StageLog:
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    images_per_s: float = 0.0
+
+
+# Prompts in every sample grid: held-out combinations first, then seen ones and two objects.
+SAMPLE_PROMPTS = [
+    caption(Scene((ShapeObject(shape, colour),), background))
+    for colour, shape, background in HELD_OUT[:5]
+] + [
+    "a big green star on a black background",
+    "a small pink triangle on the left on a blue background",
+    "a red circle and a blue square on a white background",
+]
+
+
+# --- building blocks ----------------------------------------------------------------------------
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def build_vae(config: BaseConfig) -> AutoencoderKL:
+    levels = len(config.vae_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=config.vae_channels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=min(32, config.vae_channels[0]),
+        sample_size=IMAGE_SIZE,
+    )
+
+
+def build_text_encoder(config: BaseConfig, tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.text_width,
+            intermediate_size=4 * config.text_width,
+            num_hidden_layers=config.text_layers,
+            num_attention_heads=max(1, config.text_width // 32),
+            max_position_embeddings=MAX_LENGTH,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def build_unet(config: BaseConfig, latent_size: int) -> UNet2DConditionModel:
+    attention = config.unet_attention
+    return UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=config.unet_channels,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attention[::-1]),
+        layers_per_block=1,
+        cross_attention_dim=config.text_width,
+        attention_head_dim=8,
+        norm_num_groups=min(32, config.unet_channels[0]),
+    )
+
+
+def noise_schedule() -> DDPMScheduler:
+    """Stable Diffusion's training schedule, with v-prediction (robust at few sampling steps)."""
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        clip_sample=False,
+    )
+
+
+def sampling_scheduler() -> DPMSolverMultistepScheduler:
+    return DPMSolverMultistepScheduler.from_config(
+        noise_schedule().config,
+        algorithm_type="dpmsolver++",
+        timestep_spacing="trailing",
+        steps_offset=1,  # unused with trailing spacing; SD pipelines warn unless it is 1
+    )
+
+
+def tokenize(tokenizer: CLIPTokenizer, captions: list[str], device: torch.device) -> torch.Tensor:
+    """Token ids exactly as `StableDiffusionPipeline` makes them (padded to the max length)."""
+    ids = tokenizer(
+        captions, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+    ).input_ids
+    return ids.to(device)
+
+
+def lr_factor(step: int, fraction: float, warmup_steps: int) -> float:
+    """Linear warm-up over steps, then cosine decay to 10 % over the budget fraction."""
+    warmup = min(1.0, (step + 1) / max(1, warmup_steps))
+    return warmup * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, fraction))))
+
+
+def prefetched(make: Callable[[], object]) -> Iterator:
+    """Yield make() results endlessly, preparing the next one in a thread while the caller works."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(make)
+        while True:
+            result = future.result()
+            future = pool.submit(make)
+            yield result
+
+
+class Checkpoints:
+    """Step-stamped `<stage>-step000123.pt` files in one folder; keeps the newest few."""
+
+    def __init__(self, folder: Path, keep: int):
+        self.folder, self.keep = folder, keep
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def latest(self, stage: str) -> dict | None:
+        files = sorted(self.folder.glob(f"{stage}-step*.pt"))
+        return torch.load(files[-1], map_location="cpu", weights_only=False) if files else None
+
+    def save(self, stage: str, step: int, state: dict) -> None:
+        path = self.folder / f"{stage}-step{step:07d}.pt"
+        torch.save(state, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)  # a crash never leaves a half-written checkpoint
+        for old in sorted(self.folder.glob(f"{stage}-step*.pt"))[: -self.keep]:
+            old.unlink()
+
+
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def make_pipeline(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sampling_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@torch.no_grad()
+def save_samples(pipeline: StableDiffusionPipeline, config: BaseConfig, path: Path) -> None:
+    """Real renders (odd rows) above the model's images (even rows) for `SAMPLE_PROMPTS`."""
+    device = pipeline.unet.device
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    pipeline.set_progress_bar_config(disable=True)
+    with autocast(device, config.bf16):
+        images = pipeline(
+            SAMPLE_PROMPTS,
+            num_inference_steps=config.sample_steps,
+            guidance_scale=config.guidance_scale,
+            height=IMAGE_SIZE,
+            width=IMAGE_SIZE,
+            generator=generator,
+        ).images
+    real = to_pil(render([parse_prompt(p) for p in SAMPLE_PROMPTS]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(real + images, columns=len(SAMPLE_PROMPTS)).save(path)
+
+
+def save_loss_plot(logs: dict[str, StageLog], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(logs), figsize=(5 * len(logs), 3.5))
+    for axis, (stage, log) in zip(axes if len(logs) > 1 else [axes], logs.items(), strict=True):
+        if log.losses:
+            window = max(1, len(log.losses) // 100)
+            smooth = [
+                sum(log.losses[max(0, i - window) : i + 1])
+                / len(log.losses[max(0, i - window) : i + 1])
+                for i in range(len(log.losses))
+            ]
+            axis.plot(log.steps, log.losses, alpha=0.25, color="tab:blue")
+            axis.plot(log.steps, smooth, color="tab:blue")
+        axis.set(title=f"{stage} loss", xlabel="step", yscale="log")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+# --- the two stages -----------------------------------------------------------------------------
+
+
+def train_vae(
+    config: BaseConfig,
+    device: torch.device,
+    checkpoints: Checkpoints,
+    budget_s: float,
+    log: StageLog,
+    on_step: Callable[[TrainStep], None] | None,
+    is_canceled: Callable[[], bool] | None,
+) -> AutoencoderKL:
+    """Stage 1: the autoencoder, on freshly rendered scenes (L1 + edge L1 + MSE + tiny KL)."""
+    # 1. build or resume
+    vae = build_vae(config).to(device)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    step, elapsed_before, done = 0, 0.0, False
+    if state := checkpoints.latest("vae"):
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed_before, done = state["step"], state["elapsed_s"], state["done"]
+        log.steps, log.losses = state["log_steps"], state["log_losses"]
+    stream = SceneStream(seed=config.seed + step, device=device)
+    batches = prefetched(lambda: stream.batch(config.vae_batch_size).images)
+
+    def save(finished: bool) -> None:
+        checkpoints.save(
+            "vae",
+            step,
+            {
+                "model": vae.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "elapsed_s": elapsed_before + time.monotonic() - start,
+                "done": finished,
+                "log_steps": log.steps,
+                "log_losses": log.losses,
+            },
+        )
+
+    # 2. the loop
+    start = last_log = last_checkpoint = time.monotonic()
+    first_step = step
+    fraction = max(elapsed_before / budget_s, step / config.vae_max_steps)
+    progress = tqdm(desc="vae", unit="step", initial=step, disable=done, mininterval=2.0)
+    vae.train()
+    while not done:
+        images = next(batches)
+        lr = config.vae_lr * lr_factor(step, fraction, config.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(device, config.bf16):
+            posterior = vae.encode(images).latent_dist
+            decoded = vae.decode(posterior.sample()).sample.float()
+        edges = (decoded.diff(dim=-1) - images.diff(dim=-1)).abs().mean() + (
+            decoded.diff(dim=-2) - images.diff(dim=-2)
+        ).abs().mean()
+        loss = (
+            F.l1_loss(decoded, images)
+            + F.mse_loss(decoded, images)
+            + config.vae_edge_weight * edges
+            + config.vae_kl_weight * posterior.kl().mean()
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+
+        # 3. bookkeeping: progress, throughput, checkpoints, cancellation
+        step += 1
+        now = time.monotonic()
+        elapsed = elapsed_before + now - start
+        fraction = max(elapsed / budget_s, step / config.vae_max_steps)
+        log.steps.append(step)
+        log.losses.append(loss.item())
+        progress.update()
+        progress.set_postfix(
+            loss=f"{log.losses[-1]:.4f}", left=f"{max(0, budget_s - elapsed):.0f}s"
+        )
+        if on_step:
+            on_step(TrainStep("vae", step, log.losses[-1], lr, elapsed, fraction))
+        done = fraction >= 1.0
+        if now - last_log >= config.log_every_seconds or done:
+            log.images_per_s = report_throughput(
+                "vae", step - first_step, now - start, config.vae_batch_size, log
+            )
+            last_log = now
+        if now - last_checkpoint >= config.checkpoint_every_minutes * 60 or done:
+            save(finished=done)
+            last_checkpoint = now
+        if is_canceled and is_canceled():
+            save(finished=False)
+            raise Canceled("training canceled")
+    progress.close()
+    return vae.eval().requires_grad_(False)
+
+
+def train_unet(
+    config: BaseConfig,
+    device: torch.device,
+    checkpoints: Checkpoints,
+    budget_s: float,
+    log: StageLog,
+    vae: AutoencoderKL,
+    tokenizer: CLIPTokenizer,
+    out_dir: Path,
+    on_step: Callable[[TrainStep], None] | None,
+    is_canceled: Callable[[], bool] | None,
+) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+    """Stage 2: denoiser and text encoder, jointly, on frozen VAE latents. Returns the EMA copies."""
+    # 1. build or resume
+    latent_size = IMAGE_SIZE // 2 ** (len(config.vae_channels) - 1)
+    unet = build_unet(config, latent_size).to(device)
+    text_encoder = build_text_encoder(config, tokenizer).to(device)
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    ema_params = [*ema_unet.parameters(), *ema_text.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01)
+    scheduler = noise_schedule()
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    step, elapsed_before, done = 0, 0.0, False
+    if state := checkpoints.latest("unet"):
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        ema_unet.load_state_dict(state["ema_unet"])
+        ema_text.load_state_dict(state["ema_text"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed_before, done = state["step"], state["elapsed_s"], state["done"]
+        log.steps, log.losses = state["log_steps"], state["log_losses"]
+    stream = SceneStream(seed=config.seed + 1_000_003 + step, device=device)
+    dropout_rng = random.Random(config.seed + step)
+
+    def make_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        batch = stream.batch(config.batch_size)
+        captions = [
+            "" if dropout_rng.random() < config.caption_dropout else c for c in batch.captions
+        ]
+        return batch.images, tokenize(tokenizer, captions, device)
+
+    batches = prefetched(make_batch)
+
+    def save(finished: bool) -> None:
+        checkpoints.save(
+            "unet",
+            step,
+            {
+                "unet": unet.state_dict(),
+                "text_encoder": text_encoder.state_dict(),
+                "ema_unet": ema_unet.state_dict(),
+                "ema_text": ema_text.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "elapsed_s": elapsed_before + time.monotonic() - start,
+                "done": finished,
+                "log_steps": log.steps,
+                "log_losses": log.losses,
+            },
+        )
+
+    # 2. the loop
+    start = last_log = last_checkpoint = last_sample = time.monotonic()
+    first_step = step
+    fraction = max(elapsed_before / budget_s, step / config.max_steps)
+    progress = tqdm(desc="unet", unit="step", initial=step, disable=done, mininterval=2.0)
+    unet.train()
+    text_encoder.train()
+    while not done:
+        images, token_ids = next(batches)
+        lr = config.lr * lr_factor(step, fraction, config.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(device, config.bf16):
+            with torch.no_grad():
+                latents = vae.encode(images).latent_dist.sample().float()
+                latents = latents * vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, 1000, (latents.shape[0],), device=device)
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            target = scheduler.get_velocity(latents, noise, timesteps)
+            context = text_encoder(token_ids)[0]
+            prediction = unet(noisy, timesteps, context).sample.float()
+        # Min-SNR weighting for v-prediction: min(snr, gamma) / (snr + 1).
+        snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+        weight = snr.clamp(max=config.min_snr_gamma) / (snr + 1)
+        loss = (weight * (prediction - target).pow(2).mean(dim=(1, 2, 3))).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        decay = min(config.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+
+        # 3. bookkeeping: progress, throughput, samples, checkpoints, cancellation
+        step += 1
+        now = time.monotonic()
+        elapsed = elapsed_before + now - start
+        fraction = max(elapsed / budget_s, step / config.max_steps)
+        log.steps.append(step)
+        log.losses.append(loss.item())
+        progress.update()
+        progress.set_postfix(
+            loss=f"{log.losses[-1]:.4f}", left=f"{max(0, budget_s - elapsed):.0f}s"
+        )
+        if on_step:
+            on_step(TrainStep("unet", step, log.losses[-1], lr, elapsed, fraction))
+        done = fraction >= 1.0
+        if now - last_log >= config.log_every_seconds or done:
+            log.images_per_s = report_throughput(
+                "unet", step - first_step, now - start, config.batch_size, log
+            )
+            last_log = now
+        if now - last_sample >= config.sample_every_minutes * 60 and not done:
+            pipeline = make_pipeline(vae, ema_text, tokenizer, ema_unet)
+            save_samples(pipeline, config, out_dir / "samples" / f"unet-step{step:07d}.png")
+            last_sample = now
+        if now - last_checkpoint >= config.checkpoint_every_minutes * 60 or done:
+            save(finished=done)
+            last_checkpoint = now
+        if is_canceled and is_canceled():
+            save(finished=False)
+            raise Canceled("training canceled")
+    progress.close()
+    return ema_unet, ema_text
+
+
+def report_throughput(
+    stage: str, steps: int, seconds: float, batch_size: int, log: StageLog
+) -> float:
+    """Print one throughput line (`steps` optimisation steps in `seconds`); returns images/s."""
+    rate = steps / max(1e-9, seconds)
+    recent = log.losses[-50:]
+    tqdm.write(
+        f"[{stage}] step {log.steps[-1]} loss {sum(recent) / len(recent):.4f} "
+        f"{rate:.2f} it/s {rate * batch_size:.0f} images/s",
+        file=sys.stdout,
+    )
+    return rate * batch_size
+
+
+# --- the whole run ------------------------------------------------------------------------------
+
+
+def train_base(
+    config: BaseConfig,
+    *,
+    on_step: Callable[[TrainStep], None] | None = None,
+    is_canceled: Callable[[], bool] | None = None,
+) -> Path:
+    """Train tiny-shapes from scratch (or resume a run in `config.out_dir`); returns the folder of
+    the saved `StableDiffusionPipeline`.
+
+    Example: ``train_base(preset("cpu", out_dir="runs/ts"))`` then
+    ``StableDiffusionPipeline.from_pretrained("runs/ts/pipeline")``.
+    Raises `easel.domain.Canceled` (after saving a checkpoint) when `is_canceled()` turns true.
+    """
+    # 1. set up: device, seeds, output folders, tokenizer
+    started = time.monotonic()
+    device = pick_device(config.device)
+    torch.manual_seed(config.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    checkpoints = Checkpoints(out_dir / "checkpoints", config.keep_checkpoints)
+    tokenizer = train_tokenizer(out_dir / "tokenizer")
+    logs = {"vae": StageLog(), "unet": StageLog()}
+    budget_s = config.max_minutes * 60
+    tqdm.write(
+        f"training tiny-shapes on {device}, budget {config.max_minutes:.1f} min -> {out_dir}"
+    )
+
+    # 2. stage 1: autoencoder; its latents' spread sets the scaling factor (SD's 0.18215 trick)
+    vae = train_vae(
+        config, device, checkpoints, budget_s * config.vae_share, logs["vae"], on_step, is_canceled
+    )
+    vae.register_to_config(scaling_factor=latent_scale(vae, config, device))
+    save_loss_plot(logs, out_dir / "loss.png")
+
+    # 3. stage 2: denoiser + text encoder, with what is left of the budget
+    remaining_s = budget_s - (time.monotonic() - started) - export_reserve_s(config)
+    unet_state = checkpoints.latest("unet")
+    unet_budget = remaining_s + (unet_state["elapsed_s"] if unet_state else 0.0)
+    del unet_state
+    unet, text_encoder = train_unet(
+        config, device, checkpoints, max(unet_budget, 1.0), logs["unet"], vae, tokenizer,
+        out_dir, on_step, is_canceled,
+    )  # fmt: skip
+
+    # 4. export: the pipeline folder (fp16 weights keep it small), a last sample grid and loss plot
+    pipeline = make_pipeline(vae, text_encoder, tokenizer, unet)
+    save_samples(pipeline, config, out_dir / "samples.png")
+    save_loss_plot(logs, out_dir / "loss.png")
+    pipeline_dir = export_pipeline(pipeline, out_dir / "pipeline", out_dir / "tokenizer")
+    summary = {
+        "device": str(device),
+        "minutes": (time.monotonic() - started) / 60,
+        "params": {
+            "unet": sum(p.numel() for p in unet.parameters()),
+            "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
+            "vae": sum(p.numel() for p in vae.parameters()),
+        },
+        **{
+            f"{stage}_{key}": value
+            for stage, log in logs.items()
+            for key, value in {
+                "steps": log.steps[-1] if log.steps else 0,
+                "final_loss": sum(log.losses[-100:]) / max(1, len(log.losses[-100:])),
+                "images_per_s": log.images_per_s,
+            }.items()
+        },
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    tqdm.write(json.dumps(summary))
+    return pipeline_dir
+
+
+def export_reserve_s(config: BaseConfig) -> float:
+    """Time kept back from stage 2 for the final samples and export."""
+    return min(30.0, config.max_minutes * 60 * 0.05)
+
+
+@torch.no_grad()
+def latent_scale(vae: AutoencoderKL, config: BaseConfig, device: torch.device) -> float:
+    images = SceneStream(seed=config.seed + 7, device=device).batch(64).images
+    with autocast(device, config.bf16):
+        latents = vae.encode(images).latent_dist.sample().float()
+    return float(1.0 / latents.std())
+
+
+def export_pipeline(pipeline: StableDiffusionPipeline, folder: Path, tokenizer_dir: Path) -> Path:
+    """Save with fp16 weights (half the size); configs still say float32, so a plain
+    `from_pretrained` loads the model in float32."""
+    half = copy.deepcopy(pipeline).to(torch.float16)
+    half.save_pretrained(folder, safe_serialization=True)
+    # diffusers loads fp16 files into the models' default float32; transformers follows the
+    # config's dtype, so say float32 there too (or the text encoder alone would come back fp16).
+    config_path = folder / "text_encoder" / "config.json"
+    text_config = json.loads(config_path.read_text())
+    text_config["dtype"] = "float32"
+    config_path.write_text(json.dumps(text_config, indent=2))
+    # The classic CLIP files too, for transformers versions that do not read tokenizer.json.
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(tokenizer_dir / name, folder / "tokenizer" / name)
+    return folder
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `easel train base` and `python -m easel.training.base`."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--out", default=BaseConfig.out_dir, help="run folder (resumes if present)")
+    parser.add_argument("--max-minutes", type=float, help="wall-clock budget, both stages")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--no-bf16", action="store_true", help="train in float32")
+
+
+def config_from_args(args: argparse.Namespace) -> BaseConfig:
+    overrides = {
+        "out_dir": args.out,
+        "max_minutes": args.max_minutes,
+        "device": args.device,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+    }
+    if args.no_bf16:
+        overrides["bf16"] = False
+    names = {f.name for f in fields(BaseConfig)}
+    return preset(
+        args.preset, **{k: v for k, v in overrides.items() if v is not None and k in names}
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m easel.training.base", description=__doc__)
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args(argv))
+    folder = train_base(config)
+    print(f"saved {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
