@@ -14,6 +14,7 @@ from PIL import Image
 
 from easel.cli import main
 from easel.engine.metadata import read_metadata
+from tests.fixtures_models import TINY_HUB_ID
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -95,6 +96,24 @@ def test_from_reproduces_the_pixels_exactly(
     argv = ["generate", "--from", str(generated[1]), "--seed", "41", "-o", str(tmp_path)]
     code, out, _ = _run(argv, capsys)
     assert np.array_equal(_pixels(out.strip()), _pixels(generated[0]))
+
+
+def test_hub_id_in_the_offline_cache_generates_like_the_folder(
+    easel_home: Path,
+    tiny_hub_cache: Path,
+    tiny_sd_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    request = ["a cat", "--steps", "2", "--size", "64x64", "--seed", "3"]
+    outputs = []
+    for index, model in enumerate((TINY_HUB_ID, str(tiny_sd_path))):
+        code, out, err = _run(
+            ["generate", *request, "-m", model, "-o", str(tmp_path / str(index))], capsys
+        )
+        assert code == 0, err
+        outputs.append(_pixels(out.strip()))
+    assert np.array_equal(*outputs)
 
 
 def test_long_prompt_prints_a_dropped_tokens_warning(
