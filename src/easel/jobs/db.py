@@ -29,6 +29,8 @@ MIGRATIONS: list[str] = [
         task TEXT NOT NULL,
         model TEXT NOT NULL,
         params TEXT NOT NULL,                    -- JSON of the resolved GenerationParams
+        width INTEGER NOT NULL,                  -- copied from params: the ETA lookup key
+        height INTEGER NOT NULL,
         priority INTEGER NOT NULL DEFAULT 0,
         owner TEXT,
         status TEXT NOT NULL CHECK (status IN
@@ -36,7 +38,7 @@ MIGRATIONS: list[str] = [
         attempts INTEGER NOT NULL DEFAULT 0,     -- times a worker started it
         cancel_requested INTEGER NOT NULL DEFAULT 0,
         step INTEGER NOT NULL DEFAULT 0,
-        total_steps INTEGER NOT NULL DEFAULT 0,
+        total_steps INTEGER NOT NULL DEFAULT 0,  -- steps * num_images (steps count on)
         error TEXT,
         created_at TEXT NOT NULL,
         started_at TEXT,

@@ -82,13 +82,15 @@ class SqliteJobQueue:
                     "retry later"
                 )
             conn.execute(
-                "INSERT INTO jobs (id, task, model, params, priority, owner, status, total_steps,"
-                " created_at) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+                "INSERT INTO jobs (id, task, model, params, width, height, priority, owner,"
+                " status, total_steps, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
                 (
                     job_id,
                     params.task,
                     params.model,
                     json.dumps(params.to_dict()),
+                    params.width,
+                    params.height,
                     priority,
                     owner,
                     (params.num_inference_steps or 0) * params.num_images,
@@ -227,46 +229,35 @@ class SqliteJobQueue:
                 (job.model, p.width, p.height, device, observed, ALPHA),
             )
 
-    def seconds_per_step(self, model: str, width: int, height: int) -> float | None:
-        """The moving average for this model and size (slowest device when there are several)."""
-        rows = self.db.query(
-            "SELECT MAX(seconds_per_step) FROM step_timings"
-            " WHERE model = ? AND width = ? AND height = ?",
-            (model, width, height),
-        )
-        return rows[0][0]
-
     def eta_seconds(self, job_id: str, workers: int = 1) -> float | None:
         """Seconds until the job finishes (see the module docstring); None when unknown."""
-        job = self.get(job_id)
-        if job.status.final:
+        job = self.db.query("SELECT status, priority, seq FROM jobs WHERE id = ?", (job_id,))
+        if not job:
+            raise JobNotFound(f"no job with id {job_id!r}", field="job_id")
+        status, priority, seq = job[0]
+        if JobStatus(status).final:
             return 0.0
-        if job.status is JobStatus.RUNNING:
-            return self._remaining(job)
-        ahead = self._remaining_all(
-            "SELECT * FROM jobs WHERE status = 'running' OR (status = 'queued' AND"
-            " (priority > ? OR (priority = ? AND seq <= (SELECT seq FROM jobs WHERE id = ?))))",
-            (job.priority, job.priority, job_id),
+        if status == "running":
+            return self._remaining("id = ?", (job_id,))
+        ahead = self._remaining(
+            "status = 'running' OR (status = 'queued' AND (priority > ? OR (priority = ? AND"
+            " seq <= ?)))",
+            (priority, priority, seq),
         )
         return None if ahead is None else ahead / max(workers, 1)
 
-    def _remaining_all(self, sql: str, args: tuple[object, ...]) -> float | None:
-        total = 0.0
-        for row in self.db.query(sql, args):
-            left = self._remaining(_job(row))
-            if left is None:
-                return None
-            total += left
-        return total
-
-    def _remaining(self, job: JobRecord) -> float | None:
-        p = job.params
-        assert p.width is not None and p.height is not None
-        speed = self.seconds_per_step(job.model, p.width, p.height)
-        if speed is None:
-            return None
-        steps = p.num_inference_steps or 1
-        return speed * max(steps * p.num_images - job.step, 0)  # steps count on across images
+    def _remaining(self, where: str, args: tuple[object, ...]) -> float | None:
+        """Summed remaining cost of the jobs matching ``where``; None if any speed is unknown.
+        One query: this runs on every submit and every GET of a queued job."""
+        (total, unknown) = self.db.query(
+            "SELECT SUM(t.speed * MAX(j.total_steps - j.step, 0)), COUNT(*) - COUNT(t.speed)"
+            " FROM jobs AS j LEFT JOIN (SELECT model, width, height, MAX(seconds_per_step) AS"
+            " speed FROM step_timings GROUP BY model, width, height) AS t"
+            " ON t.model = j.model AND t.width = j.width AND t.height = j.height"
+            f" WHERE {where}",
+            args,
+        )[0]
+        return None if unknown else float(total or 0.0)
 
     # --- helpers --------------------------------------------------------------------------------
 
