@@ -1,0 +1,433 @@
+"""The web page: a Gradio Blocks app that is a client of ``services``, like the REST API.
+
+Every Generate click becomes a job in the Easel queue (the source of truth); Gradio's own queue
+only carries the page's events. The generate handler submits the job, then follows the job's
+events (position and ETA while it waits, steps and previews while it runs, images at the end).
+
+    app = create_app(services)           # the REST API
+    mount_ui(app, services)              # the page at "/" on the same FastAPI app
+
+The generate endpoint is public as ``/generate``: ``Client(url).predict("a red circle",
+api_name="/generate")`` returns the result gallery first (every other input has a default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+from collections.abc import AsyncIterator
+from typing import Any
+
+import gradio as gr
+from fastapi import FastAPI
+from PIL import Image
+
+from easel.domain import EaselError, GenerationParams, JobRecord
+from easel.jobs.events import JobEvent
+from easel.services import ModelInfo, Services
+from easel.ui import status
+from easel.ui.forms import ModelForm, format_size, model_choices, model_form, parse_size
+
+# While a job waits no event of its own arrives, yet its position moves: refresh this often.
+REFRESH_S = 0.5
+HISTORY_LIMIT = 200  # images shown in the History tab (newest first)
+OWNER = "web"  # jobs submitted from the page
+
+CSS = """
+.easel-status { display: flex; flex-wrap: wrap; gap: .5rem; align-items: center; min-height: 1.6rem; }
+.easel-status progress { flex: 1 1 12rem; height: .8rem; }
+.easel-status[data-state="failed"] { color: var(--error-text-color); }
+"""
+
+
+def build_ui(services: Services) -> gr.Blocks:
+    """The Blocks app: a Generate tab and a History tab, wired to ``services``."""
+    ui = _Handlers(services)
+    form = ui.form(services.settings.default_model)
+    with gr.Blocks(title="Easel", analytics_enabled=False) as demo:
+        gr.Markdown("# Easel", elem_id="easel-title")
+        with gr.Tabs(elem_id="easel-tabs") as tabs:
+            with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=2, min_width=300):
+                        prompt = gr.Textbox(
+                            label="Prompt", lines=3, placeholder="a red circle", elem_id="prompt"
+                        )
+                        negative = gr.Textbox("", label="Negative prompt", elem_id="negative")
+                        model = gr.Dropdown(
+                            choices=model_choices(ui.models()),
+                            value=form.model,
+                            label="Model",
+                            elem_id="model",
+                        )
+                        note = gr.Markdown(form.note, elem_id="model-note")
+                        size = gr.Dropdown(
+                            choices=form.sizes,
+                            value=form.size,
+                            label="Size (width × height)",
+                            allow_custom_value=True,
+                            elem_id="size",
+                        )
+                        with gr.Row():
+                            steps = gr.Slider(
+                                1,
+                                form.max_steps,
+                                value=form.steps,
+                                step=1,
+                                label="Steps",
+                                elem_id="steps",
+                            )
+                            guidance = gr.Slider(
+                                *form.guidance_range, value=form.guidance, step=0.1,
+                                label="Guidance",
+                            )  # fmt: skip
+                        scheduler = gr.Dropdown(
+                            choices=list(form.schedulers), value=form.scheduler, label="Scheduler"
+                        )
+                        with gr.Row():
+                            seed = gr.Number(
+                                value=0, precision=0, minimum=0, label="Seed", elem_id="seed"
+                            )
+                            random_seed = gr.Checkbox(
+                                value=True, label="Random seed", elem_id="random-seed"
+                            )
+                        count = gr.Slider(
+                            1, form.max_images, value=1, step=1, label="Images", elem_id="count"
+                        )
+                        with gr.Row():
+                            generate = gr.Button(
+                                "Generate",
+                                variant="primary",
+                                interactive=form.available,
+                                elem_id="generate",
+                            )
+                            cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                    with gr.Column(scale=3, min_width=300):
+                        progress = gr.HTML(status.idle_html(), elem_id="status")
+                        preview = gr.Image(
+                            label="Preview", interactive=False, height=256, elem_id="preview"
+                        )
+                        gallery = gr.Gallery(
+                            label="Result",
+                            columns=2,
+                            height=320,
+                            object_fit="contain",
+                            elem_id="result",
+                        )
+                        result_info = gr.Markdown(elem_id="result-info")
+                job = gr.State(None)  # id of this page's current job, for Cancel
+            with gr.Tab("History", id="history", elem_id="tab-history"):
+                with gr.Row():
+                    search = gr.Textbox(
+                        label="Search prompts", placeholder="circle", scale=3, elem_id="search"
+                    )
+                    refresh = gr.Button("Refresh", scale=1, elem_id="refresh")
+                history_count = gr.Markdown(elem_id="history-count")
+                history = gr.Gallery(
+                    label="History (newest first)",
+                    columns=4,
+                    fit_columns=False,
+                    height=420,
+                    object_fit="contain",
+                    allow_preview=False,
+                    elem_id="history",
+                )
+                history_ids = gr.State([])
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=3, min_width=300):
+                        picked_info = gr.Markdown(
+                            "Click an image, or drop a PNG below, to see its parameters.",
+                            elem_id="picked-info",
+                        )
+                        reuse = gr.Button("Reuse", interactive=False, elem_id="reuse")
+                    with gr.Column(scale=2, min_width=300):
+                        png = gr.File(
+                            label="Drop a PNG to read its parameters",
+                            file_types=[".png"],
+                            type="binary",
+                            elem_id="png-info",
+                        )
+                picked = gr.State(None)  # parameters of the clicked or dropped image
+
+        form_fields = [size, steps, guidance, scheduler, count, note, generate]
+        model.input(ui.on_model, model, form_fields, api_visibility="private")
+        generate.click(
+            ui.generate,
+            [prompt, negative, model, size, steps, guidance, scheduler, seed, random_seed, count],
+            [gallery, seed, result_info, progress, preview, job],
+            api_name="generate",
+            concurrency_limit=None,  # every page waits on the Easel queue, not on Gradio's
+            show_progress="hidden",
+        )
+        cancel.click(ui.cancel, job, None, api_visibility="private", queue=False)
+
+        history_outputs = [history, history_ids, history_count]
+        search.submit(ui.history, search, history_outputs, api_visibility="private")
+        refresh.click(ui.history, search, history_outputs, api_visibility="private")
+        tabs.select(ui.history, search, history_outputs, api_visibility="private")
+        history.select(ui.pick, history_ids, [picked_info, picked, reuse], api_visibility="private")
+        png.upload(ui.read_png, png, [picked_info, picked, reuse], api_visibility="private")
+        reuse.click(
+            ui.reuse,
+            picked,
+            [prompt, negative, model, seed, random_seed, count, *form_fields, tabs],
+            api_visibility="private",
+        )
+        demo.load(ui.history, search, history_outputs, api_visibility="private")
+    return demo
+
+
+def mount_ui(app: FastAPI, services: Services, path: str = "/") -> FastAPI:
+    """Mount the page on ``app`` at ``path``; call it after the API's routes are added."""
+    images_dir = services.settings.images_dir.resolve()
+    images_dir.mkdir(parents=True, exist_ok=True)
+    return gr.mount_gradio_app(
+        app,
+        build_ui(services),
+        path=path,
+        allowed_paths=[str(images_dir)],  # result and history galleries show the stored PNGs
+        footer_links=["api"],
+        run_history=False,  # Easel's History tab is the record; keep nothing in the browser
+        css=CSS,
+    )
+
+
+class _Handlers:
+    """The page's event handlers; each calls ``services`` and returns values for components."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    # --- models ---------------------------------------------------------------------------------
+
+    def models(self) -> list[ModelInfo]:
+        """Catalog models, plus the default model when it is a path outside the catalog."""
+        infos = self.services.list_models()
+        default = self.services.settings.default_model
+        if all(info.record.id != default for info in infos):
+            with contextlib.suppress(EaselError):
+                infos.insert(0, self.services.model_info(default))
+        return infos
+
+    def form(self, model_id: str) -> ModelForm:
+        for info in self.models():
+            if info.record.id == model_id:
+                return model_form(info)
+        return model_form(self.services.model_info(model_id))
+
+    def on_model(self, model_id: str) -> tuple[Any, ...]:
+        """The picked model's size presets, slider ranges and defaults."""
+        return _form_updates(self.form(model_id))
+
+    # --- generate -------------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        model: str | None = None,
+        size: str | None = None,
+        steps: float | None = None,
+        guidance: float | None = None,
+        scheduler: str | None = None,
+        seed: float | None = None,
+        random_seed: bool = True,
+        count: float = 1,
+    ) -> AsyncIterator[tuple[Any, ...]]:
+        """Submit a job and follow it: yields (gallery, seed, info, status, preview, job id).
+
+        The last update is complete (no skipped outputs): it is what API clients receive.
+        """
+        # 1. check the request and queue it (a bad field is an error naming it)
+        try:
+            width, height = parse_size(size) if size else (None, None)
+            params = GenerationParams(
+                prompt=prompt,
+                model=model or None,
+                negative_prompt=negative_prompt or "",
+                num_inference_steps=_int(steps),
+                guidance_scale=guidance,
+                width=width,
+                height=height,
+                seed=None if random_seed else _int(seed),
+                num_images=_int(count) or 1,
+                scheduler=scheduler or None,
+            )
+            job = await asyncio.to_thread(self.services.submit_job, params, owner=OWNER)
+        except EaselError as exc:
+            raise gr.Error(exc.message, title="Cannot generate") from None
+        # 2. show the seed it will use and where it waits
+        waiting = await self._queued_html(job.id)
+        yield [], job.params.seed, "", waiting, None, job.id
+        # 3. follow its events until it ends
+        skip = gr.skip()
+        waiting = True  # until "started"; a drained server puts the job back ("requeued")
+        async for event in self._follow(job.id):
+            if event is not None and event.type in ("started", "requeued"):
+                waiting = event.type == "requeued"
+            if event is None or event.type in ("queued", "requeued"):
+                if waiting:
+                    yield skip, skip, skip, await self._queued_html(job.id), skip, skip
+            elif event.type == "started":
+                yield skip, skip, skip, status.running_html(0, job.total_steps, None), skip, skip
+            elif event.type == "progress":
+                eta = await asyncio.to_thread(self.services.job_eta, job.id)
+                html = status.running_html(event.data["step"], event.data["total"], eta)
+                shown = _data_url_image(event.data["preview"]) if "preview" in event.data else skip
+                yield skip, skip, skip, html, shown, skip
+            elif event.type == "canceled":
+                yield [], job.params.seed, "", status.canceled_html(), None, None
+            elif event.type == "failed":
+                yield [], job.params.seed, "", status.failed_html(event.data["error"]), None, None
+                raise gr.Error(event.data["error"], title="Generation failed")
+            elif event.type == "succeeded":
+                # 4. show the stored images with their parameters
+                done = await asyncio.to_thread(self.services.get_job, job.id)
+                items, info = await asyncio.to_thread(self._results, done)
+                html = status.done_html(len(items), event.data.get("seconds"))
+                yield items, job.params.seed, info, html, None, None
+
+    def cancel(self, job_id: str | None) -> None:
+        """Cancel this page's job: a queued one never starts, a running one stops at its next
+        step; the generate handler shows the outcome when the job's event arrives."""
+        if job_id:
+            self.services.cancel_job(job_id)
+
+    async def _follow(self, job_id: str) -> AsyncIterator[JobEvent | None]:
+        """The job's events until its final one, and None after each quiet ``REFRESH_S``."""
+        events = self.services.subscribe(job_id)
+        pending = asyncio.ensure_future(anext(events))
+        try:
+            while True:
+                done, _ = await asyncio.wait({pending}, timeout=REFRESH_S)
+                if not done:
+                    yield None
+                    continue
+                try:
+                    event = pending.result()
+                except StopAsyncIteration:
+                    return
+                yield event
+                if event.final:
+                    return
+                pending = asyncio.ensure_future(anext(events))
+        finally:
+            # the page went away or the job ended: stop the subscription cleanly
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await pending
+            await events.aclose()  # type: ignore[attr-defined]
+
+    async def _queued_html(self, job_id: str) -> str:
+        position = await asyncio.to_thread(self.services.job_position, job_id)
+        eta = await asyncio.to_thread(self.services.job_eta, job_id)
+        return status.queued_html(position, eta)
+
+    def _results(self, job: JobRecord) -> tuple[list[tuple[str, str]], str]:
+        """Gallery items (stored PNG, caption) and the parameters of the first image."""
+        items = [(str(self.services.image_path(i.id)), f"seed {i.seed}") for i in job.images]
+        if not job.images:
+            return items, ""
+        info = self.services.read_image_info(self.services.image_bytes(job.images[0].id))
+        seeds = ", ".join(str(i.seed) for i in job.images)
+        return items, f"**Seeds:** {seeds}\n\n```text\n{info['parameters']}\n```"
+
+    # --- history --------------------------------------------------------------------------------
+
+    def history(self, query: str | None) -> tuple[list[tuple[str, str]], list[str], str]:
+        """Stored images newest first (optionally only prompts containing ``query``)."""
+        records = self.services.list_images(query or None, limit=HISTORY_LIMIT)
+        items, ids = [], []
+        for record in records:
+            with contextlib.suppress(EaselError):  # a file deleted by hand: leave it out
+                items.append((str(self.services.image_path(record.id)), _caption(record.prompt)))
+                ids.append(record.id)
+        found = f"{len(ids)} image{'s' if len(ids) != 1 else ''}"
+        if query:
+            found += f" matching “{query}”"
+        return items, ids, found
+
+    def pick(self, ids: list[str], evt: gr.SelectData) -> tuple[str, dict | None, Any]:
+        """Parameters of the clicked History image."""
+        return self._describe(self.services.image_bytes(ids[evt.index]))
+
+    def read_png(self, data: bytes | None) -> tuple[str, dict | None, Any]:
+        """Parameters stored in a dropped PNG (A1111 ``parameters`` and Easel's exact JSON)."""
+        if not data:
+            return "", None, gr.update(interactive=False)
+        return self._describe(data)
+
+    def _describe(self, png: bytes) -> tuple[str, dict | None, Any]:
+        try:
+            info = self.services.read_image_info(png)
+        except EaselError as exc:
+            return f"**Cannot read this file:** {exc.message}", None, gr.update(interactive=False)
+        text = info.get("parameters")
+        params = info.get("easel")
+        if text is None and params is None:
+            message = "This image carries no generation parameters."
+            return message, None, gr.update(interactive=False)
+        shown = f"```text\n{text}\n```" if text else ""
+        if params is None:
+            shown += "\n\nOnly the A1111 text is present; Reuse needs Easel's parameters."
+        return shown, params, gr.update(interactive=params is not None)
+
+    def reuse(self, params: dict | None) -> tuple[Any, ...]:
+        """Fill the Generate form with an image's parameters (its own seed, fixed) and open it."""
+        if not params:
+            raise gr.Error("Pick an image first.")
+        model = params.get("model") or self.services.settings.default_model
+        form = self.form(model)
+        size = format_size(int(params["width"]), int(params["height"]))
+        preset = next((s for s in form.sizes if s.split()[0] == size.split()[0]), None)
+        sizes = form.sizes if preset else [size, *form.sizes]
+        return (
+            params.get("prompt", ""),
+            params.get("negative_prompt", ""),
+            model,
+            params.get("seed"),
+            False,
+            1,
+            gr.update(choices=sizes, value=preset or size),
+            gr.update(maximum=form.max_steps, value=params.get("num_inference_steps")),
+            gr.update(
+                minimum=form.guidance_range[0],
+                maximum=form.guidance_range[1],
+                value=params.get("guidance_scale"),
+            ),
+            gr.update(choices=list(form.schedulers), value=params.get("scheduler")),
+            gr.update(maximum=form.max_images, value=1),
+            form.note,
+            gr.update(interactive=form.available),
+            gr.Tabs(selected="generate"),
+        )
+
+
+def _form_updates(form: ModelForm) -> tuple[Any, ...]:
+    """Updates for (size, steps, guidance, scheduler, count, note, generate) from a model's form."""
+    return (
+        gr.update(choices=form.sizes, value=form.size),
+        gr.update(maximum=form.max_steps, value=form.steps),
+        gr.update(
+            minimum=form.guidance_range[0], maximum=form.guidance_range[1], value=form.guidance
+        ),
+        gr.update(choices=list(form.schedulers), value=form.scheduler),
+        gr.update(maximum=form.max_images, value=1),
+        form.note,
+        gr.update(interactive=form.available),
+    )
+
+
+def _data_url_image(url: str) -> Image.Image:
+    """A preview sent as ``data:image/jpeg;base64,...`` in a progress event."""
+    return Image.open(io.BytesIO(base64.b64decode(url.partition(",")[2])))
+
+
+def _caption(prompt: str, limit: int = 60) -> str:
+    return prompt if len(prompt) <= limit else prompt[: limit - 1] + "…"
+
+
+def _int(value: float | None) -> int | None:
+    return None if value is None else int(value)

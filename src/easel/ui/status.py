@@ -1,0 +1,58 @@
+"""The status line above the results: queue position and ETA, then a progress bar, then the end.
+
+Pure functions returning small HTML snippets (ids and classes are what the browser tests read).
+"""
+
+from __future__ import annotations
+
+import html
+
+
+def queued_html(position: int | None, eta_seconds: float | None) -> str:
+    """While the job waits: where it is in the queue and roughly when it will be done."""
+    where = f"position {position} in the queue" if position else "about to start"
+    return _line("queued", f"Queued: {where} · {_eta(eta_seconds)}")
+
+
+def running_html(step: int, total: int, eta_seconds: float | None) -> str:
+    """While the job runs: step count, a progress bar and the refined ETA."""
+    percent = round(100 * step / total) if total else 0
+    text = f"Running: step {step} of {total} · {_eta(eta_seconds)}"
+    bar = (
+        f'<progress id="easel-progress" value="{step}" max="{max(total, 1)}" '
+        f'aria-label="generation progress">{percent}%</progress>'
+    )
+    return _line("running", text, bar)
+
+
+def done_html(count: int, seconds: float | None) -> str:
+    took = f" in {seconds:.1f} s" if seconds is not None else ""
+    noun = "image" if count == 1 else "images"
+    return _line("succeeded", f"Done: {count} {noun}{took}")
+
+
+def failed_html(error: str) -> str:
+    return _line("failed", f"Failed: {error}")
+
+
+def canceled_html() -> str:
+    return _line("canceled", "Canceled")
+
+
+def idle_html() -> str:
+    return _line("idle", "Ready")
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "ETA unknown until a first job of this size has run"
+    if seconds < 60:
+        return f"ETA ~{max(seconds, 0.0):.0f} s"
+    return f"ETA ~{seconds / 60:.0f} min"
+
+
+def _line(state: str, text: str, extra: str = "") -> str:
+    return (
+        f'<div class="easel-status" data-state="{state}">'
+        f'<span class="easel-status-text">{html.escape(text)}</span>{extra}</div>'
+    )

@@ -1,0 +1,163 @@
+"""Browser-test harness: the real server in a subprocess on a free loopback port, and headless
+Chromium (the Debian package) driven by Playwright.
+
+The server runs ``python -m easel.api.server`` with its own EASEL_HOME, where a tiny
+StableDiffusionPipeline is registered as ``tiny-sd`` (64×64, 4 steps) and made the default model.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from easel.config import Settings
+from easel.models.catalog import ModelCatalog
+
+CHROMIUM = "/usr/bin/chromium"
+# the flags that work on the build machines (see the project's machine notes)
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "artifacts" / "ui"
+START_TIMEOUT_S = 90
+MODEL_ID = "tiny-sd"
+
+
+class ServerProcess:
+    """``python -m easel.api.server`` on a free loopback port; ``restart()`` keeps EASEL_HOME."""
+
+    def __init__(self, home: Path, log_path: Path) -> None:
+        self.home = home
+        self.log_path = log_path
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.port = _free_port()
+        env = {
+            **os.environ,
+            "EASEL_HOME": str(self.home),
+            "EASEL_DEFAULT_MODEL": MODEL_ID,
+            "EASEL_PORT": str(self.port),
+            "EASEL_HOST": "127.0.0.1",
+            "GRADIO_ANALYTICS_ENABLED": "False",
+            "HF_HUB_OFFLINE": "1",
+        }
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "easel.api.server"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
+        self._wait_ready()
+
+    def stop(self) -> None:
+        """SIGTERM (the server drains), then wait for it to exit."""
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def api(self) -> httpx.Client:
+        return httpx.Client(base_url=f"{self.url}/api/v1", timeout=30)
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited early; log:\n{self.log_path.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(
+            f"server not ready in {START_TIMEOUT_S} s; log:\n{self.log_path.read_text()}"
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def ui_server(
+    tiny_sd_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """The real server with the tiny SD model as the default, shared by the UI tests."""
+    home = tmp_path_factory.mktemp("ui-home")
+    ModelCatalog(Settings(home=home)).add(
+        MODEL_ID,
+        str(tiny_sd_path),
+        description="tiny random test model",
+        defaults={"width": 64, "height": 64, "num_inference_steps": 4, "min_size": 32,
+                  "max_size": 256},
+    )  # fmt: skip
+    server = ServerProcess(home, home / "server.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    """Headless Chromium from the Debian package (Playwright cannot download one here)."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} missing: apt-get install -y chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, ui_server: ServerProcess):  # type: ignore[no-untyped-def]
+    """A fresh desktop-size tab on the page, fully loaded."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    tab = context.new_page()
+    tab.goto(ui_server.url + "/")
+    tab.locator("#prompt textarea").wait_for()
+    yield tab
+    context.close()
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    """Where screenshots go (gitignored); kept after the run."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS

@@ -1,0 +1,156 @@
+"""The page in a real browser against the real server: generate, watch, cancel, find it again.
+
+Tests run in file order and share one server (the restart test comes last).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from tests.ui.conftest import ROOT, ServerProcess
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+SCREENSHOT = ROOT / "docs" / "img" / "generate.png"
+
+# Every text the status line shows, in order (a MutationObserver misses no quick change).
+RECORD_STATUSES = """() => {
+  window.easelStatuses = [];
+  const record = () => {
+    const el = document.querySelector('#status .easel-status-text');
+    const text = el ? el.textContent : null;
+    if (text && window.easelStatuses.at(-1) !== text) window.easelStatuses.push(text);
+  };
+  new MutationObserver(record).observe(document.body,
+    {subtree: true, childList: true, characterData: true});
+  record();
+}"""
+
+
+def status(page: Page):  # type: ignore[no-untyped-def]
+    return page.locator("#status .easel-status-text")
+
+
+def set_steps(page: Page, steps: int) -> None:
+    box = page.locator("#steps input[type=number]")
+    box.fill(str(steps))
+    box.press("Enter")
+
+
+def test_generate_shows_queue_position_progress_and_the_image(
+    page: Page, ui_server: ServerProcess, artifacts: Path
+) -> None:
+    page.evaluate(RECORD_STATUSES)
+    with ui_server.api() as api:
+        # a long job ahead of ours, so ours waits in the queue first
+        blocker = api.post("/jobs", json={"prompt": "blocker", "num_inference_steps": 150})
+        assert blocker.status_code == 202, blocker.text
+        page.locator("#prompt textarea").fill("a blue square")
+        page.locator("#generate").click()
+        expect(status(page)).to_contain_text(re.compile(r"Queued: position \d in the queue"))
+        page.screenshot(path=artifacts / "generate-queued.png")
+        api.delete(f"/jobs/{blocker.json()['id']}")
+        expect(status(page)).to_contain_text("Done: 1 image", timeout=30_000)
+
+    result = page.locator("#result img").first
+    expect(result).to_be_visible()
+    statuses = page.evaluate("window.easelStatuses")
+    assert any(s.startswith("Queued: position") for s in statuses), statuses
+    assert any(re.match(r"Running: step [1-4] of 4", s) for s in statuses), statuses
+    assert statuses[-1].startswith("Done: 1 image"), statuses
+    info = page.locator("#result-info")
+    expect(info).to_contain_text("Steps: 4")
+    expect(info).to_contain_text("Size: 64x64")
+    # the random seed that was used is reported in the seed field and in the parameters
+    seed = page.locator("#seed input").input_value()
+    expect(info).to_contain_text(f"Seed: {seed}")
+
+    page.screenshot(path=artifacts / "generate.png")
+    if os.environ.get("EASEL_UPDATE_SCREENSHOTS") == "1" or not SCREENSHOT.exists():
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(artifacts / "generate.png", SCREENSHOT)
+
+
+def test_cancel_stops_the_running_job(
+    page: Page, ui_server: ServerProcess, artifacts: Path
+) -> None:
+    set_steps(page, 150)
+    page.locator("#prompt textarea").fill("a job to cancel")
+    page.locator("#generate").click()
+    expect(status(page)).to_contain_text("Running: step", timeout=20_000)
+    page.locator("#cancel").click()
+    expect(status(page)).to_have_text("Canceled", timeout=15_000)
+    page.screenshot(path=artifacts / "canceled.png")
+    with ui_server.api() as api:
+        (job,) = api.get("/jobs", params={"limit": 1}).json()
+    assert job["params"]["prompt"] == "a job to cancel"
+    assert job["status"] == "canceled"
+    assert job["progress"]["step"] < 150
+
+
+def test_bad_input_names_the_field(page: Page) -> None:
+    page.locator("#size input").fill("100x64")
+    page.locator("#size input").press("Enter")
+    page.locator("#prompt textarea").fill("a blue square")
+    page.locator("#generate").click()
+    expect(page.get_by_text(re.compile(r"width must be a multiple of 8"))).to_be_visible()
+
+
+def test_missing_model_shows_the_pull_command(page: Page) -> None:
+    page.locator("#model input").click()
+    page.get_by_role("option", name="sd-turbo (not downloaded)").click()
+    expect(page.locator("#model-note")).to_contain_text("easel models pull sd-turbo")
+    expect(page.locator("#generate")).to_be_disabled()
+    # the size presets follow the model: SD-Turbo's 512 px family, not the tiny model's 64 px
+    expect(page.locator("#size input")).to_have_value("512×512 (1:1)")
+    page.locator("#model input").click()
+    page.get_by_role("option", name="tiny-sd", exact=True).click()
+    expect(page.locator("#generate")).to_be_enabled()
+    expect(page.locator("#size input")).to_have_value("64×64 (1:1)")
+
+
+def test_phone_width_does_not_break(browser, ui_server: ServerProcess, artifacts: Path) -> None:  # type: ignore[no-untyped-def]
+    context = browser.new_context(viewport={"width": 400, "height": 860})
+    page = context.new_page()
+    page.goto(ui_server.url + "/")
+    page.locator("#prompt textarea").wait_for()
+    overflow = page.evaluate("document.documentElement.scrollWidth")
+    page.screenshot(path=artifacts / "phone.png", full_page=True)
+    for selector in ("#prompt", "#generate", "#cancel", "#status", "#result"):
+        box = page.locator(selector).bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 400, selector
+    context.close()
+    assert overflow <= 400
+
+
+def test_history_survives_a_restart(page: Page, ui_server: ServerProcess, artifacts: Path) -> None:
+    ui_server.restart()
+    page.goto(ui_server.url + "/")
+    page.locator("#tab-history-button").click()
+    expect(page.locator("#history-count")).to_contain_text("image")
+    expect(page.locator("#history img").first).to_be_visible()
+
+    # search by prompt keeps only the matching images
+    page.locator("#search textarea, #search input").first.fill("blue square")
+    page.locator("#search textarea, #search input").first.press("Enter")
+    expect(page.locator("#history-count")).to_contain_text("1 image matching")
+
+    # click: its parameters; Reuse: back in the Generate form with them
+    page.locator("#history img").first.click()
+    expect(page.locator("#picked-info")).to_contain_text("Steps: 4")
+    page.screenshot(path=artifacts / "history.png")
+    page.locator("#reuse").click()
+    expect(page.locator("#prompt textarea")).to_have_value("a blue square")
+    expect(page.locator("#random-seed input")).not_to_be_checked()
+
+    # a dropped PNG shows the parameters it carries
+    stored = next((ui_server.home / "images").rglob("*.png"))
+    page.locator("#tab-history-button").click()
+    page.locator("#png-info input[type=file]").set_input_files(str(stored))
+    expect(page.locator("#picked-info")).to_contain_text("Sampler:")
