@@ -11,14 +11,18 @@ from fastapi.testclient import TestClient
 from easel.services import Services
 
 
-def wait_final(client: TestClient, job_id: str, timeout: float = 10.0) -> dict:
+def wait_for(client: TestClient, job_id: str, until, timeout: float = 10.0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(f"/api/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "canceled"):
+        if until(job):
             return job
-        time.sleep(0.02)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting on job {job_id}: {job}")
+
+
+def wait_final(client: TestClient, job_id: str) -> dict:
+    return wait_for(client, job_id, lambda j: j["status"] in ("succeeded", "failed", "canceled"))
 
 
 def rows(services: Services) -> int:
@@ -89,11 +93,10 @@ def test_cancel_queued_and_running(client: TestClient, app_services: Services) -
     slow = {"prompt": "slow", "num_inference_steps": 150}
     running = client.post("/api/v1/jobs", json=slow).json()
     waiting = client.post("/api/v1/jobs", json=slow).json()
+    wait_for(client, running["id"], lambda j: j["progress"]["step"] >= 2)
     assert client.get(f"/api/v1/jobs/{waiting['id']}").json()["position"] == 1
     canceled = client.delete(f"/api/v1/jobs/{waiting['id']}").json()
     assert canceled["status"] == "canceled" and canceled["position"] is None
-    while client.get(f"/api/v1/jobs/{running['id']}").json()["progress"]["step"] < 2:
-        time.sleep(0.01)
     client.delete(f"/api/v1/jobs/{running['id']}")
     stopped = wait_final(client, running["id"])
     assert stopped["status"] == "canceled" and stopped["progress"]["step"] < 150
@@ -103,7 +106,8 @@ def test_cancel_queued_and_running(client: TestClient, app_services: Services) -
 
 
 def test_priority_reorders_waiting_jobs(client: TestClient) -> None:
-    blocker = client.post("/api/v1/jobs", json={"prompt": "b", "num_inference_steps": 100}).json()
+    blocker = client.post("/api/v1/jobs", json={"prompt": "b", "num_inference_steps": 150}).json()
+    wait_for(client, blocker["id"], lambda j: j["status"] == "running")
     low = client.post("/api/v1/jobs", json={"prompt": "low"}).json()
     high = client.post("/api/v1/jobs", json={"prompt": "high", "priority": 10}).json()
     assert client.get(f"/api/v1/jobs/{high['id']}").json()["position"] == 1
