@@ -92,7 +92,6 @@ class Engine:
         with self._lock(record.id):
             loaded = self.models.get_pipeline(record.id, params.task)
             pipe: Any = loaded.pipeline  # a concrete pipeline class: callable, family-specific
-            pipe.set_progress_bar_config(disable=True)
 
             # 3. count prompt tokens the text encoder will not see
             dropped_tokens = count_dropped_tokens(pipe, family.name, params.prompt)
@@ -105,11 +104,11 @@ class Engine:
             # 5. denoise and decode each image with its own seed
             images = []
             for index in range(params.num_images):
+                if is_canceled is not None and is_canceled():
+                    raise Canceled()
                 callback = _StepCallback(
                     family, params, index, self.settings.preview_every, on_progress, is_canceled
                 )
-                if is_canceled is not None and is_canceled():
-                    raise Canceled()
                 output = pipe(
                     **pipeline_args(params),
                     generator=torch.Generator("cpu").manual_seed(params.seed + index),
