@@ -180,6 +180,16 @@ def test_bad_generate_input_is_one_line_and_exit_2(
     assert out == "" and not list(tmp_path.glob("*.png"))
 
 
+def test_unwritable_output_is_a_one_line_error(
+    easel_home: Path, tiny_sd_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    argv = ["generate", "a cat", "-m", str(tiny_sd_path), "--steps", "1", "--size", "64x64"]
+    code, _, err = _run([*argv, "-o", str(blocker / "out")], capsys)
+    assert code == 2 and err.startswith(f"error: cannot write {blocker}") and err.count("\n") == 1
+
+
 def test_empty_prompt_names_the_field(
     easel_home: Path, tiny_sd_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

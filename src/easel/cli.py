@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.func(args) or 0
     except EaselError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        print("error: " + " ".join(exc.message.splitlines()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -127,10 +127,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         {**params.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
     )
 
-    # 2. check the model is here before loading torch (the default model gets advice)
+    # 2. check the model and the output folder before loading anything
     settings = Settings()
     catalog = ModelCatalog(settings)
     _check_default_model(catalog, settings, params)
+    _make_output_folder(args.output)
     engine = Engine(_model_manager(settings, catalog), settings)
 
     # 3. generate with a progress bar
@@ -156,8 +157,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     # 4. write the PNGs with their parameters and print where they are
     for index, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
-        path = _output_path(args.output, seed, multiple=len(result.images) > 1)
-        path.write_bytes(to_png_bytes(image, result.params, index=index))
+        try:
+            path = _output_path(args.output, seed, multiple=len(result.images) > 1)
+            path.write_bytes(to_png_bytes(image, result.params, index=index))
+        except OSError as exc:
+            raise EaselError(
+                f"cannot write {exc.filename}: {exc.strerror}", field="output"
+            ) from exc
         print(path)
 
 
@@ -192,13 +198,20 @@ def _check_default_model(
         )
 
 
+def _make_output_folder(output: Path | None) -> None:
+    """Create the folder the images go to, before any work, so a bad ``-o`` fails first."""
+    folder = output.parent if output and output.suffix.lower() == ".png" else output or Path(".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EaselError(f"cannot write {exc.filename}: {exc.strerror}", field="output") from exc
+
+
 def _output_path(output: Path | None, seed: int, *, multiple: bool) -> Path:
     """``-o x.png`` names the file (``x-SEED.png`` for several); a folder gets ``easel-SEED.png``."""
     if output is not None and output.suffix.lower() == ".png":
-        output.parent.mkdir(parents=True, exist_ok=True)
         return output.with_name(f"{output.stem}-{seed}.png") if multiple else output
     folder = output or Path(".")
-    folder.mkdir(parents=True, exist_ok=True)
     path, copy = folder / f"easel-{seed}.png", 1
     while path.exists():  # never overwrite an earlier run's image
         path, copy = folder / f"easel-{seed}-{copy}.png", copy + 1
