@@ -17,7 +17,7 @@ from PIL import Image
 
 from easel.config import Settings
 from easel.domain import Canceled, GenerationParams, InvalidParams, Progress
-from easel.engine.generate import Engine
+from easel.engine.generate import Engine, count_dropped_tokens
 from easel.models.catalog import ModelCatalog
 from easel.models.families import EPS_SCHEDULERS
 from easel.models.loader import ModelManager
@@ -155,6 +155,17 @@ def test_dropped_tokens_are_counted_with_the_encoder_that_matters(
     flux = dict(guidance_scale=0.0, num_inference_steps=1)
     assert engine.generate(_params(tiny_flux_path, prompt=long_prompt, **flux)).dropped_tokens == 0
     assert engine.generate(_params(tiny_flux_path, prompt="a" * 600, **flux)).dropped_tokens > 0
+
+
+def test_z_image_counts_tokens_of_the_chat_templated_prompt(
+    engine: Engine, tiny_zimage_path: Path
+) -> None:
+    pipe = engine.models.get_pipeline(str(tiny_zimage_path)).pipeline
+    # byte-level tokens: one per "a"; the chat template adds its own tokens on top of the 600
+    dropped = count_dropped_tokens(pipe, "z-image", "a" * 600)
+    assert dropped > 600 - 512
+    assert count_dropped_tokens(pipe, "z-image", "a" * 610) == dropped + 10
+    assert count_dropped_tokens(pipe, "z-image", "a" * 400) == 0
 
 
 def test_every_scheduler_name_runs_and_none_leaks_into_the_next(
