@@ -383,8 +383,9 @@ def _pct(value: float) -> str:
     return "—" if value != value else f"{100 * value:.1f}%"  # nan -> dash
 
 
-def format_markdown(report: EvalReport) -> str:
-    """The report as Markdown tables (generated vs the analyser on real renders)."""
+def format_markdown(report: EvalReport, *, list_wrong: bool = True) -> str:
+    """The report as Markdown tables (generated vs the analyser on real renders), then the
+    prompts whose image was not all right (unless ``list_wrong`` is false)."""
     gen, real = report.generated, report.real
     lines = [
         f"# Evaluation of `{report.model}`",
@@ -422,31 +423,29 @@ def format_markdown(report: EvalReport) -> str:
         "",
         f"Fréchet distance on the analyser's features, generated vs real: "
         f"{report.frechet_distance:.4f} (real vs real: {report.frechet_floor:.4f}).",
-        "",
-        "## Wrong images",
-        "",
     ]
-    wrong = [j for j in report.judgements if not j.all_right]
-    lines += [f"- `{j.prompt}` — saw: {j.seen}" for j in wrong] or ["(none)"]
+    if list_wrong:
+        wrong = [j for j in report.judgements if not j.all_right]
+        lines += ["", "## Wrong images", ""]
+        lines += [f"- `{j.prompt}` — saw: {j.seen}" for j in wrong] or ["(none)"]
     return "\n".join(lines) + "\n"
 
 
 def marked_grid(images: list[Image.Image], right: list[bool], columns: int = 8) -> Image.Image:
-    """Images scaled 2x, each framed green with a tick when all right, red with a cross if not."""
+    """Images scaled 2x, each framed green with a tick above it when all right, red with a cross
+    if not (the mark sits in a strip of its own, so it hides no pixel)."""
     tiles = []
     for image, ok in zip(images, right, strict=True):
         scaled = image.resize((image.width * 2, image.height * 2), Image.Resampling.NEAREST)
-        tile = Image.new("RGB", (scaled.width + 8, scaled.height + 8), (0, 0, 0))
-        colour = (40, 180, 60) if ok else (220, 40, 40)
+        colour = (40, 160, 60) if ok else (210, 40, 40)
+        tile = Image.new("RGB", (scaled.width + 8, scaled.height + 24), colour)
+        tile.paste(scaled, (4, 20))
         draw = ImageDraw.Draw(tile)
-        draw.rectangle([0, 0, tile.width - 1, tile.height - 1], outline=colour, width=4)
-        tile.paste(scaled, (4, 4))
-        draw.rectangle([tile.width - 20, 4, tile.width - 5, 19], fill=colour)
-        x, y = tile.width - 20, 4
+        x, y = tile.width // 2 - 6, 3
         if ok:
-            draw.line([(x + 3, y + 8), (x + 6, y + 12), (x + 12, y + 3)], fill="white", width=2)
+            draw.line([(x, y + 7), (x + 4, y + 12), (x + 12, y + 1)], fill="white", width=3)
         else:
-            draw.line([(x + 3, y + 3), (x + 12, y + 12)], fill="white", width=2)
-            draw.line([(x + 3, y + 12), (x + 12, y + 3)], fill="white", width=2)
+            draw.line([(x + 1, y + 1), (x + 11, y + 11)], fill="white", width=3)
+            draw.line([(x + 1, y + 11), (x + 11, y + 1)], fill="white", width=3)
         tiles.append(tile)
     return image_grid(tiles, columns=min(columns, len(tiles)))
