@@ -11,8 +11,10 @@ ModelNotAvailable naming ``easel models pull ID`` instead of trying the network.
 
 from __future__ import annotations
 
+import ctypes
 import gc
-import os
+import platform
+import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -27,7 +29,14 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from easel.config import Settings
 from easel.domain import EaselError, InvalidParams, ModelNotAvailable, ModelRecord
 from easel.models.catalog import ModelCatalog, cached_snapshot, hub_cache_dir, is_hub_id
+from easel.models.download import pull
 from easel.models.families import Family, get_family
+
+_LIBC = (
+    ctypes.CDLL("libc.so.6")
+    if sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+    else None
+)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -205,43 +214,8 @@ class ModelManager:
             _free_memory()
 
     def pull(self, model_id: str, *, progress: bool = True) -> Path:
-        """Download a catalog model (or any hub id) into the Hugging Face cache; returns its folder.
-
-        Shows tqdm progress bars unless ``progress`` is False. Fails fast with ModelNotAvailable
-        when offline (HF_HUB_OFFLINE=1 or no network).
-        """
-        from huggingface_hub import constants
-        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
-
-        try:
-            repo_id = self.catalog.get(model_id).source
-        except EaselError:
-            if not is_hub_id(model_id):
-                raise
-            repo_id = model_id
-        if not is_hub_id(repo_id):
-            raise EaselError(
-                f"model {model_id} is a local model at {repo_id}; nothing to download",
-                field="model",
-            )
-        if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
-            raise ModelNotAvailable(
-                f"cannot download {repo_id}: offline mode (HF_HUB_OFFLINE is set); run "
-                "`easel models pull` on a machine with network and copy its Hugging Face cache",
-                field="model",
-            )
-        if not progress:
-            disable_progress_bars()
-        try:
-            # DiffusionPipeline.download fetches only what from_pretrained needs (no .ckpt files)
-            return Path(DiffusionPipeline.download(repo_id, cache_dir=hub_cache_dir()))
-        except Exception as exc:  # network, auth and missing-repo errors all end the same way
-            text = str(exc).strip()
-            reason = text.splitlines()[0] if text else type(exc).__name__
-            raise ModelNotAvailable(f"cannot download {repo_id}: {reason}", field="model") from exc
-        finally:
-            if not progress:
-                enable_progress_bars()
+        """Download ``model_id`` into the Hugging Face cache (see ``download.pull``)."""
+        return pull(self.catalog, model_id, progress=progress)
 
     # --- internals ------------------------------------------------------------------------------
 
@@ -342,3 +316,7 @@ def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    # glibc keeps freed heap pages (tensors below its adaptive mmap threshold) for reuse;
+    # hand them back so an unloaded model really leaves the process
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
