@@ -37,9 +37,9 @@ from easel.domain import (
     Progress,
     ProgressCallback,
 )
-from easel.engine.preview import latents_to_preview, unpack_tokens
+from easel.engine.preview import latents_to_preview, rgb_factors, unpack_tokens
 from easel.engine.schedulers import make_scheduler
-from easel.models.families import Family, get_family
+from easel.models.families import get_family
 from easel.models.loader import LoadedModel, ModelManager
 from easel.models.params import resolve_params
 
@@ -102,12 +102,13 @@ class Engine:
             )
 
             # 5. denoise and decode each image with its own seed
+            factors = rgb_factors(pipe.vae.config)
             images = []
             for index in range(params.num_images):
                 if is_canceled is not None and is_canceled():
                     raise Canceled()
                 callback = _StepCallback(
-                    family, params, index, self.settings.preview_every, on_progress, is_canceled
+                    factors, params, index, self.settings.preview_every, on_progress, is_canceled
                 )
                 output = pipe(
                     **pipeline_args(params),
@@ -180,14 +181,14 @@ class _StepCallback:
 
     def __init__(
         self,
-        family: Family,
+        preview_factors: torch.Tensor | None,
         params: GenerationParams,
         index: int,
         preview_every: int,
         on_progress: ProgressCallback | None,
         is_canceled: CancelCheck | None,
     ) -> None:
-        self.family = family
+        self.preview_factors = preview_factors
         self.params = params
         self.index = index
         self.preview_every = preview_every
@@ -221,4 +222,4 @@ class _StepCallback:
             # as FluxPipeline._unpack_latents: latent sides are rounded down to even numbers
             scale = pipe.vae_scale_factor * 2
             latents = unpack_tokens(latents, 2 * (height // scale), 2 * (width // scale))
-        return latents_to_preview(latents, self.family.name, (width, height))
+        return latents_to_preview(latents, self.preview_factors, (width, height))
