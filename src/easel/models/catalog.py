@@ -33,7 +33,16 @@ BUILTINS: tuple[ModelRecord, ...] = (
         family="sd",
         source=str(TINY_SHAPES_DIR),
         description="Bundled 64x64 model of coloured shapes, trained by Easel (CPU friendly)",
-        defaults={"width": 64, "height": 64, "min_size": 32, "max_size": 128},
+        # the sampling settings its training run validates with (training/base_config.py)
+        defaults={
+            "width": 64,
+            "height": 64,
+            "num_inference_steps": 12,
+            "guidance_scale": 4.0,
+            "scheduler": "dpmpp_2m",
+            "min_size": 32,
+            "max_size": 128,
+        },
     ),
     ModelRecord(
         id="z-image-turbo",
