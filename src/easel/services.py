@@ -164,10 +164,9 @@ class Services:
         return self.queue.summary()
 
     def retry_after_s(self) -> int:
-        """Seconds a client should wait after QueueFull: until the next waiting job finishes."""
-        nxt = self.queue.list(status=JobStatus.QUEUED, limit=1)
-        eta = self.job_eta(nxt[0].id) if nxt else None
-        return max(1, min(3600, round(eta))) if eta is not None else 10
+        """Seconds a client should wait after QueueFull: until the running jobs are done."""
+        seconds = self.queue.seconds_until_free(workers=len(self.workers))
+        return max(1, min(3600, round(seconds))) if seconds is not None else 10
 
     def subscribe(self, job_id: str, last_event_id: int = 0) -> AsyncIterator[JobEvent]:
         """Events of a job after ``last_event_id`` (backlog, then live) until its final event.

@@ -49,6 +49,7 @@ class EventBus:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: asyncio.Queue[JobEvent] | None = None
         self._subscribers: dict[str, set[asyncio.Queue[JobEvent]]] = {}
+        self._pump_task: asyncio.Task[None] | None = None  # held: the loop keeps weak refs
         self._attach_lock = threading.Lock()
 
     def publish(self, job_id: str, type: EventType, data: dict[str, Any] | None = None) -> JobEvent:
@@ -116,7 +117,7 @@ class EventBus:
                 return
             self._inbox = asyncio.Queue()
             self._loop = loop
-            loop.create_task(self._pump(self._inbox))
+            self._pump_task = loop.create_task(self._pump(self._inbox))
 
     async def _pump(self, inbox: asyncio.Queue[JobEvent]) -> None:
         while True:

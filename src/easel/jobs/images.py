@@ -21,6 +21,8 @@ class ImageNotFound(EaselError):
 
 
 class ImageStore(Protocol):
+    """The image store's seam (STYLE rule 2): what a worker needs from it."""
+
     def save(
         self,
         *,
@@ -32,8 +34,6 @@ class ImageStore(Protocol):
         height: int,
         prompt: str,
     ) -> ImageRecord: ...
-    def get(self, image_id: str) -> ImageRecord: ...
-    def path(self, image_id: str) -> Path: ...
 
 
 class DiskImageStore:

@@ -47,15 +47,13 @@ class QueueSummary:
 
 
 class JobQueue(Protocol):
-    """The queue's seam (STYLE rule 2): what submitters and workers need from it."""
+    """The queue's seam (STYLE rule 2): what a worker needs from it."""
 
-    def submit(
-        self, params: GenerationParams, *, priority: int = 0, owner: str | None = None
-    ) -> JobRecord: ...
-    def get(self, job_id: str) -> JobRecord: ...
     def claim(self) -> JobRecord | None: ...
+    def set_progress(self, job_id: str, step: int, total: int) -> None: ...
+    def cancel_requested(self, job_id: str) -> bool: ...
     def finish(self, job_id: str, status: JobStatus, error: str | None = None) -> JobRecord: ...
-    def cancel(self, job_id: str) -> JobRecord: ...
+    def record_speed(self, job: JobRecord, device: str, seconds: float) -> None: ...
 
 
 class SqliteJobQueue:
@@ -245,6 +243,11 @@ class SqliteJobQueue:
             (priority, priority, seq),
         )
         return None if ahead is None else ahead / max(workers, 1)
+
+    def seconds_until_free(self, workers: int = 1) -> float | None:
+        """Seconds until the running jobs are done (so waiting ones move up); None if unknown."""
+        running = self._remaining("status = 'running'", ())
+        return None if running is None else running / max(workers, 1)
 
     def _remaining(self, where: str, args: tuple[object, ...]) -> float | None:
         """Summed remaining cost of the jobs matching ``where``; None if any speed is unknown.

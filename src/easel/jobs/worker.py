@@ -30,8 +30,8 @@ from easel.domain import (
 )
 from easel.engine.metadata import to_png_bytes
 from easel.jobs.events import EventBus
-from easel.jobs.images import DiskImageStore
-from easel.jobs.queue import SqliteJobQueue
+from easel.jobs.images import ImageStore
+from easel.jobs.queue import JobQueue
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,8 @@ class Worker:
         name: str,
         device: str,
         *,
-        queue: SqliteJobQueue,
-        images: DiskImageStore,
+        queue: JobQueue,
+        images: ImageStore,
         events: EventBus,
         generator: Generator,
         wakeup: threading.Event | None = None,

@@ -1,0 +1,97 @@
+"""SQLite layer (migrations, transactions, atomic claim across connections) and the event bus."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from easel.domain import GenerationParams
+from easel.jobs.db import MIGRATIONS, Database
+from easel.jobs.events import EventBus
+from easel.jobs.queue import SqliteJobQueue
+from easel.services import Services
+
+
+def params(n: int = 0) -> GenerationParams:
+    return GenerationParams(
+        prompt=f"job {n}", model="m", num_inference_steps=1, width=64, height=64, seed=n
+    )
+
+
+def test_migrations_run_once_and_pragmas_hold(tmp_path: Path) -> None:
+    db = Database(tmp_path / "easel.db")
+    assert db.version == len(MIGRATIONS)
+    db.close()
+    again = Database(tmp_path / "easel.db")  # reopening applies nothing twice
+    assert again.version == len(MIGRATIONS)
+    assert again.query("PRAGMA journal_mode")[0][0] == "wal"
+    assert again.query("PRAGMA foreign_keys")[0][0] == 1
+    with pytest.raises(sqlite3.IntegrityError):  # foreign keys are enforced
+        with again.transaction() as conn:
+            conn.execute(
+                "INSERT INTO events (job_id, type, data, created_at) VALUES ('none', 'x', '{}', '')"
+            )
+
+
+def test_transaction_rolls_back_on_error(tmp_path: Path) -> None:
+    queue = SqliteJobQueue(Database(tmp_path / "easel.db"), max_queued=10, max_attempts=3)
+    with pytest.raises(RuntimeError):
+        with queue.db.transaction():
+            queue.submit(params())
+            raise RuntimeError("boom")
+    assert queue.db.query("SELECT COUNT(*) FROM jobs")[0][0] == 0
+
+
+def test_claim_is_atomic_across_connections(tmp_path: Path) -> None:
+    """Two connections (as two processes would have) and four threads: each job claimed once."""
+    path = tmp_path / "easel.db"
+    queues = [SqliteJobQueue(Database(path), max_queued=1000, max_attempts=3) for _ in range(2)]
+    submitted = {queues[0].submit(params(i)).id for i in range(200)}
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def claimer(queue: SqliteJobQueue) -> None:
+        while (job := queue.claim()) is not None:
+            with lock:
+                claimed.append(job.id)
+
+    threads = [threading.Thread(target=claimer, args=(queues[i % 2],)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(claimed) == sorted(submitted)
+
+
+def test_subscribe_gets_backlog_then_live_events_from_a_thread(services: Services) -> None:
+    job = services.submit_job(GenerationParams(prompt="x", num_inference_steps=3))
+    bus: EventBus = services.events
+
+    async def follow() -> list[tuple[int, str]]:
+        seen = []
+        async for event in services.subscribe(job.id):
+            seen.append((event.id, event.type))
+            if event.type == "queued":  # backlog delivered; now run the job in a worker thread
+                threading.Thread(target=services.workers[0].run_once).start()
+        return seen
+
+    seen = asyncio.run(asyncio.wait_for(follow(), timeout=10))
+    assert [t for _, t in seen] == [
+        "queued",
+        "started",
+        "progress",
+        "progress",
+        "progress",
+        "succeeded",
+    ]
+    assert [i for i, _ in seen] == sorted({i for i, _ in seen})
+    assert [e.id for e in bus.history(job.id)] == [i for i, _ in seen]
+
+    async def replay(after: int) -> list[int]:
+        return [e.id async for e in services.subscribe(job.id, after)]
+
+    assert asyncio.run(replay(seen[2][0])) == [i for i, _ in seen[3:]]
