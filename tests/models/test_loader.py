@@ -19,6 +19,7 @@ from easel.domain import EaselError, ModelNotAvailable
 from easel.models.catalog import ModelCatalog
 from easel.models.loader import ModelManager, pick_device, pick_dtype, pipeline_bytes
 from tests.fixtures_models import TINY_HUB_ID
+from tests.tiny_models import populate_hub_cache
 
 # flow models default to 1024 px; keep every call tiny
 CALL = {"num_inference_steps": 2, "height": 64, "width": 64, "guidance_scale": 0.0}
@@ -56,6 +57,33 @@ def test_hub_id_loads_from_offline_cache(tiny_hub_cache: Path, easel_home: Path)
     assert record.available and record.family == "sd"
     loaded = manager.get_pipeline(TINY_HUB_ID)
     assert loaded.pipeline("a cat", **CALL).images[0].size == (64, 64)
+
+
+@pytest.mark.parametrize(
+    ("model_id", "fixture"),
+    [
+        ("sd-turbo", "tiny_sd_path"),
+        ("sdxl-turbo", "tiny_sdxl_path"),
+        ("z-image-turbo", "tiny_zimage_path"),
+        ("flux-schnell", "tiny_flux_path"),
+    ],
+)
+def test_builtin_ids_load_from_a_populated_offline_cache(
+    model_id: str,
+    fixture: str,
+    tiny_hub_cache: Path,
+    easel_home: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Stand-ins of the right family under the real repo ids: the path real models take."""
+    manager = make_manager(easel_home)
+    repo_id = manager.catalog.get(model_id).source
+    populate_hub_cache(tiny_hub_cache, repo_id, request.getfixturevalue(fixture))
+    loaded = manager.get_pipeline(model_id)
+    assert loaded.record.id == model_id and loaded.record.available
+    extra = {"max_sequence_length": 32} if loaded.family.kind == "flow" else {}
+    image = loaded.pipeline("a cat", **extra, **CALL).images[0]
+    assert image.size == (64, 64)
 
 
 def test_catalog_entry_with_hub_source_loads_from_cache(
