@@ -196,9 +196,13 @@ def test_pick_device_and_dtype() -> None:
     assert pick_device("cpu") == "cpu"
     assert pick_dtype("cpu", "float32") == torch.float32
     assert pick_dtype("cpu", "auto") in (torch.float32, torch.bfloat16)
-    with pytest.raises(EaselError, match="device must be") as info:
-        pick_device("tpu")
-    assert info.value.field == "device"
+    for bad in ("tpu", "cuda:x", "cpu:1"):
+        with pytest.raises(EaselError, match="device must be") as info:
+            pick_device(bad)
+        assert info.value.field == "device"
+    if not torch.cuda.is_available():
+        with pytest.raises(EaselError, match="not available"):
+            pick_device("cuda:0")
     with pytest.raises(EaselError, match="dtype must be"):
         pick_dtype("cpu", "int8")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import platform
+import re
 import sys
 import threading
 from collections import OrderedDict
@@ -59,16 +60,17 @@ def pick_device(setting: str = "auto") -> str:
         if torch.backends.mps.is_available():
             return "mps"
         return "cpu"
-    kind = setting.split(":", 1)[0]
-    usable = {
-        "cpu": True,
-        "cuda": torch.cuda.is_available(),
-        "mps": torch.backends.mps.is_available(),
-    }
-    if kind not in usable:
+    match = re.fullmatch(r"(cpu|mps|cuda)(?::(\d+))?", setting)
+    if match is None or (match[2] is not None and match[1] != "cuda"):
         raise EaselError(
             f"device must be auto, cpu, cuda, cuda:N or mps (got {setting!r})", field="device"
         )
+    kind, index = match[1], int(match[2] or 0)
+    usable = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available() and index < torch.cuda.device_count(),
+        "mps": torch.backends.mps.is_available(),
+    }
     if not usable[kind]:
         raise EaselError(f"device {setting} is not available on this machine", field="device")
     return setting
