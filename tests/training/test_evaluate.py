@@ -15,6 +15,7 @@ from PIL import Image
 from transformers import CLIPTextModel
 
 from easel import cli
+from easel.domain import InvalidParams
 from easel.training.commands import register
 from easel.training.evaluate import (
     GROUPS,
@@ -79,6 +80,8 @@ def test_random_model_scores_near_chance(random_shapes_model: Path, tmp_path: Pa
     assert report.real.all_right["all"] >= 0.9
     assert report.frechet_distance > 10 * max(report.frechet_floor, 1e-3)
     assert report.size == 64 and report.steps == 2
+    # a random VAE cannot carry a shape either: the "perfect denoiser" ceiling is low too
+    assert report.decoded.all_right["all"] <= 0.25
 
     data = json.loads((out / "report.json").read_text())
     assert len(data["judgements"]) == 12
@@ -107,3 +110,21 @@ def test_eval_command(
 
     assert cli.main(["eval", str(random_shapes_model), "--limit", "0"]) == 2
     assert "--limit must be at least 1 (got 0)" in capsys.readouterr().err
+
+
+def test_eval_with_own_prompts_and_bad_input(
+    random_shapes_model: Path, tiny_sdxl_path: Path, tmp_path: Path, capsys
+) -> None:
+    prompts = [
+        "a big red circle on a white background",
+        "a blue star and a green cross, black background",
+    ]
+    report = evaluate(str(random_shapes_model), prompts=prompts, steps=1)
+    assert [j.prompt for j in report.judgements] == prompts
+    assert [j.group for j in report.judgements] == ["held-out single", "seen two"]
+
+    with pytest.raises(InvalidParams, match="prompts: cannot read object 'a purple dog'") as error:
+        evaluate(str(random_shapes_model), prompts=["a purple dog on a white background"])
+    assert error.value.field == "prompts"
+    with pytest.raises(InvalidParams, match="got a sdxl model"):
+        evaluate(str(tiny_sdxl_path), limit=1, steps=1)

@@ -66,6 +66,12 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
         "position and background, and write report.json, report.md and grid.png.",
     )
     parser.add_argument("model", nargs="?", help="catalog id or diffusers folder (default model)")
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        dest="prompts",
+        help="judge this caption-grammar prompt instead of the default set (repeatable)",
+    )
     parser.add_argument("--out", type=Path, help="report folder (default: ./eval/<model name>)")
     parser.add_argument("--limit", type=int, help="at most N prompts per group (4 groups)")
     parser.add_argument("--steps", type=int, help="denoising steps (model default if omitted)")
@@ -87,15 +93,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise InvalidParams(f"--{name} must be at least 1 (got {value})", field=name)
     model = args.model or Settings().default_model
     out = args.out or Path("eval") / Path(model).name
-    # 2. render, judge, write
-    with tqdm(desc="eval", unit="img", file=sys.stderr) as bar:
+    # 2. render, judge, write (the progress bar appears once the model has loaded)
+    bar: tqdm | None = None
 
-        def on_progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+    def on_progress(done: int, total: int) -> None:
+        nonlocal bar
+        bar = bar or tqdm(desc="eval", total=total, unit="img", file=sys.stderr)
+        bar.update(done - bar.n)
 
+    try:
         report = evaluate(
             model,
+            prompts=args.prompts,
             limit=args.limit,
             steps=args.steps,
             guidance_scale=args.guidance,
@@ -104,6 +113,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             out=out,
             on_progress=on_progress,
         )
+    finally:
+        if bar is not None:
+            bar.close()
     # 3. summary
     print(format_markdown(report, list_wrong=False))
     print(f"report: {out / 'report.md'}  grid: {out / 'grid.png'}")

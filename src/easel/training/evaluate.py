@@ -25,15 +25,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
 from easel.config import Settings
+from easel.domain import InvalidParams
 from easel.training.data import (
     COLOURS,
     HELD_OUT,
     PAIR_POSITIONS,
     PAIR_SIZES,
     SHAPES,
+    PromptError,
     Scene,
     ShapeObject,
     caption,
@@ -97,7 +100,9 @@ class Summary:
 
 @dataclass
 class EvalReport:
-    """What `evaluate` measured; `generated` is the model, `real` the analyser on true renders."""
+    """What `evaluate` measured. `generated`: the model's images. `real`: the analyser on true
+    renders of the same scenes (its own accuracy). `decoded`: those renders encoded and decoded by
+    the model's VAE, the best the model can do if its denoiser were perfect."""
 
     model: str
     steps: int
@@ -106,6 +111,7 @@ class EvalReport:
     size: int
     generated: Summary
     real: Summary
+    decoded: Summary
     frechet_distance: float  # generated vs real, on the analyser's feature vectors
     frechet_floor: float  # real vs real (another jitter draw): the distance of a perfect model
     seconds: float
@@ -301,12 +307,21 @@ def evaluate(
         chosen = default_scenes(seed)
         pairs = [(g, caption(s), s) for g, s in chosen]
     else:
-        pairs = [(_group_of(s), p, s) for p in prompts for s in [parse_prompt(p)]]
+        try:
+            pairs = [(_group_of(s), p, s) for p in prompts for s in [parse_prompt(p)]]
+        except PromptError as exc:
+            raise InvalidParams(f"prompts: {exc}", field="prompts") from exc
     if limit is not None:
         pairs = [p for g in GROUPS for p in [q for q in pairs if q[0] == g][:limit]]
     # 2. the model, with its defaults
     settings = Settings() if device is None else Settings(device=device)
     loaded = ModelManager(settings, ModelCatalog(settings)).get_pipeline(model, "txt2img")
+    if loaded.family.name != "sd":
+        raise InvalidParams(
+            f"model must be a Stable Diffusion 1.x/2.x style model like tiny-shapes "
+            f"(got a {loaded.family.name} model)",
+            field="model",
+        )
     defaults = defaults_for(loaded.record, loaded.family)
     steps = steps or defaults["num_inference_steps"]
     guidance = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
@@ -335,11 +350,15 @@ def evaluate(
     scenes = [s for _, _, s in pairs]
     real = _real_images(scenes, size, seed)
     real_again = _real_images(scenes, size, seed + 1)
+    decoded = _round_trip(pipe, real, batch_size)
     # 5. judge everything with the pixel analyser
     analyses = [analyse(image) for image in images]
     real_analyses = [analyse(image) for image in real]
-    judgements = [judge(p, s, a, g) for (g, p, s), a in zip(pairs, analyses, strict=True)]
-    real_judgements = [judge(p, s, a, g) for (g, p, s), a in zip(pairs, real_analyses, strict=True)]
+
+    def judged(analysed: list[Analysis]) -> list[Judgement]:
+        return [judge(p, s, a, g) for (g, p, s), a in zip(pairs, analysed, strict=True)]
+
+    judgements = judged(analyses)
     gen_features = np.stack([features(a, size) for a in analyses])
     real_features = np.stack([features(a, size) for a in real_analyses])
     again_features = np.stack([features(analyse(image), size) for image in real_again])
@@ -350,7 +369,8 @@ def evaluate(
         seed=seed,
         size=size,
         generated=summarise(judgements),
-        real=summarise(real_judgements),
+        real=summarise(judged(real_analyses)),
+        decoded=summarise(judged([analyse(image) for image in decoded])),
         frechet_distance=frechet_distance(gen_features, real_features),
         frechet_floor=frechet_distance(again_features, real_features),
         seconds=time.perf_counter() - started,
@@ -366,6 +386,20 @@ def _real_images(scenes: list[Scene], size: int, seed: int) -> list[Image.Image]
     # the training data's jitter, so "real" means what the model was trained to draw
     generator = torch.Generator().manual_seed(seed)
     return to_pil(render(scenes, size=size, jitter=1.0, generator=generator))
+
+
+@torch.no_grad()
+def _round_trip(
+    pipe: StableDiffusionPipeline, images: list[Image.Image], batch_size: int
+) -> list[Image.Image]:
+    """``images`` encoded and decoded by the pipeline's VAE (latent mean, no sampling)."""
+    decoded: list[Image.Image] = []
+    for start in range(0, len(images), batch_size):
+        batch = pipe.image_processor.preprocess(images[start : start + batch_size])
+        batch = batch.to(pipe.device, pipe.vae.dtype)
+        latents = pipe.vae.encode(batch).latent_dist.mode()
+        decoded += pipe.image_processor.postprocess(pipe.vae.decode(latents).sample)
+    return decoded
 
 
 # --- output ---------------------------------------------------------------------------------------
@@ -386,7 +420,7 @@ def _pct(value: float) -> str:
 def format_markdown(report: EvalReport, *, list_wrong: bool = True) -> str:
     """The report as Markdown tables (generated vs the analyser on real renders), then the
     prompts whose image was not all right (unless ``list_wrong`` is false)."""
-    gen, real = report.generated, report.real
+    gen, real, dec = report.generated, report.real, report.decoded
     lines = [
         f"# Evaluation of `{report.model}`",
         "",
@@ -396,24 +430,27 @@ def format_markdown(report: EvalReport, *, list_wrong: bool = True) -> str:
         "",
         "## All attributes right",
         "",
-        "| prompts | images | generated | real renders (analyser check) |",
-        "|---|---|---|---|",
+        "Columns: the model's images; true renders of the same scenes (the analyser's own "
+        "accuracy); those renders through the model's VAE (the ceiling a perfect denoiser "
+        "would reach).",
+        "",
+        "| prompts | images | generated | real renders | real through VAE |",
+        "|---|---|---|---|---|",
     ]
-    for group in GROUPS:
+    for group in [*GROUPS, "all"]:
+        count = sum(gen.images.values()) if group == "all" else gen.images[group]
         lines.append(
-            f"| {group} | {gen.images[group]} | {_pct(gen.all_right[group])} "
-            f"| {_pct(real.all_right[group])} |"
+            f"| {group} | {count} | {_pct(gen.all_right[group])} "
+            f"| {_pct(real.all_right[group])} | {_pct(dec.all_right[group])} |"
         )
-    lines.append(
-        f"| all | {sum(gen.images.values())} | {_pct(gen.all_right['all'])} "
-        f"| {_pct(real.all_right['all'])} |"
-    )
-    lines += ["", "## Per attribute", "", "| attribute | held-out | seen | real renders |"]
-    lines.append("|---|---|---|---|")
+    lines += ["", "## Per attribute", ""]
+    lines.append("| attribute | held-out | seen | real renders | real through VAE |")
+    lines.append("|---|---|---|---|---|")
     for attr in ATTRIBUTES:
         lines.append(
             f"| {attr} | {_pct(gen.attributes['held-out'][attr])} "
-            f"| {_pct(gen.attributes['seen'][attr])} | {_pct(real.attributes['all'][attr])} |"
+            f"| {_pct(gen.attributes['seen'][attr])} | {_pct(real.attributes['all'][attr])} "
+            f"| {_pct(dec.attributes['all'][attr])} |"
         )
     lines += ["", "## Per shape (all prompts)", "", "| shape | objects | shape right | all right |"]
     lines.append("|---|---|---|---|")
