@@ -39,6 +39,8 @@ CSS = """
 .easel-status { display: flex; flex-wrap: wrap; gap: .5rem; align-items: center; min-height: 1.6rem; }
 .easel-status progress { flex: 1 1 12rem; height: .8rem; }
 .easel-status[data-state="failed"] { color: var(--error-text-color); }
+#result-info pre, #result-info code, #picked-info pre, #picked-info code {
+  white-space: pre-wrap !important; overflow-wrap: anywhere; }
 """
 
 
@@ -107,12 +109,17 @@ def build_ui(services: Services) -> gr.Blocks:
                     with gr.Column(scale=3, min_width=300):
                         progress = gr.HTML(status.idle_html(), elem_id="status")
                         preview = gr.Image(
-                            label="Preview", interactive=False, height=256, elem_id="preview"
+                            label="Preview",
+                            interactive=False,
+                            height=256,
+                            visible=False,  # shown while a job runs
+                            elem_id="preview",
                         )
                         gallery = gr.Gallery(
                             label="Result",
-                            columns=2,
-                            height=320,
+                            columns=4,
+                            height=360,
+                            preview=True,  # the first image large, the others as thumbnails
                             object_fit="contain",
                             elem_id="result",
                         )
@@ -176,6 +183,7 @@ def build_ui(services: Services) -> gr.Blocks:
             api_visibility="private",
         )
         demo.load(ui.history, search, history_outputs, api_visibility="private")
+        demo.load(ui.model_list, None, model, api_visibility="private")  # pulled since start
     return demo
 
 
@@ -210,6 +218,9 @@ class _Handlers:
             with contextlib.suppress(EaselError):
                 infos.insert(0, self.services.model_info(default))
         return infos
+
+    def model_list(self) -> Any:
+        return gr.update(choices=model_choices(self.models()))
 
     def form(self, model_id: str) -> ModelForm:
         for info in self.models():
@@ -259,10 +270,9 @@ class _Handlers:
         except EaselError as exc:
             raise gr.Error(exc.message, title="Cannot generate") from None
         # 2. show the seed it will use and where it waits
-        waiting = await self._queued_html(job.id)
-        yield [], job.params.seed, "", waiting, None, job.id
+        yield [], job.params.seed, "", await self._queued_html(job.id), gr.skip(), job.id
         # 3. follow its events until it ends
-        skip = gr.skip()
+        skip, no_preview = gr.skip(), gr.update(value=None, visible=False)
         waiting = True  # until "started"; a drained server puts the job back ("requeued")
         async for event in self._follow(job.id):
             if event is not None and event.type in ("started", "requeued"):
@@ -275,19 +285,24 @@ class _Handlers:
             elif event.type == "progress":
                 eta = await asyncio.to_thread(self.services.job_eta, job.id)
                 html = status.running_html(event.data["step"], event.data["total"], eta)
-                shown = _data_url_image(event.data["preview"]) if "preview" in event.data else skip
+                shown = (
+                    gr.update(value=_data_url_image(event.data["preview"]), visible=True)
+                    if "preview" in event.data
+                    else skip
+                )
                 yield skip, skip, skip, html, shown, skip
             elif event.type == "canceled":
-                yield [], job.params.seed, "", status.canceled_html(), None, None
+                yield [], job.params.seed, "", status.canceled_html(), no_preview, None
             elif event.type == "failed":
-                yield [], job.params.seed, "", status.failed_html(event.data["error"]), None, None
+                html = status.failed_html(event.data["error"])
+                yield [], job.params.seed, "", html, no_preview, None
                 raise gr.Error(event.data["error"], title="Generation failed")
             elif event.type == "succeeded":
                 # 4. show the stored images with their parameters
                 done = await asyncio.to_thread(self.services.get_job, job.id)
                 items, info = await asyncio.to_thread(self._results, done)
                 html = status.done_html(len(items), event.data.get("seconds"))
-                yield items, job.params.seed, info, html, None, None
+                yield items, job.params.seed, info, html, no_preview, None
 
     def cancel(self, job_id: str | None) -> None:
         """Cancel this page's job: a queued one never starts, a running one stops at its next
