@@ -296,6 +296,36 @@ MAKERS = {
 }
 
 
+def save_zimage_single_file(folder: Path | str, path: Path | str) -> Path:
+    """Write the transformer of a saved ZImagePipeline as an original-format single file.
+
+    The inverse of diffusers' ``convert_z_image_transformer_checkpoint_to_diffusers``: keys
+    under ``model.diffusion_model.``, the original names, and q/k/v fused into ``qkv``.
+    """
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(Path(folder) / "transformer" / "diffusion_pytorch_model.safetensors")
+    renames = {
+        "all_final_layer.2-1.": "final_layer.",
+        "all_x_embedder.2-1.": "x_embedder.",
+        ".attention.to_out.0.": ".attention.out.",
+        ".attention.norm_k.": ".attention.k_norm.",
+        ".attention.norm_q.": ".attention.q_norm.",
+    }
+    original = {}
+    for key, tensor in weights.items():
+        if ".attention.to_k." in key or ".attention.to_v." in key:
+            continue  # fused into qkv with to_q below
+        if ".attention.to_q." in key:
+            parts = [weights[key.replace("to_q", name)] for name in ("to_q", "to_k", "to_v")]
+            key, tensor = key.replace("to_q", "qkv"), torch.cat(parts)
+        for new, old in renames.items():
+            key = key.replace(new, old)
+        original["model.diffusion_model." + key] = tensor
+    save_file(original, path)
+    return Path(path)
+
+
 def populate_hub_cache(cache_dir: Path | str, repo_id: str, folder: Path | str) -> Path:
     """Place a saved pipeline folder into a Hugging Face hub cache as if ``repo_id`` was pulled.
 

@@ -41,6 +41,9 @@ class Family:
     description: str = ""
     # hub repo whose configs describe a single-file (.safetensors) checkpoint of this family
     config_repo: str | None = None
+    # the one component a single-file checkpoint of this family holds (the rest comes from the
+    # config folder); None: the checkpoint holds the whole pipeline (SD, SDXL)
+    single_file_component: str | None = None
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -126,6 +129,7 @@ FAMILIES: dict[str, Family] = {
         guidance_range=(0.0, 20.0),
         schedulers=FLOW_SCHEDULERS,
         flow_shift=3.0,
+        single_file_component="transformer",
     ),
     "flux": Family(
         name="flux",
@@ -152,6 +156,7 @@ FAMILIES: dict[str, Family] = {
         guidance_range=(0.0, 20.0),
         schedulers=FLOW_SCHEDULERS,
         flow_shift=1.0,
+        single_file_component="transformer",
     ),
 }
 

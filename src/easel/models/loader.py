@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import platform
 import re
 import sys
@@ -277,32 +278,53 @@ def _pipeline_class(family: Family, task: str) -> type[DiffusionPipeline]:
 def _load_single_file(
     cls: type[DiffusionPipeline], record: ModelRecord, family: Family, kwargs: dict[str, Any]
 ) -> DiffusionPipeline:
-    """A .safetensors checkpoint, configured from ``record.config`` (a diffusers folder or hub id
-    of the same architecture) or else from the family's reference repo in the local HF cache.
+    """A .safetensors checkpoint, configured from a local folder: ``record.config`` (a diffusers
+    folder or cached hub id of the same architecture), else the family's cached reference repo.
 
-    The config is always resolved here first: left alone, diffusers would go online for it.
+    The configs are always found here first: left alone, diffusers would go online for them.
+    SD/SDXL checkpoints hold the whole pipeline; Z-Image/Flux ones only the transformer, so the
+    other components load from the config folder.
     """
-    config = record.config
-    if config is None and family.config_repo:
-        snapshot = cached_snapshot(family.config_repo)
-        config = str(snapshot) if snapshot else None
-    if config is None:
-        raise ModelNotAvailable(
-            f"{record.source} is a single-file checkpoint and needs its pipeline configs: set "
-            f'`config = "FOLDER or hub id"` for it in models.toml, or run '
-            f"`easel models pull {family.config_repo}` to use the reference configs",
-            field="model",
-        )
+    config = _config_folder(record, family)
     try:
-        pipe: DiffusionPipeline = cls.from_single_file(  # type: ignore[attr-defined]
-            record.source, config=config, cache_dir=hub_cache_dir(), local_files_only=True, **kwargs
-        )
+        name = family.single_file_component
+        if name is None:
+            pipe: DiffusionPipeline = cls.from_single_file(  # type: ignore[attr-defined]
+                record.source, config=str(config), local_files_only=True, **kwargs
+            )
+        else:
+            class_name = json.loads((config / "model_index.json").read_text())[name][1]
+            component = getattr(diffusers, class_name).from_single_file(
+                record.source, config=str(config), subfolder=name, local_files_only=True, **kwargs
+            )
+            pipe = cls.from_pretrained(config, **{name: component}, **kwargs)
     except Exception as exc:  # diffusers raises many kinds here; all mean "this file won't load"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelNotAvailable(
             f"cannot load {record.source} with configs from {config}: {reason}", field="model"
         ) from None
     return pipe
+
+
+def _config_folder(record: ModelRecord, family: Family) -> Path:
+    for candidate in (record.config, family.config_repo):
+        if candidate is None:
+            continue
+        folder = Path(candidate).expanduser()
+        if folder.is_dir():
+            return folder
+        snapshot = cached_snapshot(candidate) if is_hub_id(candidate) else None
+        if snapshot is not None:
+            return snapshot
+        if candidate == record.config:
+            break  # the user named configs we do not have: say so rather than guess
+    raise ModelNotAvailable(
+        f"{record.source} is a single-file checkpoint and needs its pipeline configs offline: "
+        f'set `config = "FOLDER or hub id"` for it in models.toml'
+        + (f", or run `easel models pull {family.config_repo}`" if family.config_repo else "")
+        + (f" ({record.config} is neither a folder nor in the HF cache)" if record.config else ""),
+        field="model",
+    )
 
 
 def _not_available_message(record: ModelRecord) -> str:
