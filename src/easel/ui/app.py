@@ -17,7 +17,7 @@ import asyncio
 import base64
 import contextlib
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import gradio as gr
@@ -230,7 +230,8 @@ class _Handlers:
 
     def on_model(self, model_id: str) -> tuple[Any, ...]:
         """The picked model's size presets, slider ranges and defaults."""
-        return _form_updates(self.form(model_id))
+        with _user_errors():
+            return _form_updates(self.form(model_id))
 
     # --- generate -------------------------------------------------------------------------------
 
@@ -252,7 +253,7 @@ class _Handlers:
         The last update is complete (no skipped outputs): it is what API clients receive.
         """
         # 1. check the request and queue it (a bad field is an error naming it)
-        try:
+        with _user_errors("Cannot generate"):
             width, height = parse_size(size) if size else (None, None)
             params = GenerationParams(
                 prompt=prompt,
@@ -267,8 +268,6 @@ class _Handlers:
                 scheduler=scheduler or None,
             )
             job = await asyncio.to_thread(self.services.submit_job, params, owner=OWNER)
-        except EaselError as exc:
-            raise gr.Error(exc.message, title="Cannot generate") from None
         # 2. show the seed it will use and where it waits
         yield [], job.params.seed, "", await self._queued_html(job.id), gr.skip(), job.id
         # 3. follow its events until it ends
@@ -281,7 +280,7 @@ class _Handlers:
                 if waiting:
                     yield skip, skip, skip, await self._queued_html(job.id), skip, skip
             elif event.type == "started":
-                yield skip, skip, skip, status.running_html(0, job.total_steps, None), skip, skip
+                yield skip, skip, skip, status.started_html(), skip, skip
             elif event.type == "progress":
                 eta = await asyncio.to_thread(self.services.job_eta, job.id)
                 html = status.running_html(event.data["step"], event.data["total"], eta)
@@ -366,7 +365,9 @@ class _Handlers:
 
     def pick(self, ids: list[str], evt: gr.SelectData) -> tuple[str, dict | None, Any]:
         """Parameters of the clicked History image."""
-        return self._describe(self.services.image_bytes(ids[evt.index]))
+        with _user_errors():
+            png = self.services.image_bytes(ids[evt.index])
+        return self._describe(png)
 
     def read_png(self, data: bytes | None) -> tuple[str, dict | None, Any]:
         """Parameters stored in a dropped PNG (A1111 ``parameters`` and Easel's exact JSON)."""
@@ -394,7 +395,8 @@ class _Handlers:
         if not params:
             raise gr.Error("Pick an image first.")
         model = params.get("model") or self.services.settings.default_model
-        form = self.form(model)
+        with _user_errors("Cannot reuse"):
+            form = self.form(model)
         size = format_size(int(params["width"]), int(params["height"]))
         preset = next((s for s in form.sizes if s.split()[0] == size.split()[0]), None)
         sizes = form.sizes if preset else [size, *form.sizes]
@@ -433,6 +435,15 @@ def _form_updates(form: ModelForm) -> tuple[Any, ...]:
         form.note,
         gr.update(interactive=form.available),
     )
+
+
+@contextlib.contextmanager
+def _user_errors(title: str = "Error") -> Iterator[None]:
+    """Show an EaselError as a pop-up with its message (which names the field), no traceback."""
+    try:
+        yield
+    except EaselError as exc:
+        raise gr.Error(exc.message, title=title) from None
 
 
 def _data_url_image(url: str) -> Image.Image:

@@ -14,6 +14,11 @@ def queued_html(position: int | None, eta_seconds: float | None) -> str:
     return _line("queued", f"Queued: {where} · {_eta(eta_seconds)}")
 
 
+def started_html() -> str:
+    """The job left the queue; the first step may wait for the model to load."""
+    return _line("running", "Running: starting (loading the model if needed)")
+
+
 def running_html(step: int, total: int, eta_seconds: float | None) -> str:
     """While the job runs: step count, a progress bar and the refined ETA."""
     percent = round(100 * step / total) if total else 0
