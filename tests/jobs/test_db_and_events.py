@@ -71,10 +71,13 @@ def test_subscribe_gets_backlog_then_live_events_from_a_thread(services: Service
     job = services.submit_job(GenerationParams(prompt="x", num_inference_steps=3))
     bus: EventBus = services.events
 
+    previews = []
+
     async def follow() -> list[tuple[int, str]]:
         seen = []
         async for event in services.subscribe(job.id):
             seen.append((event.id, event.type))
+            previews.append(event.data.get("preview", ""))
             if event.type == "queued":  # backlog delivered; now run the job in a worker thread
                 threading.Thread(target=services.workers[0].run_once).start()
         return seen
@@ -90,6 +93,8 @@ def test_subscribe_gets_backlog_then_live_events_from_a_thread(services: Service
     ]
     assert [i for i, _ in seen] == sorted({i for i, _ in seen})
     assert [e.id for e in bus.history(job.id)] == [i for i, _ in seen]
+    assert [p[:23] for p in previews if p] == ["data:image/jpeg;base64,"]  # live, at step 2
+    assert not any("preview" in e.data for e in bus.history(job.id)), "dropped once finished"
 
     async def replay(after: int) -> list[int]:
         return [e.id async for e in services.subscribe(job.id, after)]

@@ -68,6 +68,16 @@ class EventBus:
             loop.call_soon_threadsafe(inbox.put_nowait, event)
         return event
 
+    def drop_previews(self, job_id: str) -> None:
+        """Remove the preview images from a finished job's stored progress events: they matter
+        only while it runs, and are most of the table's bytes. Ids and steps stay for replay."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE events SET data = json_remove(data, '$.preview')"
+                " WHERE job_id = ? AND type = 'progress'",
+                (job_id,),
+            )
+
     def history(self, job_id: str, after: int = 0) -> list[JobEvent]:
         """The job's persisted events with id > ``after``, oldest first."""
         rows = self.db.query(

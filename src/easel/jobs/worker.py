@@ -29,7 +29,7 @@ from easel.domain import (
     ProgressCallback,
 )
 from easel.engine.metadata import to_png_bytes
-from easel.jobs.events import EventBus
+from easel.jobs.events import EventBus, EventType
 from easel.jobs.images import ImageStore
 from easel.jobs.queue import JobQueue
 
@@ -163,8 +163,8 @@ class Worker:
         # 5. finish: status, speed for ETAs, the final event
         self.queue.finish(job.id, JobStatus.SUCCEEDED)
         self.queue.record_speed(job, self.device, seconds)
-        self.events.publish(
-            job.id,
+        self._publish_end(
+            job,
             "succeeded",
             {
                 "images": [
@@ -184,11 +184,17 @@ class Worker:
     def _stop_canceled(self, job: JobRecord) -> None:
         if self.queue.cancel_requested(job.id):
             self.queue.finish(job.id, JobStatus.CANCELED)
-            self.events.publish(job.id, "canceled", {"while": "running"})
+            self._publish_end(job, "canceled", {"while": "running"})
         else:  # aborted by a drain: back to the queue, it will run again after the restart
             self.queue.finish(job.id, JobStatus.QUEUED)
-            self.events.publish(job.id, "requeued", {"reason": "server stopping"})
+            self._publish_end(job, "requeued", {"reason": "server stopping"})
 
     def _fail(self, job: JobRecord, message: str) -> None:
         self.queue.finish(job.id, JobStatus.FAILED, message)
-        self.events.publish(job.id, "failed", {"error": message})
+        self._publish_end(job, "failed", {"error": message})
+
+    def _publish_end(self, job: JobRecord, type: EventType, data: dict[str, object]) -> None:
+        """The run's last event, after dropping its stored previews (whoever sees this event
+        finds the history compacted)."""
+        self.events.drop_previews(job.id)
+        self.events.publish(job.id, type, data)
