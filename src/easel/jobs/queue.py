@@ -10,7 +10,9 @@ observation sets ``s``). ``observed`` is a finished job's wall time divided by
 ``num_inference_steps * num_images``, so per-job overhead (text encoding, VAE decode) is spread
 over the steps. A job's cost is ``s * steps * num_images``; the ETA of a queued job is
 (remaining cost of the running jobs + cost of every job ahead of it + its own cost) / workers;
-a running job's ETA is its own remaining cost. Unknown speed -> ETA ``None``.
+a running job's ETA is its own remaining cost. With several devices the slowest device's ``s``
+is used. Unknown speed for any of those jobs -> ETA ``None``. Both are one SQL query (jobs carry
+width and height as columns for the join), since every submit and every GET computes them.
 """
 
 from __future__ import annotations
