@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from easel.domain import (
@@ -13,7 +15,8 @@ from easel.domain import (
     QueueFull,
 )
 from easel.engine.metadata import read_metadata
-from easel.services import Services
+from easel.jobs.standin import StandInGenerator
+from easel.services import Services, build_services
 
 
 def submit(services: Services, prompt: str = "a red circle", priority: int = 0, **kw):
@@ -173,3 +176,31 @@ def test_list_and_search_images(services: Services) -> None:
     assert [i.prompt for i in services.list_images("RED")] == ["a red circle"]
     assert [i.prompt for i in services.list_images("100%_")] == ["a blue 100%_square"]
     assert services.list_images("%") == services.list_images("100%")
+
+
+def test_drain_requeues_a_job_that_outlasts_the_timeout(settings) -> None:
+    slow = build_services(settings, generator=StandInGenerator(seconds_per_step=0.02))
+    job = slow.submit_job(GenerationParams(prompt="long", num_inference_steps=150))
+    quick = slow.submit_job(GenerationParams(prompt="next", num_inference_steps=1))
+    slow.start()
+    while slow.get_job(job.id).step < 2:
+        time.sleep(0.01)
+    started = time.monotonic()
+    slow.workers[0].stop(drain_timeout_s=0.1)
+    assert time.monotonic() - started < 2, "stops at the next step after the timeout"
+    drained = slow.get_job(job.id)
+    assert drained.status is JobStatus.QUEUED and drained.attempts == 1
+    assert slow.get_job(quick.id).status is JobStatus.QUEUED, "no new claims while draining"
+    assert slow.events.history(job.id)[-1].type == "requeued"
+    slow.stop()
+
+
+def test_drain_lets_a_short_job_finish(settings) -> None:
+    services = build_services(settings, generator=StandInGenerator(seconds_per_step=0.02))
+    job = services.submit_job(GenerationParams(prompt="short", num_inference_steps=10))
+    services.start()
+    while services.get_job(job.id).status is JobStatus.QUEUED:
+        time.sleep(0.01)
+    services.workers[0].stop(drain_timeout_s=10)
+    assert services.get_job(job.id).status is JobStatus.SUCCEEDED
+    services.stop()
