@@ -129,8 +129,12 @@ def test_phone_width_does_not_break(browser, ui_server: ServerProcess, artifacts
     for selector in ("#prompt", "#generate", "#cancel", "#status", "#result"):
         box = page.locator(selector).bounding_box()
         assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 400, selector
+    page.locator("#tab-history-button").click()
+    expect(page.locator("#history-count")).to_contain_text("image")
+    history_overflow = page.evaluate("document.documentElement.scrollWidth")
+    page.screenshot(path=artifacts / "phone-history.png", full_page=True)
     context.close()
-    assert overflow <= 400
+    assert overflow <= 400 and history_overflow <= 400
 
 
 def test_history_survives_a_restart(page: Page, ui_server: ServerProcess, artifacts: Path) -> None:

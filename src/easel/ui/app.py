@@ -18,17 +18,19 @@ import base64
 import contextlib
 import io
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 from fastapi import FastAPI
 from PIL import Image
 
 from easel.domain import EaselError, GenerationParams, JobRecord
-from easel.jobs.events import JobEvent
 from easel.services import ModelInfo, Services
 from easel.ui import status
 from easel.ui.forms import ModelForm, format_size, model_choices, model_form, parse_size
+
+if TYPE_CHECKING:
+    from easel.jobs.events import JobEvent
 
 # While a job waits no event of its own arrives, yet its position moves: refresh this often.
 REFRESH_S = 0.5
