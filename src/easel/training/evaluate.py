@@ -30,6 +30,9 @@ from PIL import Image, ImageDraw
 
 from easel.config import Settings
 from easel.domain import InvalidParams
+from easel.models.catalog import ModelCatalog
+from easel.models.loader import ModelManager
+from easel.models.params import defaults_for
 from easel.training.data import (
     COLOURS,
     HELD_OUT,
@@ -264,6 +267,8 @@ def features(analysis: Analysis, size: int) -> np.ndarray:
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two (N, D) feature sets (as in FID):
     |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2)."""
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")  # no covariance from a single image
     mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     # tr((S_a S_b)^1/2) = tr((S_a^1/2 S_b S_a^1/2)^1/2), whose argument is symmetric PSD
@@ -297,10 +302,6 @@ def evaluate(
     uses seed ``seed + i``. With ``out``, writes report.json, report.md and grid.png there.
     ``on_progress(done, total)`` is called after each batch.
     """
-    from easel.models.catalog import ModelCatalog
-    from easel.models.loader import ModelManager
-    from easel.models.params import defaults_for
-
     started = time.perf_counter()
     # 1. the prompts and the scenes they ask for
     if prompts is None:
@@ -313,6 +314,8 @@ def evaluate(
             raise InvalidParams(f"prompts: {exc}", field="prompts") from exc
     if limit is not None:
         pairs = [p for g in GROUPS for p in [q for q in pairs if q[0] == g][:limit]]
+    if not pairs:
+        raise InvalidParams("prompts must hold at least one prompt", field="prompts")
     # 2. the model, with its defaults
     settings = Settings() if device is None else Settings(device=device)
     loaded = ModelManager(settings, ModelCatalog(settings)).get_pipeline(model, "txt2img")
