@@ -204,3 +204,20 @@ def test_drain_lets_a_short_job_finish(settings) -> None:
     services.workers[0].stop(drain_timeout_s=10)
     assert services.get_job(job.id).status is JobStatus.SUCCEEDED
     services.stop()
+
+
+def test_an_unwritable_image_folder_fails_the_job_not_the_worker(
+    services: Services, tmp_path
+) -> None:
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the images folder should be")
+    real_root, services.images.root = services.images.root, blocked
+    job = submit(services)
+    assert services.workers[0].run_once()
+    failed = services.get_job(job.id)
+    assert failed.status is JobStatus.FAILED
+    assert (failed.error or "").startswith("internal error: NotADirectoryError")
+    services.images.root = real_root
+    retry = submit(services)
+    assert services.workers[0].run_once()
+    assert services.get_job(retry.id).status is JobStatus.SUCCEEDED

@@ -106,7 +106,12 @@ class Worker:
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
-            if not self.run_once():
+            try:
+                busy = self.run_once()
+            except Exception:  # e.g. the database is unreadable: keep the thread, retry later
+                log.exception("worker %s: could not run a job", self.name)
+                busy = False
+            if not busy:
                 self.wakeup.wait(IDLE_POLL_S)
                 self.wakeup.clear()
 
@@ -136,6 +141,20 @@ class Worker:
                 on_progress=lambda progress: self._report_progress(job, progress),
                 is_canceled=lambda: self._abort.is_set() or self.queue.cancel_requested(job.id),
             )
+            seconds = time.perf_counter() - started
+            # 4. store the images with their metadata
+            stored = [
+                self.images.save(
+                    job_id=job.id,
+                    index=i,
+                    seed=seed,
+                    png=to_png_bytes(image, result.params, index=i),
+                    width=image.width,
+                    height=image.height,
+                    prompt=result.params.prompt,
+                )
+                for i, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True))
+            ]
         except Canceled:
             self._stop_canceled(job)
             return
@@ -146,20 +165,6 @@ class Worker:
             log.exception("job %s failed", job.id)
             self._fail(job, f"internal error: {type(exc).__name__}: {exc}")
             return
-        seconds = time.perf_counter() - started
-        # 4. store the images with their metadata
-        stored = [
-            self.images.save(
-                job_id=job.id,
-                index=i,
-                seed=seed,
-                png=to_png_bytes(image, result.params, index=i),
-                width=image.width,
-                height=image.height,
-                prompt=result.params.prompt,
-            )
-            for i, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True))
-        ]
         # 5. finish: status, speed for ETAs, the final event
         self.queue.finish(job.id, JobStatus.SUCCEEDED)
         self.queue.record_speed(job, self.device, seconds)
