@@ -21,15 +21,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
 
+from easel.api.server import register as register_serve
 from easel.config import Settings
 from easel.domain import EaselError, GenerationParams, InvalidParams
 from easel.models.catalog import ModelCatalog
+from easel.training.commands import register as register_training
 
 # Commands from other packages plug in here: each function adds its subcommand(s) to the
 # `easel` subparsers and sets a handler with `parser.set_defaults(func=handler)`, where
 # `handler(args: argparse.Namespace) -> int | None` returns the exit code (None means 0).
 # The lead registers `serve` (easel.api), `train` and `eval` (easel.training) here.
-EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+EXTRA_COMMANDS: list[Callable[[Any], None]] = [register_serve, register_training]
 
 
 class _Parser(argparse.ArgumentParser):
