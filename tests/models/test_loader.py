@@ -158,6 +158,42 @@ def test_lru_evicts_least_recently_used_over_budget(
     assert manager.memory_bytes() <= budget
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "fixture", ["tiny_sd_path", "tiny_sdxl_path", "tiny_zimage_path", "tiny_flux_path"]
+)
+def test_size_estimate_before_loading_matches_loaded_bytes(
+    fixture: str, dtype: str, easel_home: Path, request: pytest.FixtureRequest
+) -> None:
+    manager = make_manager(easel_home, dtype=dtype)
+    path = str(request.getfixturevalue(fixture))
+    estimate = manager.estimate_bytes(manager.catalog.get(path))
+    actual = pipeline_bytes(manager.get_pipeline(path).pipeline)
+    assert abs(estimate - actual) <= 0.05 * actual, (estimate, actual)
+
+
+def test_room_is_made_before_loading(
+    tiny_sd_path: Path, tiny_zimage_path: Path, easel_home: Path
+) -> None:
+    probe = make_manager(easel_home)
+    zimage_bytes = pipeline_bytes(probe.get_pipeline(str(tiny_zimage_path)).pipeline)
+    manager = make_manager(easel_home, model_cache_gb=zimage_bytes * 1.01 / 1024**3)
+    manager.get_pipeline(str(tiny_sd_path))
+    evicted = weakref.ref(manager.get_pipeline(str(tiny_sd_path)).pipeline.unet)
+    seen_during_load = []
+    original = manager._load
+
+    def spy(*args: object) -> object:
+        gc.collect()
+        seen_during_load.append(evicted() is None)  # sd already gone while z-image loads
+        return original(*args)  # type: ignore[arg-type]
+
+    manager._load = spy  # type: ignore[method-assign]
+    manager.get_pipeline(str(tiny_zimage_path))
+    assert seen_during_load == [True]
+    assert manager.loaded() == [str(tiny_zimage_path)]
+
+
 def test_unload_frees_the_weights(tiny_sd_path: Path, easel_home: Path) -> None:
     manager = make_manager(easel_home)
     loaded = manager.get_pipeline(str(tiny_sd_path))

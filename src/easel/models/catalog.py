@@ -169,14 +169,19 @@ def detect_family(path: Path) -> str:
 
 
 def _safetensors_keys(path: Path) -> builtins.list[str]:
-    # a .safetensors file starts with an 8-byte little-endian header length, then a JSON header
+    return [k for k in safetensors_header(path) if k != "__metadata__"]
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a .safetensors file: tensor name -> {dtype, shape, data_offsets}."""
+    # the file starts with an 8-byte little-endian header length, then the JSON header
     try:
         with path.open("rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
+            header: dict[str, Any] = json.loads(f.read(size))
     except (OSError, ValueError, struct.error):
         raise InvalidParams(f"{path} is not a readable .safetensors file", field="model") from None
-    return [k for k in header if k != "__metadata__"]
+    return header
 
 
 def is_hub_id(text: str) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import math
 import platform
 import re
 import sys
@@ -30,7 +31,13 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 from easel.config import Settings
 from easel.domain import EaselError, InvalidParams, ModelNotAvailable, ModelRecord
-from easel.models.catalog import ModelCatalog, cached_snapshot, hub_cache_dir, is_hub_id
+from easel.models.catalog import (
+    ModelCatalog,
+    cached_snapshot,
+    hub_cache_dir,
+    is_hub_id,
+    safetensors_header,
+)
 from easel.models.download import pull
 from easel.models.families import Family, get_family
 
@@ -39,6 +46,18 @@ _LIBC = (
     if sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
     else None
 )
+
+_INT_BYTES = {
+    "I64": 8,
+    "U64": 8,
+    "I32": 4,
+    "U32": 4,
+    "I16": 2,
+    "U16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 
 _DTYPES = {
     "float32": torch.float32,
@@ -177,11 +196,14 @@ class ModelManager:
         with self._lock:
             entry = self._entries.get(record.id)
             if entry is None:
+                # make room first (from the weight files' headers), so old and new never
+                # have to fit in memory together
+                self._evict_over_budget(incoming=self.estimate_bytes(record))
                 entry = _Entry(record, family)
                 entry.pipelines[task] = self._load(record, family, task)
                 entry.nbytes = pipeline_bytes(entry.pipelines[task])
                 self._entries[record.id] = entry
-                self._evict_over_budget(keep=record.id)
+                self._evict_over_budget(keep=record.id)  # in case the estimate was low
             elif task not in entry.pipelines:
                 base = next(iter(entry.pipelines.values()))
                 entry.pipelines[task] = _pipeline_class(family, task).from_pipe(base)
@@ -228,12 +250,35 @@ class ModelManager:
         except EaselError:
             return None
 
-    def _evict_over_budget(self, keep: str) -> None:
+    def _evict_over_budget(self, *, incoming: int = 0, keep: str | None = None) -> None:
+        """Drop least recently used models until the loaded ones plus ``incoming`` bytes fit."""
         budget = int(self.settings.model_cache_gb * 1024**3)
-        while self.memory_bytes() > budget and len(self._entries) > 1:
-            oldest = next(k for k in self._entries if k != keep)
+        while self.memory_bytes() + incoming > budget:
+            oldest = next((k for k in self._entries if k != keep), None)
+            if oldest is None:
+                return  # a model larger than the budget still loads, alone
             self._entries.pop(oldest)
             _free_memory()
+
+    def estimate_bytes(self, record: ModelRecord) -> int:
+        """Weight bytes ``record`` will take in ``self.dtype`` (0 when there is nothing to read)."""
+        source = Path(record.source).expanduser()
+        if not source.exists() and is_hub_id(record.source):
+            source = cached_snapshot(record.source) or source
+        if source.is_file():
+            files = [source]
+        else:  # the weights from_pretrained picks: not the "name.fp16.safetensors" variants
+            files = [f for f in source.glob("*/*.safetensors") if f.name.count(".") == 1]
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        total = 0
+        for file in files:
+            for name, info in safetensors_header(file).items():
+                if name == "__metadata__":
+                    continue
+                # floating-point weights are cast to the load dtype; others keep their size
+                size = _INT_BYTES.get(info["dtype"], itemsize)
+                total += math.prod(info["shape"]) * size
+        return total
 
     def _load(self, record: ModelRecord, family: Family, task: str) -> DiffusionPipeline:
         if not record.available:
