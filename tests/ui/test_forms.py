@@ -68,3 +68,16 @@ def test_status_lines() -> None:
     assert "step 3 of 8 · ETA ~2 min" in running
     assert re.search(r'<progress[^>]* value="3" max="8"', running)
     assert "&lt;b&gt;" in status.failed_html("<b>")  # errors are shown as text, not markup
+
+
+def test_page_builds_with_a_mistyped_default_model(easel_home: Path) -> None:
+    from easel.ui import build_ui
+
+    settings = Settings(home=easel_home, default_model="no-such-model")
+    services = build_services(settings, generator=StandInGenerator())
+    try:
+        demo = build_ui(services)
+    finally:
+        services.stop()
+    model = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "model")
+    assert model.value == services.list_models()[0].record.id

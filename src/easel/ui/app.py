@@ -49,7 +49,7 @@ CSS = """
 def build_ui(services: Services) -> gr.Blocks:
     """The Blocks app: a Generate tab and a History tab, wired to ``services``."""
     ui = _Handlers(services)
-    form = ui.form(services.settings.default_model)
+    form = ui.first_form()
     with gr.Blocks(title="Easel", analytics_enabled=False) as demo:
         gr.Markdown("# Easel", elem_id="easel-title")
         with gr.Tabs(elem_id="easel-tabs") as tabs:
@@ -225,10 +225,15 @@ class _Handlers:
         return gr.update(choices=model_choices(self.models()))
 
     def form(self, model_id: str) -> ModelForm:
-        for info in self.models():
-            if info.record.id == model_id:
-                return model_form(info)
         return model_form(self.services.model_info(model_id))
+
+    def first_form(self) -> ModelForm:
+        """The form the page opens with: the default model's, else the first catalog model's
+        (a mistyped EASEL_DEFAULT_MODEL must not keep the page from loading)."""
+        try:
+            return self.form(self.services.settings.default_model)
+        except EaselError:
+            return model_form(self.services.list_models()[0])
 
     def on_model(self, model_id: str) -> tuple[Any, ...]:
         """The picked model's size presets, slider ranges and defaults."""
