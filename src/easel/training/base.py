@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,6 +46,7 @@ from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from easel.domain import Canceled
+from easel.training.base_config import BaseConfig, add_arguments, config_from_args
 from easel.training.data import (
     HELD_OUT,
     IMAGE_SIZE,
@@ -59,81 +60,6 @@ from easel.training.data import (
     to_pil,
 )
 from easel.training.tokenizer import MAX_LENGTH, train_tokenizer
-
-
-@dataclass
-class BaseConfig:
-    """Everything a from-scratch run needs. Defaults are the CPU preset (<= 2 h on 2 cores)."""
-
-    out_dir: str = "runs/tiny-shapes"
-    device: str = "auto"  # "auto" = cuda when available, else cpu
-    seed: int = 0
-    max_minutes: float = 110.0  # wall-clock budget for both stages together
-    vae_share: float = 0.15  # fraction of max_minutes spent on the autoencoder
-    bf16: bool = True  # bf16 autocast (CUDA, or a CPU with AMX/AVX512-BF16)
-    # -- stage 1: autoencoder (factor 4: 64x64x3 -> 16x16x4)
-    vae_channels: tuple[int, ...] = (32, 64, 128)
-    vae_batch_size: int = 32
-    vae_lr: float = 1e-3
-    vae_max_steps: int = 100_000  # a cap; normally the time budget ends the stage
-    vae_kl_weight: float = 1e-6  # tiny: latents stay near-deterministic, decoder stays crisp
-    vae_edge_weight: float = 1.0  # L1 on image gradients keeps corners and edges sharp
-    # -- stage 2: denoiser + text encoder
-    unet_channels: tuple[int, ...] = (64, 128, 128)
-    unet_attention: tuple[bool, ...] = (False, True, True)  # cross-attention per resolution
-    text_width: int = 128
-    text_layers: int = 4
-    batch_size: int = 48
-    lr: float = 5e-4
-    max_steps: int = 1_000_000  # a cap; normally the time budget ends the stage
-    warmup_steps: int = 200
-    caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
-    min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023)
-    ema_decay: float = 0.999
-    # -- bookkeeping
-    log_every_seconds: float = 60.0  # a throughput line (it/s, images/s) on stdout
-    sample_every_minutes: float = 15.0
-    checkpoint_every_minutes: float = 10.0
-    keep_checkpoints: int = 2
-    sample_steps: int = 12  # also the shipped scheduler's recommended step count
-    guidance_scale: float = 4.0
-
-
-PRESETS: dict[str, dict] = {
-    "cpu": {},
-    "gpu": {
-        "max_minutes": 7.0,
-        "vae_share": 0.2,
-        "vae_batch_size": 128,
-        "vae_lr": 2e-3,
-        "batch_size": 256,
-        "lr": 1e-3,
-        "warmup_steps": 300,
-        "log_every_seconds": 20.0,
-        "sample_every_minutes": 2.0,
-        "checkpoint_every_minutes": 2.0,
-    },
-    # For tests: seconds, not hours.
-    "tiny": {
-        "max_minutes": 0.5,
-        "vae_channels": (32, 32),
-        "vae_batch_size": 8,
-        "unet_channels": (32, 32),
-        "unet_attention": (False, True),
-        "text_width": 32,
-        "text_layers": 1,
-        "batch_size": 8,
-        "warmup_steps": 5,
-        "sample_steps": 2,
-    },
-}
-
-
-def preset(name: str, **overrides) -> BaseConfig:
-    """A `BaseConfig` from a preset ("cpu", "gpu", "tiny") with field overrides."""
-    if name not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)} (got {name!r})")
-    return replace(BaseConfig(), **{**PRESETS[name], **overrides})
 
 
 @dataclass
@@ -357,21 +283,24 @@ def train_vae(
     log: StageLog,
     on_step: Callable[[TrainStep], None] | None,
     is_canceled: Callable[[], bool] | None,
-) -> AutoencoderKL:
-    """Stage 1: the autoencoder, on freshly rendered scenes (L1 + edge L1 + MSE + tiny KL)."""
+) -> tuple[AutoencoderKL, float]:
+    """Stage 1: the autoencoder, on freshly rendered scenes (L1 + edge L1 + MSE + tiny KL).
+    Returns it frozen, with the seconds the stage took over all sessions."""
     # 1. build or resume
     vae = build_vae(config).to(device)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
-    step, elapsed_before, done = 0, 0.0, False
+    optimizer = torch.optim.AdamW(
+        vae.parameters(), lr=config.vae_lr, weight_decay=0.0, fused=device.type == "cuda"
+    )
+    step, elapsed_before = 0, 0.0
     if state := checkpoints.latest("vae"):
         vae.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        step, elapsed_before, done = state["step"], state["elapsed_s"], state["done"]
+        step, elapsed_before = state["step"], state["elapsed_s"]
         log.steps, log.losses = state["log_steps"], state["log_losses"]
     stream = SceneStream(seed=config.seed + step, device=device)
     batches = prefetched(lambda: stream.batch(config.vae_batch_size).images)
 
-    def save(finished: bool) -> None:
+    def save() -> None:
         checkpoints.save(
             "vae",
             step,
@@ -380,7 +309,6 @@ def train_vae(
                 "optimizer": optimizer.state_dict(),
                 "step": step,
                 "elapsed_s": elapsed_before + time.monotonic() - start,
-                "done": finished,
                 "log_steps": log.steps,
                 "log_losses": log.losses,
             },
@@ -389,7 +317,9 @@ def train_vae(
     # 2. the loop
     start = last_log = last_checkpoint = time.monotonic()
     first_step = step
+    # A resumed stage goes on until its budget (time or steps) is spent; a finished one is skipped.
     fraction = max(elapsed_before / budget_s, step / config.vae_max_steps)
+    done = fraction >= 1.0
     progress = tqdm(desc="vae", unit="step", initial=step, disable=done, mininterval=2.0)
     vae.train()
     while not done:
@@ -434,13 +364,13 @@ def train_vae(
             )
             last_log = now
         if now - last_checkpoint >= config.checkpoint_every_minutes * 60 or done:
-            save(finished=done)
+            save()
             last_checkpoint = now
         if is_canceled and is_canceled():
-            save(finished=False)
+            save()
             raise Canceled("training canceled")
     progress.close()
-    return vae.eval().requires_grad_(False)
+    return vae.eval().requires_grad_(False), elapsed_before + time.monotonic() - start
 
 
 def train_unet(
@@ -463,17 +393,19 @@ def train_unet(
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     params = [*unet.parameters(), *text_encoder.parameters()]
     ema_params = [*ema_unet.parameters(), *ema_text.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(
+        params, lr=config.lr, weight_decay=0.01, fused=device.type == "cuda"
+    )
     scheduler = noise_schedule()
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    step, elapsed_before, done = 0, 0.0, False
+    step, elapsed_before = 0, 0.0
     if state := checkpoints.latest("unet"):
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         ema_unet.load_state_dict(state["ema_unet"])
         ema_text.load_state_dict(state["ema_text"])
         optimizer.load_state_dict(state["optimizer"])
-        step, elapsed_before, done = state["step"], state["elapsed_s"], state["done"]
+        step, elapsed_before = state["step"], state["elapsed_s"]
         log.steps, log.losses = state["log_steps"], state["log_losses"]
     stream = SceneStream(seed=config.seed + 1_000_003 + step, device=device)
     dropout_rng = random.Random(config.seed + step)
@@ -487,7 +419,7 @@ def train_unet(
 
     batches = prefetched(make_batch)
 
-    def save(finished: bool) -> None:
+    def save() -> None:
         checkpoints.save(
             "unet",
             step,
@@ -499,7 +431,6 @@ def train_unet(
                 "optimizer": optimizer.state_dict(),
                 "step": step,
                 "elapsed_s": elapsed_before + time.monotonic() - start,
-                "done": finished,
                 "log_steps": log.steps,
                 "log_losses": log.losses,
             },
@@ -509,6 +440,7 @@ def train_unet(
     start = last_log = last_checkpoint = last_sample = time.monotonic()
     first_step = step
     fraction = max(elapsed_before / budget_s, step / config.max_steps)
+    done = fraction >= 1.0
     progress = tqdm(desc="unet", unit="step", initial=step, disable=done, mininterval=2.0)
     unet.train()
     text_encoder.train()
@@ -563,10 +495,10 @@ def train_unet(
             save_samples(pipeline, config, out_dir / "samples" / f"unet-step{step:07d}.png")
             last_sample = now
         if now - last_checkpoint >= config.checkpoint_every_minutes * 60 or done:
-            save(finished=done)
+            save()
             last_checkpoint = now
         if is_canceled and is_canceled():
-            save(finished=False)
+            save()
             raise Canceled("training canceled")
     progress.close()
     return ema_unet, ema_text
@@ -622,17 +554,14 @@ def train_base(
     )
 
     # 2. stage 1: autoencoder; its latents' spread sets the scaling factor (SD's 0.18215 trick)
-    vae = train_vae(
+    vae, vae_seconds = train_vae(
         config, device, checkpoints, budget_s * config.vae_share, logs["vae"], on_step, is_canceled
     )
     vae.register_to_config(scaling_factor=latent_scale(vae, config, device))
     save_loss_plot(logs, out_dir / "loss.png")
 
     # 3. stage 2: denoiser + text encoder, with what is left of the budget
-    remaining_s = budget_s - (time.monotonic() - started) - export_reserve_s(config)
-    unet_state = checkpoints.latest("unet")
-    unet_budget = remaining_s + (unet_state["elapsed_s"] if unet_state else 0.0)
-    del unet_state
+    unet_budget = budget_s - vae_seconds - export_reserve_s(config)
     unet, text_encoder = train_unet(
         config, device, checkpoints, max(unet_budget, 1.0), logs["unet"], vae, tokenizer,
         out_dir, on_step, is_canceled,
@@ -667,7 +596,7 @@ def train_base(
 
 
 def export_reserve_s(config: BaseConfig) -> float:
-    """Time kept back from stage 2 for the final samples and export."""
+    """Time kept back from stage 2 for set-up, the final samples and the export."""
     return min(30.0, config.max_minutes * 60 * 0.05)
 
 
@@ -675,7 +604,7 @@ def export_reserve_s(config: BaseConfig) -> float:
 def latent_scale(vae: AutoencoderKL, config: BaseConfig, device: torch.device) -> float:
     images = SceneStream(seed=config.seed + 7, device=device).batch(64).images
     with autocast(device, config.bf16):
-        latents = vae.encode(images).latent_dist.sample().float()
+        latents = vae.encode(images).latent_dist.mode().float()  # deterministic, for resume
     return float(1.0 / latents.std())
 
 
@@ -697,33 +626,6 @@ def export_pipeline(pipeline: StableDiffusionPipeline, folder: Path, tokenizer_d
 
 
 # --- command line -------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `easel train base` and `python -m easel.training.base`."""
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--out", default=BaseConfig.out_dir, help="run folder (resumes if present)")
-    parser.add_argument("--max-minutes", type=float, help="wall-clock budget, both stages")
-    parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--no-bf16", action="store_true", help="train in float32")
-
-
-def config_from_args(args: argparse.Namespace) -> BaseConfig:
-    overrides = {
-        "out_dir": args.out,
-        "max_minutes": args.max_minutes,
-        "device": args.device,
-        "seed": args.seed,
-        "batch_size": args.batch_size,
-    }
-    if args.no_bf16:
-        overrides["bf16"] = False
-    names = {f.name for f in fields(BaseConfig)}
-    return preset(
-        args.preset, **{k: v for k, v in overrides.items() if v is not None and k in names}
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

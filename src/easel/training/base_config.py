@@ -1,0 +1,112 @@
+"""Settings of a tiny-shapes training run (`BaseConfig`, presets) and their command-line options.
+
+Kept free of torch so that `easel --help` stays fast; `easel.training.base` does the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields, replace
+
+
+@dataclass
+class BaseConfig:
+    """Everything a from-scratch run needs. Defaults are the CPU preset (<= 2 h on 2 cores)."""
+
+    out_dir: str = "runs/tiny-shapes"
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    seed: int = 0
+    max_minutes: float = 110.0  # wall-clock budget for both stages together
+    vae_share: float = 0.15  # fraction of max_minutes spent on the autoencoder
+    bf16: bool = False  # bf16 autocast; on CUDA only (on this 2-core CPU it trained slower)
+    # -- stage 1: autoencoder (factor 4: 64x64x3 -> 16x16x4)
+    vae_channels: tuple[int, ...] = (32, 64, 128)
+    vae_batch_size: int = 32
+    vae_lr: float = 1e-3
+    vae_max_steps: int = 100_000  # a cap; normally the time budget ends the stage
+    vae_kl_weight: float = 1e-6  # tiny: latents stay near-deterministic, decoder stays crisp
+    vae_edge_weight: float = 1.0  # L1 on image gradients keeps corners and edges sharp
+    # -- stage 2: denoiser + text encoder
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_attention: tuple[bool, ...] = (False, True, True)  # cross-attention per resolution
+    text_width: int = 128
+    text_layers: int = 4
+    batch_size: int = 48
+    lr: float = 5e-4
+    max_steps: int = 1_000_000  # a cap; normally the time budget ends the stage
+    warmup_steps: int = 200
+    caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
+    min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023)
+    ema_decay: float = 0.999
+    # -- bookkeeping
+    log_every_seconds: float = 60.0  # a throughput line (it/s, images/s) on stdout
+    sample_every_minutes: float = 15.0
+    checkpoint_every_minutes: float = 10.0
+    keep_checkpoints: int = 2
+    sample_steps: int = 12  # also the shipped scheduler's recommended step count
+    guidance_scale: float = 4.0
+
+
+PRESETS: dict[str, dict] = {
+    "cpu": {},
+    "gpu": {
+        "max_minutes": 7.0,
+        "vae_share": 0.2,
+        "bf16": True,
+        "vae_batch_size": 256,
+        "vae_lr": 2e-3,
+        "batch_size": 512,  # small latents: a GPU step is launch-bound, so big batches are ~free
+        "lr": 1e-3,
+        "warmup_steps": 300,
+        "log_every_seconds": 20.0,
+        "sample_every_minutes": 2.0,
+        "checkpoint_every_minutes": 2.0,
+    },
+    # For tests: seconds, not hours.
+    "tiny": {
+        "max_minutes": 0.5,
+        "vae_channels": (32, 32),
+        "vae_batch_size": 8,
+        "unet_channels": (32, 32),
+        "unet_attention": (False, True),
+        "text_width": 32,
+        "text_layers": 1,
+        "batch_size": 8,
+        "warmup_steps": 5,
+        "sample_steps": 2,
+    },
+}
+
+
+def preset(name: str, **overrides) -> BaseConfig:
+    """A `BaseConfig` from a preset ("cpu", "gpu", "tiny") with field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)} (got {name!r})")
+    return replace(BaseConfig(), **{**PRESETS[name], **overrides})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `easel train base` and `python -m easel.training.base`."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--out", default=BaseConfig.out_dir, help="run folder (resumes if present)")
+    parser.add_argument("--max-minutes", type=float, help="wall-clock budget, both stages")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--no-bf16", action="store_true", help="train in float32")
+
+
+def config_from_args(args: argparse.Namespace) -> BaseConfig:
+    overrides = {
+        "out_dir": args.out,
+        "max_minutes": args.max_minutes,
+        "device": args.device,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+    }
+    if args.no_bf16:
+        overrides["bf16"] = False
+    names = {f.name for f in fields(BaseConfig)}
+    return preset(
+        args.preset, **{k: v for k, v in overrides.items() if v is not None and k in names}
+    )

@@ -1,0 +1,90 @@
+"""From-scratch training on a tiny config: loss falls, checkpoints resume, the pipeline loads."""
+
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from easel.domain import Canceled
+from easel.training.base import train_base
+from easel.training.base_config import PRESETS, BaseConfig, preset
+
+
+def _tiny(out_dir, **overrides):
+    # Step caps, not the clock, end these runs; the budget is generous.
+    settings = {"max_minutes": 20, "vae_max_steps": 30, "max_steps": 30, "vae_lr": 2e-3, "lr": 2e-3}
+    return preset("tiny", out_dir=str(out_dir), **{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("run")
+    steps = []
+    folder = train_base(_tiny(out_dir), on_step=steps.append)
+    return out_dir, folder, steps
+
+
+def _mean(values):
+    return sum(values) / len(values)
+
+
+def test_a_few_steps_reduce_both_losses(tiny_run):
+    _, _, steps = tiny_run
+    for stage in ("vae", "unet"):
+        losses = [s.loss for s in steps if s.stage == stage]
+        assert len(losses) == 30
+        assert _mean(losses[-8:]) < 0.9 * _mean(losses[:8]), (stage, losses)
+    assert [s.step for s in steps if s.stage == "unet"] == list(range(1, 31))
+    assert all(0 <= s.fraction <= 1 for s in steps)
+
+
+def test_writes_a_loadable_pipeline_and_training_artifacts(tiny_run):
+    out_dir, folder, _ = tiny_run
+    for name in ("loss.png", "samples.png", "summary.json", "config.json"):
+        assert (out_dir / name).stat().st_size > 0
+    assert [p.name for p in sorted((out_dir / "checkpoints").glob("*.pt"))] == [
+        "unet-step0000030.pt",
+        "vae-step0000030.pt",
+    ]
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["unet_steps"] == 30 and summary["params"]["unet"] > 0
+    assert (folder / "tokenizer" / "merges.txt").exists()
+    pipeline = StableDiffusionPipeline.from_pretrained(folder)
+    assert {pipeline.unet.dtype, pipeline.vae.dtype, pipeline.text_encoder.dtype} == {torch.float32}
+    image = pipeline(
+        "a red circle on a white background",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert image.size == (64, 64)
+
+
+def test_resumes_from_the_latest_checkpoint(tiny_run, tmp_path):
+    out_dir, _, _ = tiny_run
+    steps = []
+    train_base(_tiny(out_dir, max_steps=33), on_step=steps.append)
+    # the finished VAE stage is not repeated; the UNet continues from step 30
+    assert [(s.stage, s.step) for s in steps] == [("unet", n) for n in range(31, 34)]
+
+
+def test_cancel_saves_a_checkpoint_and_raises(tmp_path):
+    steps = []
+    with pytest.raises(Canceled):
+        train_base(
+            _tiny(tmp_path, vae_max_steps=3),
+            on_step=steps.append,
+            is_canceled=lambda: any(s.stage == "unet" and s.step >= 2 for s in steps),
+        )
+    assert (tmp_path / "checkpoints" / "unet-step0000002.pt").exists()
+
+
+def test_presets_are_complete_configs():
+    names = set(BaseConfig.__dataclass_fields__)
+    for name, overrides in PRESETS.items():
+        assert set(overrides) <= names, name
+    assert preset("gpu").bf16 and preset("gpu").batch_size >= 256
+    with pytest.raises(ValueError, match="preset must be one of"):
+        preset("huge")
