@@ -1,4 +1,4 @@
-"""Start the real server (``python -m easel.api.server``) in a subprocess on a free loopback port."""
+"""Start the real server (``python -m easel serve``) in a subprocess on a free loopback port."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ class Server:
             "EASEL_DRAIN_TIMEOUT_S": str(self.drain_timeout_s),
             "OMP_NUM_THREADS": "1",  # the build machine has 2 cores shared with the test runner
         }
-        command = [sys.executable, "-m", "easel.api.server", "--port", str(self.port), "--no-ui"]
+        command = [sys.executable, "-m", "easel", "serve", "--port", str(self.port), "--no-ui"]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout

@@ -3,6 +3,9 @@
 SIGTERM or Ctrl-C drains: workers claim nothing new, the running job gets
 ``settings.drain_timeout_s`` to finish and is otherwise put back in the queue, so nothing
 accepted is lost. Also runnable as ``python -m easel.api.server [--host H] [--port P]``.
+
+Module-level imports stay light (the CLI imports :func:`register` for every command); the
+server's dependencies load in :func:`serve`.
 """
 
 from __future__ import annotations
@@ -10,13 +13,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import uvicorn
-
-from easel.api.app import MountUI, create_app
-from easel.config import Settings
-from easel.services import build_services
+if TYPE_CHECKING:
+    from easel.api.app import MountUI
+    from easel.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,11 @@ def find_ui() -> MountUI | None:
 
 def serve(settings: Settings, *, ui: bool = True) -> None:
     """Run the server until SIGTERM/SIGINT, then drain the queue's workers."""
+    import uvicorn
+
+    from easel.api.app import create_app
+    from easel.services import build_services
+
     services = build_services(settings)
     app = create_app(services, mount_ui=find_ui() if ui else None)
     config = uvicorn.Config(
@@ -61,6 +67,8 @@ def register(commands: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from easel.config import Settings
+
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     serve(Settings(**overrides), ui=not args.no_ui)
 
