@@ -94,7 +94,8 @@ class Worker:
 
     def stop(self, drain_timeout_s: float) -> None:
         """Drain: claim nothing new, give the running job ``drain_timeout_s`` to finish, then
-        stop it at its next step and put it back in the queue (nothing accepted is lost)."""
+        stop it at its next step and put it back in the queue (nothing accepted is lost).
+        Returns after at most twice ``drain_timeout_s``."""
         self._stopping.set()
         self.wakeup.set()
         if self._thread is None:
@@ -102,7 +103,11 @@ class Worker:
         self._thread.join(drain_timeout_s)
         if self._thread.is_alive():
             self._abort.set()
-            self._thread.join()
+            # a model load has no steps to stop at; past a second timeout the job stays
+            # `running` in the database and the next start requeues it (one more attempt)
+            self._thread.join(drain_timeout_s)
+        if self._thread.is_alive():
+            log.warning("worker %s: the running job did not stop; it will be requeued", self.name)
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
