@@ -99,7 +99,8 @@ async def job_events(
                 field="last_event_id",
             )
         since = int(last_event_id)
-    events = services.subscribe(job_id, since)
+    # subscribe() checks the job exists (404 now, not mid-stream): a database read, off the loop
+    events = await asyncio.to_thread(services.subscribe, job_id, since)
     return StreamingResponse(
         sse_stream(events),
         media_type="text/event-stream",
