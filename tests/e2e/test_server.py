@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -59,6 +60,7 @@ def test_priorities_reorder_and_positions_shrink(api: httpx.Client) -> None:
     while (job := api.get(f"/jobs/{lows[-1]['id']}").json())["status"] == "queued":
         if not last_seen or last_seen[-1] != job["position"]:
             last_seen.append(job["position"])
+        time.sleep(0.02)
     assert last_seen == sorted(last_seen, reverse=True) and len(last_seen) >= 2, last_seen
     done = [wait_final(api, j["id"]) for j in (blocker, high, *lows)]
     starts = [j["started_at"] for j in done]
