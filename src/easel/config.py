@@ -50,9 +50,7 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Address `easel serve` binds to.")
     port: int = Field(7860, description="Port `easel serve` listens on.")
-    cpu_workers: int = Field(
-        1, description="Number of generation workers when running on the CPU."
-    )
+    cpu_workers: int = Field(1, description="Number of generation workers when running on the CPU.")
     max_queued_jobs: int = Field(
         1000, description="Queued jobs accepted before new ones get 429 with Retry-After."
     )
@@ -64,9 +62,7 @@ class Settings(BaseSettings):
         4 * 1024 * 1024,
         description="Budget for width × height × num_images of one job.",
     )
-    max_attempts: int = Field(
-        3, description="A job interrupted this many times is marked failed."
-    )
+    max_attempts: int = Field(3, description="A job interrupted this many times is marked failed.")
     drain_timeout_s: float = Field(
         30.0, description="On SIGTERM, seconds to let the running job finish before requeueing it."
     )
