@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("id", help="the name to use with -m")
     add.add_argument("source", help="local diffusers folder, .safetensors file or hub repo id")
     add.add_argument("--family", help="model family (detected for local sources)")
+    add.add_argument("--description", default="", help="a note shown by `models list`")
+    add.add_argument(
+        "--config",
+        help="for a .safetensors file: a diffusers folder or cached hub id with its configs",
+    )
     add.set_defaults(func=cmd_models_add)
     pull = models_commands.add_parser("pull", help="download a model's weights")
     pull.add_argument("id")
@@ -105,11 +110,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    _quiet_libraries()
     from tqdm import tqdm
 
-    from easel.engine.generate import Engine
-    from easel.engine.metadata import parse_png, to_png_bytes
+    from easel.engine.metadata import parse_png, to_png_bytes  # PIL only
 
     # 1. build the request: the stored one (--from), then the options given on the command line
     params = parse_png(args.from_image) if args.from_image else GenerationParams(prompt="")
@@ -129,12 +132,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
         {**params.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
     )
 
-    # 2. check the model and the output folder before loading anything
+    # 2. check the model and the output folder before loading torch
     settings = Settings()
     catalog = ModelCatalog(settings)
     _check_default_model(catalog, settings, params)
     _make_output_folder(args.output)
-    engine = Engine(_model_manager(settings, catalog), settings)
+    _quiet_libraries()
+    from easel.engine.generate import Engine  # torch and diffusers load here
+    from easel.models.loader import ModelManager
+
+    engine = Engine(ModelManager(settings, catalog), settings)
 
     # 3. generate with a progress bar
     bar: Any = None
@@ -176,13 +183,6 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", category=FutureWarning)
-
-
-def _model_manager(settings: Settings, catalog: ModelCatalog) -> Any:
-    _quiet_libraries()
-    from easel.models.loader import ModelManager
-
-    return ModelManager(settings, catalog)
 
 
 def _check_default_model(
@@ -256,7 +256,13 @@ def cmd_models_list(args: argparse.Namespace) -> None:
 
 
 def cmd_models_add(args: argparse.Namespace) -> None:
-    record = ModelCatalog(Settings()).add(args.id, args.source, family=args.family)
+    record = ModelCatalog(Settings()).add(
+        args.id,
+        args.source,
+        family=args.family,
+        description=args.description,
+        config=args.config,
+    )
     state = (
         "available" if record.available else "not downloaded yet: easel models pull " + record.id
     )
@@ -264,6 +270,8 @@ def cmd_models_add(args: argparse.Namespace) -> None:
 
 
 def cmd_models_pull(args: argparse.Namespace) -> None:
-    settings = Settings()
-    _model_manager(settings, ModelCatalog(settings)).pull(args.id, progress=True)
-    print(f"{args.id} is ready")
+    from easel.models.download import pull  # fails fast offline, before importing torch
+
+    _quiet_libraries()
+    folder = pull(ModelCatalog(Settings()), args.id, progress=True)
+    print(f"{args.id} is ready in {folder}")

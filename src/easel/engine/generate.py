@@ -98,7 +98,9 @@ class Engine:
 
             # 4. set the scheduler by its stable name
             pipe.scheduler = make_scheduler(
-                params.scheduler, self._base_scheduler_config(loaded), shift=family.flow_shift
+                params.scheduler,
+                self._base_scheduler_config(loaded),
+                default_shift=family.flow_shift,
             )
 
             # 5. denoise and decode each image with its own seed

@@ -51,15 +51,18 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
 }
 
 
-def make_scheduler(name: str, base_config: Mapping[str, Any], *, shift: float | None = None) -> Any:
+def make_scheduler(
+    name: str, base_config: Mapping[str, Any], *, default_shift: float | None = None
+) -> Any:
     """A fresh scheduler ``name`` from the model's original scheduler config.
 
-    ``shift`` sets the flow-matching timestep shift (``flow_euler`` only; e.g. 3.0 for
-    Z-Image-Turbo); ``None`` keeps the model's own. Raises KeyError for an unknown name
-    (requests are validated against the family's list before they get here).
+    For ``flow_euler`` the model's own timestep shift is kept (Z-Image-Turbo 3, Z-Image base 6;
+    FLUX.1-dev shifts dynamically); ``default_shift`` (the family's reference value) applies only
+    when the model's config has none. Raises KeyError for an unknown name (requests are
+    validated against the family's list before they get here).
     """
     spec = SCHEDULERS[name]
     overrides = dict(spec.overrides)
-    if spec.flow and shift is not None:
-        overrides["shift"] = shift
+    if spec.flow and "shift" not in base_config and default_shift is not None:
+        overrides["shift"] = default_shift
     return spec.cls.from_config(dict(base_config), **overrides)
