@@ -129,11 +129,14 @@ def test_long_prompt_prints_a_dropped_tokens_warning(
 def test_models_list_and_add(
     easel_home: Path, tiny_sdxl_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, _ = _run(["models", "add", "mine", str(tiny_sdxl_path)], capsys)
+    argv = ["models", "add", "mine", str(tiny_sdxl_path), "--description", "my tiny XL"]
+    code, out, _ = _run([*argv, "--config", str(tiny_sdxl_path)], capsys)
     assert code == 0 and "added mine (sdxl)" in out
     code, out, _ = _run(["models", "list", "--json"], capsys)
     by_id = {m["id"]: m for m in json.loads(out)}
     assert by_id["mine"]["available"] is True and by_id["mine"]["family"] == "sdxl"
+    assert by_id["mine"]["description"] == "my tiny XL"
+    assert by_id["mine"]["config"] == str(tiny_sdxl_path)
     assert by_id["sd-turbo"]["available"] is False
     code, out, _ = _run(["models", "list"], capsys)
     assert out.splitlines()[0].split() == ["ID", "FAMILY", "HERE", "SOURCE"]
