@@ -451,7 +451,9 @@ def train_unet(
             group["lr"] = lr
         with autocast(device, config.bf16):
             with torch.no_grad():
-                latents = vae.encode(images).latent_dist.sample().float()
+                # The posterior mean: the same latents `latent_scale` measured (a briefly
+                # trained VAE can still have a wide posterior whose samples are far off scale).
+                latents = vae.encode(images).latent_dist.mode().float()
                 latents = latents * vae.config.scaling_factor
             noise = torch.randn_like(latents)
             timesteps = torch.randint(0, 1000, (latents.shape[0],), device=device)
@@ -604,7 +606,7 @@ def export_reserve_s(config: BaseConfig) -> float:
 def latent_scale(vae: AutoencoderKL, config: BaseConfig, device: torch.device) -> float:
     images = SceneStream(seed=config.seed + 7, device=device).batch(64).images
     with autocast(device, config.bf16):
-        latents = vae.encode(images).latent_dist.mode().float()  # deterministic, for resume
+        latents = vae.encode(images).latent_dist.mode().float()
     return float(1.0 / latents.std())
 
 
