@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 from easel.api.server import register as register_serve
 from easel.config import Settings
-from easel.domain import EaselError, GenerationParams, InvalidParams
+from easel.domain import EaselError, GenerationParams, InvalidParams, Progress
 from easel.models.catalog import ModelCatalog
 from easel.training.commands import register as register_training
 
@@ -146,7 +146,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     # 3. generate with a progress bar
     bar: Any = None
 
-    def on_progress(progress: Any) -> None:
+    def on_progress(progress: Progress) -> None:
         nonlocal bar
         if bar is None:
             bar = tqdm(total=progress.total, unit="step", desc="generating", file=sys.stderr)
