@@ -200,6 +200,15 @@ def test_empty_prompt_names_the_field(
     assert (code, err) == (2, "error: prompt must not be empty\n")
 
 
+def test_without_m_the_bundled_default_model_is_used(
+    easel_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = _run(["generate", "a red circle", "--steps", "2", "-o", str(tmp_path)], capsys)
+    assert code == 0, err
+    params = read_metadata(out.strip())["easel"]
+    assert params["model"] == "tiny-shapes" and params["width"] == 64
+
+
 def test_unavailable_default_model_says_how_to_choose(
     easel_home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
