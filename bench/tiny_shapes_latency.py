@@ -1,0 +1,72 @@
+"""Seconds per image of the bundled tiny-shapes model at its defaults, through the real Engine.
+
+    .venv/bin/python bench/tiny_shapes_latency.py [--repeats 10] [--threads 2]
+
+Interleaves, per repeat, Easel's default CPU settings (bf16 weights + channels_last on a CPU with
+native bf16, else fp32) and float32, one 64x64 image each at the catalog defaults (steps, guidance,
+scheduler), and prints min and median seconds per image for both. Target: <= 0.3 s per image on a
+2-core build machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from easel.config import Settings
+from easel.domain import GenerationParams
+from easel.engine.generate import Engine
+from easel.models.catalog import ModelCatalog
+from easel.models.loader import ModelManager
+
+
+def make_engine(home: Path, dtype: str) -> Engine:
+    settings = Settings(home=home, dtype=dtype, preview_every=0)
+    return Engine(ModelManager(settings, ModelCatalog(settings)), settings)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as home:
+        engines = {"easel default": make_engine(Path(home), "auto")}
+        engines["float32"] = make_engine(Path(home), "float32")
+        times: dict[str, list[float]] = {name: [] for name in engines}
+        resolved = None
+        for repeat in range(args.repeats + 1):  # the first round warms up and is not counted
+            for name, engine in engines.items():
+                params = GenerationParams(
+                    prompt="a red circle and a blue square on a white background",
+                    model="tiny-shapes",
+                    seed=repeat,
+                )
+                start = time.perf_counter()
+                result = engine.generate(params)
+                if repeat:
+                    times[name].append(time.perf_counter() - start)
+                resolved = result.params
+        dtype = engines["easel default"].models.get_pipeline("tiny-shapes", "txt2img").dtype
+
+    assert resolved is not None
+    print(
+        f"tiny-shapes, {resolved.width}x{resolved.height}, {resolved.num_inference_steps} steps, "
+        f"guidance {resolved.guidance_scale}, {resolved.scheduler}, {args.threads} threads, "
+        f"{args.repeats} repeats (easel default dtype: {dtype})\n"
+    )
+    print("| settings | min s/image | median s/image |")
+    print("|---|---|---|")
+    for name, values in times.items():
+        print(f"| {name} | {min(values):.3f} | {statistics.median(values):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
