@@ -177,6 +177,16 @@ def tokenize(tokenizer: CLIPTokenizer, captions: list[str], device: torch.device
     return ids.to(device)
 
 
+def reconstruction_loss(
+    decoded: torch.Tensor, images: torch.Tensor, *, edge_weight: float = 1.0
+) -> torch.Tensor:
+    """L1 + MSE + L1 on image gradients (the last keeps corners and edges sharp)."""
+    edges = (decoded.diff(dim=-1) - images.diff(dim=-1)).abs().mean() + (
+        decoded.diff(dim=-2) - images.diff(dim=-2)
+    ).abs().mean()
+    return F.l1_loss(decoded, images) + F.mse_loss(decoded, images) + edge_weight * edges
+
+
 def lr_factor(step: int, fraction: float, warmup_steps: int) -> float:
     """Linear warm-up over steps, then cosine decay to 10 % over the budget fraction."""
     warmup = min(1.0, (step + 1) / max(1, warmup_steps))
@@ -330,13 +340,8 @@ def train_vae(
         with autocast(device, config.bf16):
             posterior = vae.encode(images).latent_dist
             decoded = vae.decode(posterior.sample()).sample.float()
-        edges = (decoded.diff(dim=-1) - images.diff(dim=-1)).abs().mean() + (
-            decoded.diff(dim=-2) - images.diff(dim=-2)
-        ).abs().mean()
         loss = (
-            F.l1_loss(decoded, images)
-            + F.mse_loss(decoded, images)
-            + config.vae_edge_weight * edges
+            reconstruction_loss(decoded, images, edge_weight=config.vae_edge_weight)
             + config.vae_kl_weight * posterior.kl().mean()
         )
         optimizer.zero_grad(set_to_none=True)

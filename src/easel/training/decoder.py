@@ -13,20 +13,17 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from tqdm import tqdm
 
-from easel.training.base import autocast, lr_factor, pick_device, prefetched
+from easel.training.base import (
+    autocast,
+    lr_factor,
+    pick_device,
+    prefetched,
+    reconstruction_loss,
+)
 from easel.training.data import SceneStream
-
-
-def reconstruction_loss(decoded: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """L1 + MSE + L1 on image gradients (the last keeps corners and edges sharp)."""
-    edges = (decoded.diff(dim=-1) - images.diff(dim=-1)).abs().mean() + (
-        decoded.diff(dim=-2) - images.diff(dim=-2)
-    ).abs().mean()
-    return F.l1_loss(decoded, images) + F.mse_loss(decoded, images) + edges
 
 
 def finetune_decoder(
