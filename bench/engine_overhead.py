@@ -210,6 +210,9 @@ def main() -> None:
     }
     for name, (low, mid) in stats.items():
         print(f"| {labels[name]} | {low:.2f} | {mid:.2f} |")
+    print()
+    for name, t in times.items():
+        print(f"{name} runs (s): {', '.join(f'{x:.2f}' for x in t)}")
     ratio_min = stats["engine"][0] / stats["bare (same)"][0]
     ratio_median = stats["engine"][1] / stats["bare (same)"][1]
     identical = np.array_equal(np.asarray(images["engine"]), np.asarray(images["bare (same)"]))
