@@ -34,6 +34,20 @@ def test_presets_follow_the_family_limits(services: Services) -> None:
     assert form.steps == 8 and form.guidance == 0.0 and form.schedulers == ("flow_euler",)
 
 
+def test_tiny_shapes_opens_at_its_training_size(services: Services) -> None:
+    form = model_form(services.model_info("tiny-shapes"))
+    assert form.size == "64×64 (1:1)" and form.sizes[0] == form.size
+    assert form.steps == 12 and form.guidance == 4.0
+    for label in form.sizes:
+        width, height = parse_size(label)
+        assert width % 8 == 0 and height % 8 == 0 and 32 <= min(width, height)
+        assert max(width, height) <= 128
+        a, b = map(int, re.search(r"\((\d+):(\d+)\)", label).groups())  # type: ignore[union-attr]
+        assert abs(width / height / (a / b) - 1) < 0.06, label  # the label tells the truth
+    assert "96×64 (3:2)" in form.sizes and "80×80 (1:1)" in form.sizes
+    assert "120×56 (21:9)" not in form.sizes  # 2.14:1 is no 21:9
+
+
 def test_presets_leave_out_ratios_that_do_not_fit() -> None:
     presets = size_presets(64, 64, multiple=8, min_size=56, max_size=96)
     assert presets[0] == "64×64 (1:1)"

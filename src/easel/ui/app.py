@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 REFRESH_S = 0.5
 HISTORY_LIMIT = 200  # images shown in the History tab (newest first)
 OWNER = "web"  # jobs submitted from the page
+# Gradio serves what the page shows (copies of stored PNGs, every live preview) from its own file
+# cache: every 10 minutes drop the files older than an hour, so a long-running server does not
+# fill the temp folder (the images themselves stay in EASEL_HOME/images).
+CACHE_CLEANUP = (600, 3600)
 
 CSS = """
 .easel-status { display: flex; flex-wrap: wrap; gap: .5rem; align-items: center; min-height: 1.6rem; }
@@ -43,21 +47,44 @@ CSS = """
 .easel-status[data-state="failed"] { color: var(--error-text-color); }
 #result-info pre, #result-info code, #picked-info pre, #picked-info code {
   white-space: pre-wrap !important; overflow-wrap: anywhere; }
+#preview img { width: 100%; height: 100%; object-fit: contain; }
+img.easel-upscaled { image-rendering: pixelated; }
+@media (max-width: 640px) {  /* Gradio's grid keeps >= 100 px columns: too wide for 400 px */
+  #history .grid-container { grid-template-columns: repeat(3, minmax(0, 1fr)); } }
 """
+
+# Small images (a 64×64 model's pictures, the live previews) are shown larger than they are:
+# enlarge them with sharp pixels instead of a blur. Only enlarged ones: big pictures shrunk into
+# thumbnails keep the smooth filter (pixelated shrinking would alias them).
+HEAD = """<script>
+const easelSharp = new ResizeObserver((entries) => {
+  for (const { target: img, contentRect: box } of entries) {
+    if (!img.isConnected) { easelSharp.unobserve(img); continue; }
+    const scale = Math.min(box.width / img.naturalWidth, box.height / img.naturalHeight);
+    img.classList.toggle("easel-upscaled", scale > 1);
+  }
+});
+document.addEventListener("load", (event) => {
+  if (event.target instanceof HTMLImageElement) easelSharp.observe(event.target);
+}, true);
+</script>"""
 
 
 def build_ui(services: Services) -> gr.Blocks:
     """The Blocks app: a Generate tab and a History tab, wired to ``services``."""
     ui = _Handlers(services)
     form = ui.first_form()
-    with gr.Blocks(title="Easel", analytics_enabled=False) as demo:
+    with gr.Blocks(title="Easel", analytics_enabled=False, delete_cache=CACHE_CLEANUP) as demo:
         gr.Markdown("# Easel", elem_id="easel-title")
         with gr.Tabs(elem_id="easel-tabs") as tabs:
             with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=2, min_width=300):
                         prompt = gr.Textbox(
-                            label="Prompt", lines=3, placeholder="a red circle", elem_id="prompt"
+                            label="Prompt",
+                            lines=3,
+                            placeholder="a red circle and a blue square on a white background",
+                            elem_id="prompt",
                         )
                         negative = gr.Textbox("", label="Negative prompt", elem_id="negative")
                         model = gr.Dropdown(
@@ -67,13 +94,19 @@ def build_ui(services: Services) -> gr.Blocks:
                             elem_id="model",
                         )
                         note = gr.Markdown(form.note, elem_id="model-note")
-                        size = gr.Dropdown(
-                            choices=form.sizes,
-                            value=form.size,
-                            label="Size (width × height)",
-                            allow_custom_value=True,
-                            elem_id="size",
-                        )
+                        with gr.Row():
+                            size = gr.Dropdown(
+                                choices=form.sizes,
+                                value=form.size,
+                                label="Size (width × height)",
+                                allow_custom_value=True,
+                                elem_id="size",
+                            )
+                            scheduler = gr.Dropdown(
+                                choices=list(form.schedulers),
+                                value=form.scheduler,
+                                label="Scheduler",
+                            )
                         with gr.Row():
                             steps = gr.Slider(
                                 1,
@@ -87,9 +120,6 @@ def build_ui(services: Services) -> gr.Blocks:
                                 *form.guidance_range, value=form.guidance, step=0.1,
                                 label="Guidance",
                             )  # fmt: skip
-                        scheduler = gr.Dropdown(
-                            choices=list(form.schedulers), value=form.scheduler, label="Scheduler"
-                        )
                         with gr.Row():
                             seed = gr.Number(
                                 value=0, precision=0, minimum=0, label="Seed", elem_id="seed"
@@ -119,9 +149,8 @@ def build_ui(services: Services) -> gr.Blocks:
                         )
                         gallery = gr.Gallery(
                             label="Result",
-                            columns=4,
-                            height=360,
-                            preview=True,  # the first image large, the others as thumbnails
+                            columns=2,  # one image spans the column; 2 or more two abreast
+                            height="fit-content",  # every image whole, none cropped or scrolled
                             object_fit="contain",
                             elem_id="result",
                         )
@@ -132,13 +161,13 @@ def build_ui(services: Services) -> gr.Blocks:
                     search = gr.Textbox(
                         label="Search prompts", placeholder="circle", scale=3, elem_id="search"
                     )
-                    refresh = gr.Button("Refresh", scale=1, elem_id="refresh")
+                    refresh = gr.Button("Refresh", scale=1, size="md", elem_id="refresh")
                 history_count = gr.Markdown(elem_id="history-count")
                 history = gr.Gallery(
                     label="History (newest first)",
-                    columns=4,
+                    columns=6,  # three on a phone (CSS)
                     fit_columns=False,
-                    height=420,
+                    height=440,  # two rows on a desktop
                     object_fit="contain",
                     allow_preview=False,
                     elem_id="history",
@@ -150,7 +179,9 @@ def build_ui(services: Services) -> gr.Blocks:
                             "Click an image, or drop a PNG below, to see its parameters.",
                             elem_id="picked-info",
                         )
-                        reuse = gr.Button("Reuse", interactive=False, elem_id="reuse")
+                        reuse = gr.Button(
+                            "Reuse", variant="primary", interactive=False, elem_id="reuse"
+                        )
                     with gr.Column(scale=2, min_width=300):
                         png = gr.File(
                             label="Drop a PNG to read its parameters",
@@ -197,10 +228,11 @@ def mount_ui(app: FastAPI, services: Services, path: str = "/") -> FastAPI:
         app,
         build_ui(services),
         path=path,
-        allowed_paths=[str(images_dir)],  # result and history galleries show the stored PNGs
+        allowed_paths=[str(images_dir)],  # the galleries may take the stored PNGs
         footer_links=["api"],
         run_history=False,  # Easel's History tab is the record; keep nothing in the browser
         css=CSS,
+        head=HEAD,
     )
 
 

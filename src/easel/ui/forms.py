@@ -20,7 +20,9 @@ from easel.domain import InvalidParams, ModelRecord
 from easel.services import ModelInfo
 
 # Aspect ratios offered as size presets (in the spirit of the Z-Image-Turbo demo's list), each at
-# the model's default pixel count; a ratio is left out when a side falls outside the model's range.
+# the model's default pixel count; a ratio is left out when a side falls outside the model's range
+# or when rounding the sides to the size multiple would bend it by more than RATIO_TOLERANCE
+# (small models: at 64 px, multiples of 8 cannot make every ratio).
 ASPECT_RATIOS: tuple[tuple[int, int], ...] = (
     (1, 1),
     (4, 3),
@@ -34,6 +36,7 @@ ASPECT_RATIOS: tuple[tuple[int, int], ...] = (
 )
 # A second, larger base (like the demo's 1024 and 1280 rows) when the model allows it.
 LARGER_BASE = 1.25
+RATIO_TOLERANCE = 0.05
 
 _SIZE = re.compile(r"^\s*(\d+)\s*[x×X*]\s*(\d+)")
 
@@ -98,7 +101,8 @@ def _model_label(record: ModelRecord) -> str:
 
 def size_presets(width: int, height: int, multiple: int, min_size: int, max_size: int) -> list[str]:
     """Labels like ``"768×512 (3:2)"``: every aspect ratio at the default pixel count, then at a
-    larger one, each side rounded to ``multiple`` and kept within ``[min_size, max_size]``."""
+    larger one, each side rounded to ``multiple`` and kept within ``[min_size, max_size]``; the
+    default size comes first."""
     presets = [format_size(width, height)]
     for scale in (1.0, LARGER_BASE):
         area = width * height * scale * scale
@@ -106,7 +110,8 @@ def size_presets(width: int, height: int, multiple: int, min_size: int, max_size
             w = _round_to(math.sqrt(area * a / b), multiple)
             h = _round_to(math.sqrt(area * b / a), multiple)
             fits = min_size <= min(w, h) and max(w, h) <= max_size
-            if fits and not any(p.startswith(f"{w}×{h} ") for p in presets):
+            true_ratio = abs(math.log((w * b) / (h * a))) <= math.log1p(RATIO_TOLERANCE)
+            if fits and true_ratio and not any(p.startswith(f"{w}×{h} ") for p in presets):
                 presets.append(format_size(w, h, ratio=(a, b)))
     return presets
 
