@@ -1,8 +1,9 @@
 """Browser-test harness: the real server in a subprocess on a free loopback port, and headless
 Chromium (the Debian package) driven by Playwright.
 
-The server runs ``python -m easel.api.server`` with its own EASEL_HOME, where a tiny
-StableDiffusionPipeline is registered as ``tiny-sd`` (64×64, 4 steps) and made the default model.
+The server runs ``python -m easel.api.server`` with its own EASEL_HOME and the real default
+model: the bundled ``tiny-shapes`` (64×64, 12 steps, a fraction of a second per image on a CPU),
+so the screenshots show real pictures.
 """
 
 from __future__ import annotations
@@ -18,9 +19,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from easel.config import Settings
-from easel.models.catalog import ModelCatalog
-
 CHROMIUM = "/usr/bin/chromium"
 # the flags that work on the build machines (see the project's machine notes)
 CHROMIUM_ARGS = [
@@ -34,7 +32,6 @@ CHROMIUM_ARGS = [
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts" / "ui"
 START_TIMEOUT_S = 90
-MODEL_ID = "tiny-sd"
 
 
 class ServerProcess:
@@ -53,12 +50,14 @@ class ServerProcess:
     def start(self) -> None:
         self.port = _free_port()
         env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k != "EASEL_DEFAULT_MODEL"},
             "EASEL_HOME": str(self.home),
-            "EASEL_DEFAULT_MODEL": MODEL_ID,
             "EASEL_PORT": str(self.port),
             "EASEL_HOST": "127.0.0.1",
             "GRADIO_ANALYTICS_ENABLED": "False",
+            # one torch thread: with a second one, sharing the CPU with the browser makes every
+            # step wait at OpenMP barriers (many times slower on a 2-core machine)
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
             "HF_HUB_OFFLINE": "1",
         }
         with self.log_path.open("ab") as log:
@@ -114,18 +113,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ui_server(
-    tiny_sd_path: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProcess]:
-    """The real server with the tiny SD model as the default, shared by the UI tests."""
+def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The real server with its default model (the bundled tiny-shapes), shared by the UI tests."""
     home = tmp_path_factory.mktemp("ui-home")
-    ModelCatalog(Settings(home=home)).add(
-        MODEL_ID,
-        str(tiny_sd_path),
-        description="tiny random test model",
-        defaults={"width": 64, "height": 64, "num_inference_steps": 4, "min_size": 32,
-                  "max_size": 256},
-    )  # fmt: skip
     server = ServerProcess(home, home / "server.log")
     server.start()
     yield server

@@ -11,22 +11,24 @@ from tests.ui.conftest import ServerProcess
 
 pytestmark = pytest.mark.slow
 
+PROMPT = "a green circle on a white background"
+
 
 def test_generate_with_only_a_prompt(ui_server: ServerProcess, tmp_path: Path) -> None:
     from gradio_client import Client
 
     client = Client(ui_server.url + "/", verbose=False, download_files=tmp_path)
-    gallery, seed, info, *_ = client.predict("a red circle", api_name="/generate")
+    gallery, seed, info, *_ = client.predict(PROMPT, api_name="/generate")
 
     assert len(gallery) == 1
     image = Image.open(gallery[0]["image"])
     assert image.size == (64, 64)  # the default model's own defaults filled the rest
-    assert image.text["parameters"].startswith("a red circle\n")  # the stored PNG, metadata kept
+    assert image.text["parameters"].startswith(PROMPT + "\n")  # the stored PNG, metadata kept
     assert f"Seed: {seed}" in info
     assert gallery[0]["caption"] == f"seed {seed}"
     with ui_server.api() as api:
         (job,) = api.get("/jobs", params={"limit": 1}).json()
-    assert job["params"]["prompt"] == "a red circle" and job["status"] == "succeeded"
+    assert job["params"]["prompt"] == PROMPT and job["status"] == "succeeded"
 
 
 def test_bad_input_is_an_error_naming_the_field(ui_server: ServerProcess) -> None:
@@ -34,5 +36,5 @@ def test_bad_input_is_an_error_naming_the_field(ui_server: ServerProcess) -> Non
     from gradio_client.exceptions import AppError
 
     client = Client(ui_server.url + "/", verbose=False)
-    with pytest.raises(AppError, match=r"width must be a multiple of 8 between 32 and 256"):
-        client.predict("a red circle", size="100x64", api_name="/generate")
+    with pytest.raises(AppError, match=r"width must be a multiple of 8 between 32 and 128"):
+        client.predict(PROMPT, size="100x64", api_name="/generate")
