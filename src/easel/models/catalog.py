@@ -32,7 +32,10 @@ BUILTINS: tuple[ModelRecord, ...] = (
         id="tiny-shapes",
         family="sd",
         source=str(TINY_SHAPES_DIR),
-        description="Bundled 64x64 model of coloured shapes, trained by Easel (CPU friendly)",
+        description=(
+            "Bundled 64x64 model of coloured shapes, trained by Easel (CPU friendly); "
+            'name a background: "a red circle on a white background"'
+        ),
         # the sampling settings its training run validates with (training/base_config.py)
         defaults={
             "width": 64,
