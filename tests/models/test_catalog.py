@@ -201,3 +201,10 @@ def test_pure_python_modules_do_not_import_torch() -> None:
 
 def test_builtin_ids_are_unique() -> None:
     assert len({r.id for r in BUILTINS}) == len(BUILTINS)
+
+
+def test_a_name_too_long_for_the_filesystem_is_an_unknown_model(easel_home: Path) -> None:
+    catalog = ModelCatalog(Settings(home=easel_home))
+    with pytest.raises(ModelNotFound) as caught:
+        catalog.get("a" * 300)
+    assert caught.value.field == "model"

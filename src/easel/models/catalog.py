@@ -196,6 +196,15 @@ def _looks_like_path(text: str) -> bool:
     return text.startswith(("/", "~", ".")) or text.endswith(".safetensors") or text.count("/") > 1
 
 
+def _is_model_path(path: Path) -> bool:
+    """A local diffusers folder or .safetensors file; False for names the OS cannot even look up
+    (too long, NUL bytes), which then end as an ordinary "unknown model" error."""
+    try:
+        return path.exists() and (path.is_dir() or path.suffix == ".safetensors")
+    except (OSError, ValueError):
+        return False
+
+
 class ModelCatalog:
     """Known models: built-ins plus entries in ``settings.user_models_file``."""
 
@@ -218,7 +227,7 @@ class ModelCatalog:
             if record.source == id_or_path:
                 return self._with_availability(record)
         path = Path(id_or_path).expanduser()
-        if path.exists() and (path.is_dir() or path.suffix == ".safetensors"):
+        if _is_model_path(path):
             path = path.resolve()
             record = ModelRecord(
                 id=str(path), family=detect_family(path), source=str(path), builtin=False
