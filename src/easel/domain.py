@@ -86,7 +86,7 @@ class GenerationParams:
     seed: int | None = None
     num_images: int = 1
     scheduler: str | None = None
-    # img2img / inpaint inputs travel as PNG-encoded bytes so params stay serialisable
+    # img2img/inpaint only; those tasks are refused until a request can carry an input image
     strength: float | None = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -233,11 +233,6 @@ class ModelManager:
             _free_memory()
             return True
 
-    def unload_all(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            _free_memory()
-
     def pull(self, model_id: str, *, progress: bool = True) -> Path:
         """Download ``model_id`` into the Hugging Face cache (see ``download.pull``)."""
         return pull(self.catalog, model_id, progress=progress)
