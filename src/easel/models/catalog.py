@@ -352,7 +352,11 @@ class ModelCatalog:
         return entries
 
     def _write_user_entries(self, entries: dict[str, ModelRecord]) -> None:
-        lines = ["# Easel's user model catalog (`easel models add` writes it; edit freely)", ""]
+        lines = [
+            "# Easel's user model catalog. `easel models add` rewrites this file: edit the entries",
+            "# freely, but comments are not kept.",
+            "",
+        ]
         for record in entries.values():
             lines.append(f"[models.{_toml_key(record.id)}]")
             lines.append(f"family = {_toml_value(record.family)}")
