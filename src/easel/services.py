@@ -76,12 +76,16 @@ class Services:
     # --- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Requeue (or fail) jobs a crash left running, then start the workers."""
-        for job in self.queue.recover():
-            if job.status is JobStatus.FAILED:
-                self.events.publish(job.id, "failed", {"error": job.error})
-            else:
-                self.events.publish(job.id, "requeued", {"reason": "server restarted"})
+        """Requeue (or fail, or cancel) jobs a crash left running, then start the workers."""
+        # each recovered job's new status and its event commit together
+        with self.db.transaction():
+            for job in self.queue.recover():
+                if job.status is JobStatus.FAILED:
+                    self.events.publish(job.id, "failed", {"error": job.error})
+                elif job.status is JobStatus.CANCELED:
+                    self.events.publish(job.id, "canceled", {"while": "running"})
+                else:
+                    self.events.publish(job.id, "requeued", {"reason": "server restarted"})
         for worker in self.workers:
             worker.start()
 

@@ -167,6 +167,18 @@ def test_recovery_requeues_then_fails_after_max_attempts(services: Services) -> 
     assert "interrupted 3 times" in (services.get_job(job.id).error or "")
 
 
+def test_a_job_canceled_while_running_stays_canceled_after_a_crash(services: Services) -> None:
+    job = submit(services)
+    assert services.queue.claim() is not None  # a worker starts it
+    services.cancel_job(job.id)  # the user cancels; the process dies before the next step
+    services.start()  # the next start-up
+    canceled = services.get_job(job.id)
+    assert canceled.status is JobStatus.CANCELED and canceled.finished_at is not None
+    last = services.events.history(job.id)[-1]
+    assert (last.type, last.data) == ("canceled", {"while": "running"})
+    assert services.workers[0].run_once() is False, "it never runs again"
+
+
 def test_list_and_search_images(services: Services) -> None:
     submit(services, "a red circle")
     submit(services, "a blue 100%_square")

@@ -197,10 +197,17 @@ class SqliteJobQueue:
 
     def recover(self) -> builtins.list[JobRecord]:
         """At start-up: put jobs a dead process left ``running`` back in the queue, or fail them
-        when they have been started ``max_attempts`` times. Returns the jobs it touched."""
+        when they have been started ``max_attempts`` times, or cancel them when a cancel was
+        requested while they ran. Returns the jobs it touched."""
         now = utcnow()
         with self.db.transaction() as conn:
             ids = [r[0] for r in conn.execute("SELECT id FROM jobs WHERE status = 'running'")]
+            # a cancel the user asked for before the crash still holds: never run it again
+            conn.execute(
+                "UPDATE jobs SET status = 'canceled', finished_at = ?"
+                " WHERE status = 'running' AND cancel_requested = 1",
+                (now,),
+            )
             conn.execute(
                 "UPDATE jobs SET status = 'failed', finished_at = ?, error = 'interrupted ' ||"
                 " attempts || ' times (the server stopped while it ran); giving up'"
