@@ -286,6 +286,7 @@ def build_services(settings: Settings, *, generator: Generator | None = None) ->
         Worker(
             f"{device}-{i}",
             device,
+            db=db,
             queue=queue,
             images=images,
             events=events,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from easel.domain import GenerationParams
+from easel.domain import GenerationParams, JobStatus
 from easel.jobs.db import MIGRATIONS, Database
 from easel.jobs.events import EventBus
 from easel.jobs.queue import SqliteJobQueue
@@ -100,3 +100,40 @@ def test_subscribe_gets_backlog_then_live_events_from_a_thread(services: Service
         return [e.id async for e in services.subscribe(job.id, after)]
 
     assert asyncio.run(replay(seen[2][0])) == [i for i, _ in seen[3:]]
+
+
+def test_final_status_and_final_event_commit_together(services: Services) -> None:
+    """A crash between the two (here: the event write fails) leaves neither, so recovery
+    requeues the job instead of leaving a succeeded job that SSE clients wait on forever."""
+    job = services.submit_job(GenerationParams(prompt="x", num_inference_steps=2))
+    publish = services.events.publish
+
+    def crash_on_final(job_id, type, data=None):  # type: ignore[no-untyped-def]
+        if type == "succeeded":
+            raise RuntimeError("the process died here")
+        return publish(job_id, type, data)
+
+    services.events.publish = crash_on_final  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        services.workers[0].run_once()
+    services.events.publish = publish  # type: ignore[method-assign]
+    assert services.get_job(job.id).status is JobStatus.RUNNING
+    assert "succeeded" not in [e.type for e in services.events.history(job.id)]
+
+
+def test_subscribe_ends_when_the_job_is_final_and_the_backlog_is_done(services: Services) -> None:
+    job = services.submit_job(GenerationParams(prompt="x", num_inference_steps=2))
+    services.workers[0].run_once()
+    final_id = services.events.history(job.id)[-1].id
+    # a job left final without a final event (a database written by an older version)
+    broken = services.submit_job(GenerationParams(prompt="y", num_inference_steps=2))
+    services.queue.claim()
+    services.queue.finish(broken.id, JobStatus.SUCCEEDED)
+
+    async def follow(job_id: str, after: int = 0) -> list[str]:
+        events = services.subscribe(job_id, after)
+        return [e.type async for e in events]
+
+    # a client that saw the final event reconnects with its id: nothing more, and the end
+    assert asyncio.run(asyncio.wait_for(follow(job.id, final_id), timeout=5)) == []
+    assert asyncio.run(asyncio.wait_for(follow(broken.id), timeout=5)) == ["queued"]

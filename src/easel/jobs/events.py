@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from easel.domain import JobStatus
 from easel.jobs.db import Database
 from easel.jobs.queue import utcnow
 
@@ -96,17 +97,21 @@ class EventBus:
 
     async def subscribe(self, job_id: str, last_event_id: int = 0) -> AsyncIterator[JobEvent]:
         """Events of one job after ``last_event_id``: the backlog, then live ones, until a final
-        event (succeeded, failed, canceled)."""
+        event (succeeded, failed, canceled), or the end of the backlog when the job is already
+        final (e.g. a client that saw the final event reconnects with its id)."""
         self._attach(asyncio.get_running_loop())
         mailbox: asyncio.Queue[JobEvent] = asyncio.Queue()
         self._subscribers.setdefault(job_id, set()).add(mailbox)
         try:
             seen = last_event_id
-            for event in await asyncio.to_thread(self.history, job_id, last_event_id):
+            ended, backlog = await asyncio.to_thread(self._backlog, job_id, last_event_id)
+            for event in backlog:
                 seen = event.id
                 yield event
                 if event.final:
                     return
+            if ended:
+                return
             while True:
                 event = await mailbox.get()
                 if event.id <= seen:
@@ -119,6 +124,14 @@ class EventBus:
             self._subscribers[job_id].discard(mailbox)
             if not self._subscribers[job_id]:
                 del self._subscribers[job_id]
+
+    def _backlog(self, job_id: str, after: int) -> tuple[bool, list[JobEvent]]:
+        """Whether the job is final, and its events after ``after``. The status is read first:
+        a job's final status commits with its final event, so when it reads final every event
+        there will be is in the backlog, and waiting for more would wait forever."""
+        rows = self.db.query("SELECT status FROM jobs WHERE id = ?", (job_id,))
+        ended = bool(rows) and JobStatus(rows[0][0]).final
+        return ended, self.history(job_id, after)
 
     def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Bind to the loop subscribers run on (the server's), starting the pump once per loop."""

@@ -1,7 +1,8 @@
 """Workers: one thread per device that claims jobs, runs the generator, stores the images and
 publishes events. One job at a time per worker, so a pipeline never serves two calls at once.
 
-    worker = Worker("cpu-0", "cpu", queue=queue, images=images, events=events, generator=engine)
+    worker = Worker("cpu-0", "cpu", db=db, queue=queue, images=images, events=events,
+                    generator=engine)
     worker.start()          # thread: claim -> generate -> store -> publish, until stop()
     worker.run_once()       # or one job in the calling thread (tests, benchmarks)
 """
@@ -29,6 +30,7 @@ from easel.domain import (
     ProgressCallback,
 )
 from easel.engine.metadata import to_png_bytes
+from easel.jobs.db import Database
 from easel.jobs.events import EventBus, EventType
 from easel.jobs.images import ImageStore
 from easel.jobs.queue import JobQueue
@@ -68,6 +70,7 @@ class Worker:
         name: str,
         device: str,
         *,
+        db: Database,
         queue: JobQueue,
         images: ImageStore,
         events: EventBus,
@@ -76,6 +79,7 @@ class Worker:
     ) -> None:
         self.name = name
         self.device = device
+        self.db = db
         self.queue = queue
         self.images = images
         self.events = events
@@ -170,11 +174,10 @@ class Worker:
             log.exception("job %s failed", job.id)
             self._fail(job, f"internal error: {type(exc).__name__}: {exc}")
             return
-        # 5. finish: status, speed for ETAs, the final event
-        self.queue.finish(job.id, JobStatus.SUCCEEDED)
-        self.queue.record_speed(job, self.device, seconds)
-        self._publish_end(
+        # 5. finish: status and the final event, then speed for ETAs
+        self._end(
             job,
+            JobStatus.SUCCEEDED,
             "succeeded",
             {
                 "images": [
@@ -183,6 +186,7 @@ class Worker:
                 "seconds": round(seconds, 3),
             },
         )
+        self.queue.record_speed(job, self.device, seconds)
 
     def _report_progress(self, job: JobRecord, progress: Progress) -> None:
         self.queue.set_progress(job.id, progress.step, progress.total)
@@ -193,18 +197,25 @@ class Worker:
 
     def _stop_canceled(self, job: JobRecord) -> None:
         if self.queue.cancel_requested(job.id):
-            self.queue.finish(job.id, JobStatus.CANCELED)
-            self._publish_end(job, "canceled", {"while": "running"})
+            self._end(job, JobStatus.CANCELED, "canceled", {"while": "running"})
         else:  # aborted by a drain: back to the queue, it will run again after the restart
-            self.queue.finish(job.id, JobStatus.QUEUED)
-            self._publish_end(job, "requeued", {"reason": "server stopping"})
+            self._end(job, JobStatus.QUEUED, "requeued", {"reason": "server stopping"})
 
     def _fail(self, job: JobRecord, message: str) -> None:
-        self.queue.finish(job.id, JobStatus.FAILED, message)
-        self._publish_end(job, "failed", {"error": message})
+        self._end(job, JobStatus.FAILED, "failed", {"error": message}, error=message)
 
-    def _publish_end(self, job: JobRecord, type: EventType, data: dict[str, object]) -> None:
-        """The run's last event, after dropping its stored previews (whoever sees this event
-        finds the history compacted)."""
-        self.events.drop_previews(job.id)
-        self.events.publish(job.id, type, data)
+    def _end(
+        self,
+        job: JobRecord,
+        status: JobStatus,
+        type: EventType,
+        data: dict[str, object],
+        error: str | None = None,
+    ) -> None:
+        """Record how the run ended: the job's status and its last event in one transaction,
+        so a crash can never leave a final job without its final event (SSE clients wait for
+        it). Stored previews are dropped first: whoever sees this event finds them gone."""
+        with self.db.transaction():
+            self.queue.finish(job.id, status, error)
+            self.events.drop_previews(job.id)
+            self.events.publish(job.id, type, data)
