@@ -41,6 +41,7 @@ from easel.models.families import Family, get_family
 from easel.models.params import defaults_for, effective_family, resolve_params
 
 PRIORITY_RANGE = (-100, 100)
+SERVED_TASKS = ("txt2img",)  # the worker's engine runs text-to-image only for now
 
 
 class LoadedModels(Protocol):
@@ -231,6 +232,12 @@ class Services:
     # --- checks ---------------------------------------------------------------------------------
 
     def _check_limits(self, params: GenerationParams, priority: int) -> None:
+        if params.task not in SERVED_TASKS:
+            raise InvalidParams(
+                f"task must be {' or '.join(SERVED_TASKS)} (got {params.task!r}); "
+                "img2img and inpaint are not served yet",
+                field="task",
+            )
         limit = self.settings.max_prompt_chars
         for name in ("prompt", "negative_prompt"):
             text = getattr(params, name)

@@ -122,6 +122,9 @@ def test_priority_reorders_waiting_jobs(client: TestClient) -> None:
         ({"prompt": "x", "num_inference_steps": 0}, 422, "num_inference_steps"),
         ({"prompt": "x", "guidance_scale": "lots"}, 422, "guidance_scale"),
         ({"prompt": "x", "task": "paint"}, 422, "task"),
+        ({"prompt": "x", "task": "img2img"}, 422, "task"),  # txt2img only for now
+        ({"prompt": "x", "task": "inpaint", "strength": 0.5}, 422, "task"),
+        ({"prompt": "x", "strength": 0.5}, 422, "strength"),  # only img2img would use it
         ({"prompt": "x", "colour": "red"}, 422, "colour"),
         ({"prompt": ""}, 422, "prompt"),
         ({}, 422, "prompt"),

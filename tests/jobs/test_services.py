@@ -123,6 +123,8 @@ def test_failure_is_recorded_and_worker_continues(services: Services) -> None:
         ({"num_inference_steps": 0}, "num_inference_steps"),
         ({"scheduler": "nope"}, "scheduler"),
         ({"task": "paint"}, "task"),
+        ({"task": "img2img"}, "task"),  # the engine serves txt2img only for now
+        ({"task": "inpaint"}, "task"),
         ({"priority": 1000}, "priority"),
     ],
 )
@@ -134,6 +136,8 @@ def test_invalid_params_name_the_field_and_store_nothing(
     with pytest.raises(InvalidParams) as err:
         services.submit_job(GenerationParams(**params), priority=priority)
     assert err.value.field == field
+    if field == "task":
+        assert "txt2img" in err.value.message, "names the allowed value"
     assert job_rows(services) == 0
 
 

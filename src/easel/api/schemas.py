@@ -27,7 +27,9 @@ class JobCreate(BaseModel):
         },
     )
 
-    task: Literal["txt2img", "img2img", "inpaint"] = "txt2img"
+    task: Literal["txt2img"] = Field(
+        "txt2img", description="Only txt2img for now (img2img and inpaint are not served yet)."
+    )
     model: str | None = Field(None, description="Catalog id or local path; default: the server's.")
     prompt: str
     negative_prompt: str = ""
@@ -38,7 +40,6 @@ class JobCreate(BaseModel):
     seed: int | None = Field(None, description="Random when omitted; image i uses seed + i.")
     num_images: int = 1
     scheduler: str | None = None
-    strength: float | None = None
     priority: int = Field(0, description="Higher runs first (-100..100); FIFO within a priority.")
 
     def to_params(self) -> GenerationParams:
