@@ -15,14 +15,16 @@ without torch.
 
 from __future__ import annotations
 
+import fcntl
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 from easel.config import Settings
 from easel.domain import (
+    EaselError,
     GenerationParams,
     ImageRecord,
     InvalidParams,
@@ -73,11 +75,15 @@ class Services:
     workers: list[Worker]
     model_managers: list[LoadedModels] = field(default_factory=list)
     wakeup: threading.Event = field(default_factory=threading.Event)
+    _home_lock: IO[str] | None = field(default=None, init=False, repr=False)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Requeue (or fail, or cancel) jobs a crash left running, then start the workers."""
+        """Take EASEL_HOME for this process, requeue (or fail, or cancel) jobs a crash left
+        running, then start the workers. Raises EaselError when another server holds EASEL_HOME.
+        """
+        self._lock_home()
         # each recovered job's new status and its event commit together
         with self.db.transaction():
             for job in self.queue.recover():
@@ -102,6 +108,25 @@ class Services:
         for thread in threads:
             thread.join()
         self.db.close()
+        if self._home_lock is not None:
+            self._home_lock.close()  # releases the flock
+            self._home_lock = None
+
+    def _lock_home(self) -> None:
+        """Hold an exclusive lock on ``EASEL_HOME/easel.lock`` while this server runs: a second
+        server's recovery would requeue the first one's running jobs and run them twice. The OS
+        drops the lock when the process dies, so a crash leaves nothing stale behind."""
+        home = self.settings.home
+        handle = (home / "easel.lock").open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise EaselError(
+                f"another Easel server is using EASEL_HOME={home}; stop it, or set EASEL_HOME "
+                "to another folder"
+            ) from None
+        self._home_lock = handle
 
     # --- jobs -----------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from easel.domain import (
+    EaselError,
     GenerationParams,
     InvalidParams,
     JobNotFound,
@@ -181,6 +182,26 @@ def test_a_job_canceled_while_running_stays_canceled_after_a_crash(services: Ser
     last = services.events.history(job.id)[-1]
     assert (last.type, last.data) == ("canceled", {"while": "running"})
     assert services.workers[0].run_once() is False, "it never runs again"
+
+
+def test_a_second_server_on_the_same_home_is_refused(services: Services, settings) -> None:
+    services.start()
+    second = build_services(settings, generator=StandInGenerator())
+    with pytest.raises(
+        EaselError, match=f"another Easel server is using EASEL_HOME={settings.home}"
+    ):
+        second.start()
+    services.stop()  # releases EASEL_HOME
+    second.start()
+    second.stop()
+
+
+def test_finish_leaves_a_job_another_process_recovered(services: Services) -> None:
+    job = submit(services)
+    assert services.queue.claim() is not None  # this process runs it ...
+    services.queue.recover()  # ... and another one's start-up puts it back in the queue
+    assert services.queue.finish(job.id, JobStatus.SUCCEEDED) is False
+    assert services.get_job(job.id).status is JobStatus.QUEUED
 
 
 def test_list_and_search_images(services: Services) -> None:

@@ -54,7 +54,7 @@ class JobQueue(Protocol):
     def claim(self) -> JobRecord | None: ...
     def set_progress(self, job_id: str, step: int, total: int) -> None: ...
     def cancel_requested(self, job_id: str) -> bool: ...
-    def finish(self, job_id: str, status: JobStatus, error: str | None = None) -> JobRecord: ...
+    def finish(self, job_id: str, status: JobStatus, error: str | None = None) -> bool: ...
     def record_speed(self, job: JobRecord, device: str, seconds: float) -> None: ...
 
 
@@ -166,15 +166,17 @@ class SqliteJobQueue:
                 "UPDATE jobs SET step = ?, total_steps = ? WHERE id = ?", (step, total, job_id)
             )
 
-    def finish(self, job_id: str, status: JobStatus, error: str | None = None) -> JobRecord:
-        """Record a running job's final status (or ``queued`` to put it back)."""
+    def finish(self, job_id: str, status: JobStatus, error: str | None = None) -> bool:
+        """Record a running job's final status (or ``queued`` to put it back). False, changing
+        nothing, when the job is no longer ``running`` (another process recovered it)."""
         finished = utcnow() if status.final else None
         with self.db.transaction() as conn:
-            conn.execute(
-                "UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
+            changed = conn.execute(
+                "UPDATE jobs SET status = ?, error = ?, finished_at = ?"
+                " WHERE id = ? AND status = 'running'",
                 (str(status), error, finished, job_id),
-            )
-        return self.get(job_id)
+            ).rowcount
+        return changed == 1
 
     def cancel(self, job_id: str) -> JobRecord:
         """A queued job becomes canceled now; a running one is flagged and stops at its next

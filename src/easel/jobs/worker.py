@@ -216,6 +216,8 @@ class Worker:
         so a crash can never leave a final job without its final event (SSE clients wait for
         it). Stored previews are dropped first: whoever sees this event finds them gone."""
         with self.db.transaction():
-            self.queue.finish(job.id, status, error)
+            if not self.queue.finish(job.id, status, error):
+                log.warning("job %s is no longer running here; its outcome is dropped", job.id)
+                return
             self.events.drop_previews(job.id)
             self.events.publish(job.id, type, data)
