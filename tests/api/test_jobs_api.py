@@ -88,6 +88,22 @@ def test_events_stream_and_replay(client: TestClient) -> None:
     assert [e["id"] for e in replay] == ids[3:]
 
 
+def test_event_ids_beyond_sqlite_integers_are_422(client: TestClient) -> None:
+    job = client.post("/api/v1/jobs", json={"prompt": "x", "num_inference_steps": 1}).json()
+    wait_final(client, job["id"])
+    url = f"/api/v1/jobs/{job['id']}/events"
+    too_big, largest = str(2**63), str(2**63 - 1)
+    for response, field in (
+        (client.get(url, params={"after": too_big}), "after"),
+        (client.get(url, headers={"Last-Event-ID": too_big}), "last_event_id"),
+    ):
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["field"] == field and largest in error["message"]
+    top = client.get(url, params={"after": largest})
+    assert top.status_code == 200 and "event:" not in top.text  # nothing after the largest id
+
+
 def test_cancel_queued_and_running(client: TestClient, app_services: Services) -> None:
     slow = {"prompt": "slow", "num_inference_steps": 150}
     running = client.post("/api/v1/jobs", json=slow).json()

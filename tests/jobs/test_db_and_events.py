@@ -137,3 +137,18 @@ def test_subscribe_ends_when_the_job_is_final_and_the_backlog_is_done(services: 
     # a client that saw the final event reconnects with its id: nothing more, and the end
     assert asyncio.run(asyncio.wait_for(follow(job.id, final_id), timeout=5)) == []
     assert asyncio.run(asyncio.wait_for(follow(broken.id), timeout=5)) == ["queued"]
+
+
+def test_subscribe_past_every_id_still_ends_with_the_job(services: Services) -> None:
+    job = services.submit_job(GenerationParams(prompt="x", num_inference_steps=2))
+
+    async def follow() -> list[str]:
+        events = services.subscribe(job.id, 2**63 - 1)  # a client sent an id from the future
+        # the job runs once the subscriber waits on live events
+        worker = threading.Timer(0.3, services.workers[0].run_once)
+        worker.start()
+        seen = [e.type async for e in events]
+        worker.join()
+        return seen
+
+    assert asyncio.run(asyncio.wait_for(follow(), timeout=5)) == []

@@ -114,11 +114,10 @@ class EventBus:
                 return
             while True:
                 event = await mailbox.get()
-                if event.id <= seen:
-                    continue
-                seen = event.id
-                yield event
-                if event.final:
+                if event.id > seen:  # else it was in the backlog, or is before last_event_id
+                    seen = event.id
+                    yield event
+                if event.final:  # the job is over, whether or not the client needed this one
                     return
         finally:
             self._subscribers[job_id].discard(mailbox)

@@ -17,6 +17,7 @@ from easel.jobs.events import JobEvent
 from easel.services import Services
 
 KEEPALIVE_S = 15.0  # SSE comment this often so proxies keep an idle stream open
+MAX_EVENT_ID = 2**63 - 1  # SQLite's largest integer: a larger id cannot be compared in SQL
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -85,7 +86,9 @@ async def job_events(
     job_id: str,
     services: ServicesDep,
     last_event_id: Annotated[str | None, Header()] = None,
-    after: Annotated[int | None, Query(ge=0, description="Same as Last-Event-ID")] = None,
+    after: Annotated[
+        int | None, Query(ge=0, le=MAX_EVENT_ID, description="Same as Last-Event-ID")
+    ] = None,
 ) -> StreamingResponse:
     """Server-Sent Events of one job: ``queued``, ``started``, ``progress``, ``succeeded``,
     ``failed``, ``canceled`` (and ``requeued`` after a restart). Each has an ``id``; reconnect
@@ -93,12 +96,14 @@ async def job_events(
     event."""
     since = after or 0
     if last_event_id is not None:
-        if not last_event_id.strip().isdigit():
+        text = last_event_id.strip()
+        if not text.isdigit() or int(text) > MAX_EVENT_ID:
             raise InvalidParams(
-                f"Last-Event-ID must be an event id (got {last_event_id!r})",
+                f"Last-Event-ID must be an event id from 0 to {MAX_EVENT_ID} "
+                f"(got {last_event_id!r})",
                 field="last_event_id",
             )
-        since = int(last_event_id)
+        since = int(text)
     # subscribe() checks the job exists (404 now, not mid-stream): a database read, off the loop
     events = await asyncio.to_thread(services.subscribe, job_id, since)
     return StreamingResponse(
