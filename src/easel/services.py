@@ -200,8 +200,8 @@ class Services:
 
     def subscribe(self, job_id: str, last_event_id: int = 0) -> AsyncIterator[JobEvent]:
         """Events of a job after ``last_event_id`` (backlog, then live) until its final event.
-        Raises JobNotFound now, not when iteration starts."""
-        self.queue.get(job_id)
+        Safe to call on the event loop: nothing is read until iteration starts, whose first
+        step raises JobNotFound for an unknown job (check with get_job first to fail earlier)."""
         return self.events.subscribe(job_id, last_event_id)
 
     # --- images ---------------------------------------------------------------------------------

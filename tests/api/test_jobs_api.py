@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
 
 import pytest
@@ -188,6 +190,28 @@ def test_queue_full_gives_429_with_retry_after(client: TestClient, app_services:
     full = client.post("/api/v1/jobs", json={"prompt": "c"})
     assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1
     assert full.json()["error"]["type"] == "QueueFull"
+
+
+def test_retry_after_is_computed_off_the_event_loop(
+    client: TestClient, app_services: Services
+) -> None:
+    """The QueueFull handler is async: its database read must not run on the loop's thread."""
+    threads_with_a_loop = []
+    retry_after_s = app_services.retry_after_s
+
+    def recording() -> int:
+        try:
+            asyncio.get_running_loop()
+            threads_with_a_loop.append(threading.current_thread().name)
+        except RuntimeError:  # no loop running in this thread: good
+            pass
+        return retry_after_s()
+
+    app_services.retry_after_s = recording  # type: ignore[method-assign]
+    app_services.queue.max_queued = 0
+    full = client.post("/api/v1/jobs", json={"prompt": "c"})
+    assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1
+    assert threads_with_a_loop == []
 
 
 def test_unknown_job_and_image_are_404(client: TestClient) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from easel.domain import GenerationParams, JobStatus
+from easel.domain import GenerationParams, JobNotFound, JobStatus
 from easel.jobs.db import MIGRATIONS, Database
 from easel.jobs.events import EventBus
 from easel.jobs.queue import SqliteJobQueue
@@ -152,3 +152,16 @@ def test_subscribe_past_every_id_still_ends_with_the_job(services: Services) -> 
         return seen
 
     assert asyncio.run(asyncio.wait_for(follow(), timeout=5)) == []
+
+
+def test_subscribe_reads_nothing_until_iterated(services: Services) -> None:
+    """The web UI calls subscribe() on the event loop: the job lookup happens in iteration's
+    first step, off the loop, and an unknown job fails there."""
+    events = services.subscribe("no-such-job")  # no database read here, so no error yet
+
+    async def first() -> object:
+        return await anext(events)
+
+    with pytest.raises(JobNotFound):
+        asyncio.run(first())
+    assert services.events._subscribers == {}, "the failed subscriber is gone"

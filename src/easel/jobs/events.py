@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from easel.domain import JobStatus
+from easel.domain import JobNotFound, JobStatus
 from easel.jobs.db import Database
 from easel.jobs.queue import utcnow
 
@@ -98,7 +98,8 @@ class EventBus:
     async def subscribe(self, job_id: str, last_event_id: int = 0) -> AsyncIterator[JobEvent]:
         """Events of one job after ``last_event_id``: the backlog, then live ones, until a final
         event (succeeded, failed, canceled), or the end of the backlog when the job is already
-        final (e.g. a client that saw the final event reconnects with its id)."""
+        final (e.g. a client that saw the final event reconnects with its id). Raises
+        JobNotFound on the first step for an unknown job."""
         self._attach(asyncio.get_running_loop())
         mailbox: asyncio.Queue[JobEvent] = asyncio.Queue()
         self._subscribers.setdefault(job_id, set()).add(mailbox)
@@ -129,8 +130,9 @@ class EventBus:
         a job's final status commits with its final event, so when it reads final every event
         there will be is in the backlog, and waiting for more would wait forever."""
         rows = self.db.query("SELECT status FROM jobs WHERE id = ?", (job_id,))
-        ended = bool(rows) and JobStatus(rows[0][0]).final
-        return ended, self.history(job_id, after)
+        if not rows:
+            raise JobNotFound(f"no job with id {job_id!r}", field="job_id")
+        return JobStatus(rows[0][0]).final, self.history(job_id, after)
 
     def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Bind to the loop subscribers run on (the server's), starting the pump once per loop."""

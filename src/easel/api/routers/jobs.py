@@ -104,8 +104,9 @@ async def job_events(
                 field="last_event_id",
             )
         since = int(text)
-    # subscribe() checks the job exists (404 now, not mid-stream): a database read, off the loop
-    events = await asyncio.to_thread(services.subscribe, job_id, since)
+    # 404 now, not mid-stream: a database read, off the loop
+    await asyncio.to_thread(services.get_job, job_id)
+    events = services.subscribe(job_id, since)
     return StreamingResponse(
         sse_stream(events),
         media_type="text/event-stream",
