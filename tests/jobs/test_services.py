@@ -200,8 +200,23 @@ def test_finish_leaves_a_job_another_process_recovered(services: Services) -> No
     job = submit(services)
     assert services.queue.claim() is not None  # this process runs it ...
     services.queue.recover()  # ... and another one's start-up puts it back in the queue
-    assert services.queue.finish(job.id, JobStatus.SUCCEEDED) is False
+    assert services.queue.finish(job.id, JobStatus.SUCCEEDED) is None
     assert services.get_job(job.id).status is JobStatus.QUEUED
+
+
+def test_drained_jobs_also_stop_after_max_attempts(services: Services) -> None:
+    """The limit holds whichever way a job went back: here, drained at every shutdown."""
+    job = submit(services)
+    for attempt in range(1, services.settings.max_attempts + 1):
+        claimed = services.queue.claim()
+        assert claimed is not None and claimed.attempts == attempt
+        services.queue.set_progress(job.id, 2, 4)
+        after = services.queue.finish(job.id, JobStatus.QUEUED)  # what a drain does
+        assert after is not None
+        if attempt < services.settings.max_attempts:
+            assert (after.status, after.step, after.started_at) == (JobStatus.QUEUED, 0, None)
+    assert after.status is JobStatus.FAILED and "interrupted 3 times" in (after.error or "")
+    assert services.queue.claim() is None
 
 
 def test_list_and_search_images(services: Services) -> None:
@@ -227,6 +242,7 @@ def test_drain_requeues_a_job_that_outlasts_the_timeout(settings) -> None:
     assert time.monotonic() - started < 2, "stops at the next step after the timeout"
     drained = slow.get_job(job.id)
     assert drained.status is JobStatus.QUEUED and drained.attempts == 1
+    assert drained.started_at is None and drained.step == 0, "waits like a fresh job"
     assert slow.get_job(quick.id).status is JobStatus.QUEUED, "no new claims while draining"
     assert slow.events.history(job.id)[-1].type == "requeued"
     slow.stop()

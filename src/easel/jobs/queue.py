@@ -4,6 +4,12 @@ Jobs live in SQLite (:mod:`easel.jobs.db`); a job's life is
 ``queued -> running -> succeeded | failed | canceled`` (a queued job may go straight to
 ``canceled``; a running job goes back to ``queued`` when the server stops under it).
 
+Attempts. A job is started at most ``max_attempts`` times. The limit is enforced in one place,
+:data:`PUT_BACK`, the statement that returns a running job to the queue, both when a drain stops
+it (:meth:`SqliteJobQueue.finish` with ``queued``) and when start-up recovers it after a crash
+(:meth:`SqliteJobQueue.recover`): a job already started ``max_attempts`` times fails there
+instead of going back, so :meth:`SqliteJobQueue.claim` never sees one over the limit.
+
 ETA. For each (model, width, height, device) the queue keeps an exponential moving average of
 seconds per denoising step, ``s <- s + ALPHA * (observed - s)`` with ``ALPHA = 0.3`` (the first
 observation sets ``s``). ``observed`` is a finished job's wall time divided by
@@ -30,6 +36,19 @@ from easel.jobs.db import Database
 
 ALPHA = 0.3  # weight of the newest observation in the seconds-per-step moving average
 
+# A running job back to the queue, fresh (no start time, step 0, no error), or failed once it
+# has been started :max times. Parameters :max and :now; callers may append "AND ...".
+PUT_BACK = (
+    "UPDATE jobs SET"
+    " status = CASE WHEN attempts >= :max THEN 'failed' ELSE 'queued' END,"
+    " error = CASE WHEN attempts >= :max THEN 'interrupted ' || attempts || ' times"
+    " (the server stopped while it ran); giving up' END,"
+    " finished_at = CASE WHEN attempts >= :max THEN :now END,"
+    " started_at = CASE WHEN attempts >= :max THEN started_at END,"
+    " step = 0, cancel_requested = 0"
+    " WHERE status = 'running'"
+)
+
 
 def utcnow() -> str:
     """Now as ISO 8601 UTC text (sorts as text)."""
@@ -54,7 +73,9 @@ class JobQueue(Protocol):
     def claim(self) -> JobRecord | None: ...
     def set_progress(self, job_id: str, step: int, total: int) -> None: ...
     def cancel_requested(self, job_id: str) -> bool: ...
-    def finish(self, job_id: str, status: JobStatus, error: str | None = None) -> bool: ...
+    def finish(
+        self, job_id: str, status: JobStatus, error: str | None = None
+    ) -> JobRecord | None: ...
     def record_speed(self, job: JobRecord, device: str, seconds: float) -> None: ...
 
 
@@ -166,17 +187,25 @@ class SqliteJobQueue:
                 "UPDATE jobs SET step = ?, total_steps = ? WHERE id = ?", (step, total, job_id)
             )
 
-    def finish(self, job_id: str, status: JobStatus, error: str | None = None) -> bool:
-        """Record a running job's final status (or ``queued`` to put it back). False, changing
-        nothing, when the job is no longer ``running`` (another process recovered it)."""
-        finished = utcnow() if status.final else None
+    def finish(self, job_id: str, status: JobStatus, error: str | None = None) -> JobRecord | None:
+        """Record a running job's final status, or ``queued`` to put it back (which fails it
+        instead after ``max_attempts`` starts: see the module docstring). Returns the job as it
+        is now; None, changing nothing, when it is no longer ``running`` (another process
+        recovered it)."""
+        now = utcnow()
         with self.db.transaction() as conn:
-            changed = conn.execute(
-                "UPDATE jobs SET status = ?, error = ?, finished_at = ?"
-                " WHERE id = ? AND status = 'running'",
-                (str(status), error, finished, job_id),
-            ).rowcount
-        return changed == 1
+            if status is JobStatus.QUEUED:
+                cursor = conn.execute(
+                    PUT_BACK + " AND id = :id",
+                    {"max": self.max_attempts, "now": now, "id": job_id},
+                )
+            else:
+                cursor = conn.execute(
+                    "UPDATE jobs SET status = ?, error = ?, finished_at = ?"
+                    " WHERE id = ? AND status = 'running'",
+                    (str(status), error, now if status.final else None, job_id),
+                )
+            return self.get(job_id) if cursor.rowcount == 1 else None
 
     def cancel(self, job_id: str) -> JobRecord:
         """A queued job becomes canceled now; a running one is flagged and stops at its next
@@ -210,16 +239,7 @@ class SqliteJobQueue:
                 " WHERE status = 'running' AND cancel_requested = 1",
                 (now,),
             )
-            conn.execute(
-                "UPDATE jobs SET status = 'failed', finished_at = ?, error = 'interrupted ' ||"
-                " attempts || ' times (the server stopped while it ran); giving up'"
-                " WHERE status = 'running' AND attempts >= ?",
-                (now, self.max_attempts),
-            )
-            conn.execute(
-                "UPDATE jobs SET status = 'queued', step = 0, cancel_requested = 0"
-                " WHERE status = 'running'"
-            )
+            conn.execute(PUT_BACK, {"max": self.max_attempts, "now": now})
         return [self.get(i) for i in ids]
 
     # --- speed and ETA --------------------------------------------------------------------------

@@ -39,6 +39,12 @@ log = logging.getLogger(__name__)
 
 PREVIEW_SIZE = 128  # longest side of preview images sent with progress events
 IDLE_POLL_S = 0.5  # how long an idle worker sleeps when nobody wakes it
+END_EVENTS: dict[JobStatus, EventType] = {  # a run's last event, by the job's status after it
+    JobStatus.SUCCEEDED: "succeeded",
+    JobStatus.FAILED: "failed",
+    JobStatus.CANCELED: "canceled",
+    JobStatus.QUEUED: "requeued",
+}
 
 
 class Generator(Protocol):
@@ -178,7 +184,6 @@ class Worker:
         self._end(
             job,
             JobStatus.SUCCEEDED,
-            "succeeded",
             {
                 "images": [
                     {"id": r.id, "url": f"/api/v1/images/{r.id}", "seed": r.seed} for r in stored
@@ -197,18 +202,17 @@ class Worker:
 
     def _stop_canceled(self, job: JobRecord) -> None:
         if self.queue.cancel_requested(job.id):
-            self._end(job, JobStatus.CANCELED, "canceled", {"while": "running"})
+            self._end(job, JobStatus.CANCELED, {"while": "running"})
         else:  # aborted by a drain: back to the queue, it will run again after the restart
-            self._end(job, JobStatus.QUEUED, "requeued", {"reason": "server stopping"})
+            self._end(job, JobStatus.QUEUED, {"reason": "server stopping"})
 
     def _fail(self, job: JobRecord, message: str) -> None:
-        self._end(job, JobStatus.FAILED, "failed", {"error": message}, error=message)
+        self._end(job, JobStatus.FAILED, {"error": message}, error=message)
 
     def _end(
         self,
         job: JobRecord,
         status: JobStatus,
-        type: EventType,
         data: dict[str, object],
         error: str | None = None,
     ) -> None:
@@ -216,8 +220,11 @@ class Worker:
         so a crash can never leave a final job without its final event (SSE clients wait for
         it). Stored previews are dropped first: whoever sees this event finds them gone."""
         with self.db.transaction():
-            if not self.queue.finish(job.id, status, error):
+            ended = self.queue.finish(job.id, status, error)
+            if ended is None:
                 log.warning("job %s is no longer running here; its outcome is dropped", job.id)
                 return
+            if ended.status is not status:  # put back once too often: failed instead
+                data = {"error": ended.error}
             self.events.drop_previews(job.id)
-            self.events.publish(job.id, type, data)
+            self.events.publish(job.id, END_EVENTS[ended.status], data)
