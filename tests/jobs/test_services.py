@@ -219,6 +219,17 @@ def test_drained_jobs_also_stop_after_max_attempts(services: Services) -> None:
     assert services.queue.claim() is None
 
 
+def test_a_job_that_fails_partway_keeps_no_images_and_no_temp_files(services: Services) -> None:
+    job = submit(services, num_images=2)
+    # image 1 cannot be renamed into place: a folder sits where its file goes
+    day = services.images.root / job.created_at.strftime("%Y-%m-%d")
+    (day / f"{job.id}-1.png").mkdir(parents=True)
+    assert services.workers[0].run_once()
+    assert services.get_job(job.id).status is JobStatus.FAILED
+    assert services.get_job(job.id).images == [] and services.list_images() == []
+    assert [p.name for p in day.iterdir()] == [f"{job.id}-1.png"], "image 0 and the .tmp gone"
+
+
 def test_list_and_search_images(services: Services) -> None:
     submit(services, "a red circle")
     submit(services, "a blue 100%_square")

@@ -35,6 +35,8 @@ class ImageStore(Protocol):
         prompt: str,
     ) -> ImageRecord: ...
 
+    def discard(self, job_id: str) -> None: ...
+
 
 class DiskImageStore:
     """PNG files in ``root/<YYYY-MM-DD>/<id>.png`` with their rows in the database."""
@@ -61,8 +63,12 @@ class DiskImageStore:
         target = self.root / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         temp = target.with_suffix(".tmp")
-        temp.write_bytes(png)
-        os.replace(temp, target)
+        try:
+            temp.write_bytes(png)
+            os.replace(temp, target)
+        except BaseException:
+            temp.unlink(missing_ok=True)  # a full disk must not also collect half files
+            raise
         with self.db.transaction() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO images (id, job_id, idx, seed, path, width, height, prompt,"
@@ -70,6 +76,16 @@ class DiskImageStore:
                 (image_id, job_id, index, seed, relative, width, height, prompt, created),
             )
         return self.get(image_id)
+
+    def discard(self, job_id: str) -> None:
+        """Delete a job's images, rows and files: a job that failed partway (image 2 of 3 could
+        not be written) lists none of them."""
+        with self.db.transaction() as conn:
+            paths = conn.execute(
+                "DELETE FROM images WHERE job_id = ? RETURNING path", (job_id,)
+            ).fetchall()
+        for (path,) in paths:
+            (self.root / path).unlink(missing_ok=True)
 
     def get(self, image_id: str) -> ImageRecord:
         rows = self.db.query("SELECT * FROM images WHERE id = ?", (image_id,))

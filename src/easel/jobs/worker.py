@@ -207,6 +207,7 @@ class Worker:
             self._end(job, JobStatus.QUEUED, {"reason": "server stopping"})
 
     def _fail(self, job: JobRecord, message: str) -> None:
+        self.images.discard(job.id)
         self._end(job, JobStatus.FAILED, {"error": message}, error=message)
 
     def _end(
