@@ -91,7 +91,6 @@ class Worker:
         self.events = events
         self.generator = generator
         self.wakeup = wakeup or threading.Event()
-        self.current: JobRecord | None = None
         self._stopping = threading.Event()  # no new claims
         self._abort = threading.Event()  # stop the running job and requeue it
         self._thread: threading.Thread | None = None
@@ -138,11 +137,7 @@ class Worker:
         job = None if self._stopping.is_set() else self.queue.claim()
         if job is None:
             return False
-        self.current = job
-        try:
-            self._run(job)
-        finally:
-            self.current = None
+        self._run(job)
         return True
 
     def _run(self, job: JobRecord) -> None:
