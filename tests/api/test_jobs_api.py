@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 
@@ -82,6 +83,10 @@ def test_events_stream_and_replay(client: TestClient) -> None:
     assert types == ["queued", "started"] + ["progress"] * 4 + ["succeeded"]
     assert [e["step"] for e in events if e["type"] == "progress"] == [1, 2, 3, 4]
     assert events[-1]["images"][0]["url"].startswith("/api/v1/images/")
+    # times read like the job's own: ISO 8601 with Z
+    iso_z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
+    assert iso_z.fullmatch(job["created_at"])
+    assert all(iso_z.fullmatch(e["created_at"]) for e in events), events[0]["created_at"]
     ids = [e["id"] for e in events]
     assert ids == sorted(ids)
     replay = parse_sse(

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
+from pydantic import TypeAdapter
 
 from easel.api.deps import ServicesDep
 from easel.api.schemas import ErrorBody, JobCreate, JobPublic
@@ -18,6 +20,7 @@ from easel.services import Services
 
 KEEPALIVE_S = 15.0  # SSE comment this often so proxies keep an idle stream open
 MAX_EVENT_ID = 2**63 - 1  # SQLite's largest integer: a larger id cannot be compared in SQL
+TIMESTAMP = TypeAdapter(datetime)  # events' times in the JSON form JobPublic's times take
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -115,7 +118,8 @@ async def job_events(
 
 
 def sse_format(event: JobEvent) -> str:
-    data = {"job_id": event.job_id, "created_at": event.created_at, **event.data}
+    created_at = TIMESTAMP.dump_python(datetime.fromisoformat(event.created_at), mode="json")
+    data = {"job_id": event.job_id, "created_at": created_at, **event.data}
     return f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(data)}\n\n"
 
 
