@@ -83,7 +83,7 @@ class Services:
         """Take EASEL_HOME for this process, requeue (or fail, or cancel) jobs a crash left
         running, then start the workers. Raises EaselError when another server holds EASEL_HOME.
         """
-        self._lock_home()
+        self.lock_home()
         # each recovered job's new status and its event commit together
         with self.db.transaction():
             for job in self.queue.recover():
@@ -112,10 +112,14 @@ class Services:
             self._home_lock.close()  # releases the flock
             self._home_lock = None
 
-    def _lock_home(self) -> None:
+    def lock_home(self) -> None:
         """Hold an exclusive lock on ``EASEL_HOME/easel.lock`` while this server runs: a second
         server's recovery would requeue the first one's running jobs and run them twice. The OS
-        drops the lock when the process dies, so a crash leaves nothing stale behind."""
+        drops the lock when the process dies, so a crash leaves nothing stale behind. Taking it
+        again in the same process is a no-op (``serve`` takes it before uvicorn starts, so the
+        refusal is a one-line error rather than a failed lifespan)."""
+        if self._home_lock is not None:
+            return
         home = self.settings.home
         handle = (home / "easel.lock").open("a")
         try:

@@ -44,6 +44,7 @@ def serve(settings: Settings, *, ui: bool = True) -> None:
     from easel.services import build_services
 
     services = build_services(settings)
+    services.lock_home()
     app = create_app(services, mount_ui=find_ui() if ui else None)
     config = uvicorn.Config(
         app,
