@@ -189,3 +189,4 @@ class JobRecord:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     images: list[ImageRecord] = field(default_factory=list)
+    position: int | None = None  # 1 = next to start; None unless queued (read with the status)

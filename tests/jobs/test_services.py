@@ -69,6 +69,19 @@ def test_priority_then_fifo_and_positions(services: Services) -> None:
     assert [j.params.prompt for j in done] == ["high", "low", "first", "second"]
 
 
+def test_a_job_read_carries_its_position_from_the_same_snapshot(services: Services) -> None:
+    # Status and position come from one SQL statement: a reader can never see a `queued` job
+    # without a position because a worker claimed it between two reads (seen once in e2e).
+    jobs = [submit(services, f"job {i}") for i in range(3)]
+    assert [services.get_job(j.id).position for j in jobs] == [1, 2, 3]
+    listed = {j.id: j.position for j in services.list_jobs(status=JobStatus.QUEUED)}
+    assert listed == {jobs[0].id: 1, jobs[1].id: 2, jobs[2].id: 3}
+    assert services.workers[0].run_once()
+    first = services.get_job(jobs[0].id)
+    assert first.status is JobStatus.SUCCEEDED and first.position is None
+    assert [services.get_job(j.id).position for j in jobs[1:]] == [1, 2]
+
+
 def test_eta_after_a_measured_job(services: Services) -> None:
     submit(services)
     services.workers[0].run_once()

@@ -122,7 +122,7 @@ class SqliteJobQueue:
 
     def get(self, job_id: str) -> JobRecord:
         """The job with its images; raises JobNotFound."""
-        rows = self.db.query("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        rows = self.db.query(SELECT_JOBS + " WHERE j.id = ?", (job_id,))
         if not rows:
             raise JobNotFound(f"no job with id {job_id!r}", field="job_id")
         return self._with_images([_job(rows[0])])[0]
@@ -133,31 +133,21 @@ class SqliteJobQueue:
         """Jobs newest first, optionally only one status and/or one owner."""
         where, args = [], []
         if status is not None:
-            where.append("status = ?")
+            where.append("j.status = ?")
             args.append(str(status))
         if owner is not None:
-            where.append("owner = ?")
+            where.append("j.owner = ?")
             args.append(owner)
-        sql = "SELECT * FROM jobs"
+        sql = SELECT_JOBS
         if where:
             sql += " WHERE " + " AND ".join(where)
-        rows = self.db.query(sql + " ORDER BY seq DESC LIMIT ?", (*args, limit))
+        rows = self.db.query(sql + " ORDER BY j.seq DESC LIMIT ?", (*args, limit))
         return self._with_images([_job(r) for r in rows])
 
     def position(self, job_id: str) -> int | None:
         """1 for the next job to start, 2 for the one after, ...; None unless queued."""
-        me = self.db.query(
-            "SELECT priority, seq FROM jobs WHERE id = ? AND status = 'queued'", (job_id,)
-        )
-        if not me:
-            return None
-        priority, seq = me[0]
-        (ahead,) = self.db.query(
-            "SELECT COUNT(*) FROM jobs WHERE status = 'queued'"
-            " AND (priority > ? OR (priority = ? AND seq < ?))",
-            (priority, priority, seq),
-        )[0]
-        return int(ahead) + 1
+        rows = self.db.query(SELECT_JOBS + " WHERE j.id = ?", (job_id,))
+        return rows[0]["position"] if rows else None
 
     def summary(self) -> QueueSummary:
         counts = {s.value: 0 for s in JobStatus}
@@ -307,6 +297,16 @@ class SqliteJobQueue:
         return jobs
 
 
+# Jobs with their queue position, computed in the same statement as the status so a reader never
+# sees a `queued` job without a position (a worker may claim it between two statements).
+SELECT_JOBS = (
+    "SELECT j.*, CASE WHEN j.status = 'queued' THEN 1 + ("
+    "SELECT COUNT(*) FROM jobs q WHERE q.status = 'queued'"
+    " AND (q.priority > j.priority OR (q.priority = j.priority AND q.seq < j.seq))"
+    ") END AS position FROM jobs j"
+)
+
+
 def _job(row: sqlite3.Row) -> JobRecord:
     return JobRecord(
         id=row["id"],
@@ -323,6 +323,7 @@ def _job(row: sqlite3.Row) -> JobRecord:
         error=row["error"],
         started_at=parse_time(row["started_at"]),
         finished_at=parse_time(row["finished_at"]),
+        position=row["position"] if "position" in row.keys() else None,
     )
 
 

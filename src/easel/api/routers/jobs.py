@@ -30,10 +30,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def job_public(services: Services, job: JobRecord) -> JobPublic:
-    queued = job.status is JobStatus.QUEUED
     return JobPublic.of(
         job,
-        position=services.job_position(job.id) if queued else None,
+        position=job.position,
         eta_seconds=None if job.status.final else services.job_eta(job.id),
     )
 
