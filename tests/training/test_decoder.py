@@ -1,0 +1,55 @@
+"""Decoder fine-tune: the encoder (and so the denoiser's latents) stays as it was, the decoder
+learns, and the loss weighs edges more."""
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+
+from easel.training.data import Scene, SceneStream, ShapeObject, render
+from easel.training.decoder import edge_weights, finetune_decoder, focused_loss
+
+
+def test_edge_weights_are_raised_only_near_edges() -> None:
+    scene = Scene((ShapeObject("square", "red", "medium", "centre"),), "white")
+    image = render([scene], size=64, jitter=0.0) * 2 - 1
+    weights = edge_weights(image)[0, 0]
+    assert weights[0, 0] == 1.0  # a corner of the background, far from the square
+    assert weights[32, 32] == 1.0  # the square's middle
+    edge_column = int((image[0, 0, 32] < 0.9).nonzero()[0])  # the square's left edge, middle row
+    assert weights[32, edge_column] > 1.0
+    assert weights[32, edge_column - 2] > 1.0
+
+
+@torch.no_grad()
+def _loss(vae: AutoencoderKL, images: torch.Tensor) -> float:
+    return float(focused_loss(vae.decode(vae.encode(images).latent_dist.mode()).sample, images))
+
+
+def test_finetune_trains_the_decoder_only_and_lowers_the_loss(
+    tiny_sd_path: Path, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    images = SceneStream(seed=99).batch(16).images
+    before = AutoencoderKL.from_pretrained(tiny_sd_path / "vae")
+
+    out = finetune_decoder(
+        tiny_sd_path,
+        tmp_path / "vae",
+        minutes=5,
+        max_steps=40,
+        batch_size=8,
+        lr=3e-3,
+        device="cpu",
+        bf16=False,
+    )
+
+    saved = load_file(out / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float16}  # the shipped precision
+    after = AutoencoderKL.from_pretrained(out, torch_dtype=torch.float32)
+    for name, value in before.encoder.state_dict().items():
+        # saved in float16, so equal up to that rounding
+        torch.testing.assert_close(after.encoder.state_dict()[name], value, atol=2e-3, rtol=1e-3)
+    assert not torch.allclose(after.decoder.conv_out.weight, before.decoder.conv_out.weight)
+    assert _loss(after, images) < 0.8 * _loss(before, images)
