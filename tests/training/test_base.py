@@ -1,5 +1,6 @@
 """From-scratch training on a tiny config: loss falls, checkpoints resume, the pipeline loads."""
 
+import argparse
 import json
 
 import pytest
@@ -7,8 +8,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from easel.domain import Canceled
-from easel.training.base import train_base
-from easel.training.base_config import PRESETS, BaseConfig, preset
+from easel.training.base import build_unet, build_vae, train_base
+from easel.training.base_config import PRESETS, BaseConfig, add_arguments, config_from_args, preset
 
 
 def _tiny(out_dir, **overrides):
@@ -88,3 +89,15 @@ def test_presets_are_complete_configs():
     assert preset("gpu").bf16 and preset("gpu").batch_size >= 256
     with pytest.raises(ValueError, match="preset must be one of"):
         preset("huge")
+
+
+def test_latent_channels_reach_the_autoencoder_and_the_denoiser():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args(["--preset", "tiny", "--latent-channels", "8"]))
+    assert config.latent_channels == 8 and preset("tiny").latent_channels == 4
+    with torch.no_grad():
+        latents = build_vae(config).encode(torch.zeros(1, 3, 64, 64)).latent_dist.mode()
+    assert latents.shape == (1, 8, 32, 32)
+    unet = build_unet(config, 32)
+    assert unet.config.in_channels == unet.config.out_channels == 8

@@ -110,7 +110,7 @@ def build_vae(config: BaseConfig) -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * levels,
         block_out_channels=config.vae_channels,
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=config.latent_channels,
         norm_num_groups=min(32, config.vae_channels[0]),
         sample_size=IMAGE_SIZE,
     )
@@ -136,8 +136,8 @@ def build_unet(config: BaseConfig, latent_size: int) -> UNet2DConditionModel:
     attention = config.unet_attention
     return UNet2DConditionModel(
         sample_size=latent_size,
-        in_channels=4,
-        out_channels=4,
+        in_channels=config.latent_channels,
+        out_channels=config.latent_channels,
         block_out_channels=config.unet_channels,
         down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
         up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attention[::-1]),

@@ -21,6 +21,7 @@ class BaseConfig:
     bf16: bool = False  # bf16 autocast; on CUDA only (on this 2-core CPU it trained slower)
     # -- stage 1: autoencoder (factor 4: 64x64x3 -> 16x16x4)
     vae_channels: tuple[int, ...] = (32, 64, 128)
+    latent_channels: int = 4  # more keep finer detail (small stars), at almost no denoiser cost
     vae_batch_size: int = 32
     vae_lr: float = 1e-3
     vae_max_steps: int = 100_000  # a cap; normally the time budget ends the stage
@@ -93,6 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--latent-channels", type=int, help="autoencoder latent channels (4)")
+    parser.add_argument("--vae-share", type=float, help="share of the budget for the autoencoder")
     parser.add_argument("--no-bf16", action="store_true", help="train in float32")
 
 
@@ -103,6 +106,8 @@ def config_from_args(args: argparse.Namespace) -> BaseConfig:
         "device": args.device,
         "seed": args.seed,
         "batch_size": args.batch_size,
+        "latent_channels": args.latent_channels,
+        "vae_share": args.vae_share,
     }
     if args.no_bf16:
         overrides["bf16"] = False
