@@ -123,7 +123,7 @@ def test_eval_with_own_prompts_and_bad_input(
     assert [j.prompt for j in report.judgements] == prompts
     assert [j.group for j in report.judgements] == ["held-out single", "seen two"]
     # a folder gets the recipe's guidance, not the SD family's 7.0 (which over-saturates these)
-    assert report.guidance_scale == 4.0
+    assert report.guidance_scale == 2.5
 
     with pytest.raises(InvalidParams, match="prompts: cannot read object 'a purple dog'") as error:
         evaluate(str(random_shapes_model), prompts=["a purple dog on a white background"])

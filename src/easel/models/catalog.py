@@ -41,7 +41,7 @@ BUILTINS: tuple[ModelRecord, ...] = (
             "width": 64,
             "height": 64,
             "num_inference_steps": 12,
-            "guidance_scale": 4.0,
+            "guidance_scale": 2.5,
             "scheduler": "dpmpp_2m",
             "min_size": 32,
             "max_size": 128,

@@ -45,7 +45,7 @@ class BaseConfig:
     checkpoint_every_minutes: float = 10.0
     keep_checkpoints: int = 2
     sample_steps: int = 12  # also the shipped scheduler's recommended step count
-    guidance_scale: float = 4.0
+    guidance_scale: float = 2.5
 
 
 PRESETS: dict[str, dict] = {

@@ -298,7 +298,7 @@ def evaluate(
     """Render prompts through ``model`` (catalog id or diffusers folder), judge them, report.
 
     ``prompts`` are canonical captions (default: `default_scenes`); ``limit`` keeps the first N
-    of each group. ``steps``/``guidance_scale`` default to the tiny-shapes recipe's (12 and 4.0).
+    of each group. ``steps``/``guidance_scale`` default to the tiny-shapes recipe's (12 and 2.5).
     Image i uses seed ``seed + i``. With ``out``, writes report.json, report.md and grid.png there.
     ``on_progress(done, total)`` is called after each batch.
     """
