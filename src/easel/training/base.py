@@ -318,23 +318,29 @@ def train_vae(
                 "model": vae.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "step": step,
-                "elapsed_s": elapsed_before + time.monotonic() - start,
+                "elapsed_s": run.elapsed(),
                 "log_steps": log.steps,
                 "log_losses": log.losses,
             },
         )
 
     # 2. the loop
-    start = last_log = last_checkpoint = time.monotonic()
-    first_step = step
-    # A resumed stage goes on until its budget (time or steps) is spent; a finished one is skipped.
-    fraction = max(elapsed_before / budget_s, step / config.vae_max_steps)
-    done = fraction >= 1.0
-    progress = tqdm(desc="vae", unit="step", initial=step, disable=done, mininterval=2.0)
+    run = StageRun(
+        "vae",
+        config,
+        budget_s=budget_s,
+        max_steps=config.vae_max_steps,
+        batch_size=config.vae_batch_size,
+        step=step,
+        elapsed_before=elapsed_before,
+        log=log,
+        on_step=on_step,
+        is_canceled=is_canceled,
+    )
     vae.train()
-    while not done:
+    while not run.done:
         images = next(batches)
-        lr = config.vae_lr * lr_factor(step, fraction, config.warmup_steps)
+        lr = config.vae_lr * lr_factor(step, run.fraction, config.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast(device, config.bf16):
@@ -351,31 +357,9 @@ def train_vae(
 
         # 3. bookkeeping: progress, throughput, checkpoints, cancellation
         step += 1
-        now = time.monotonic()
-        elapsed = elapsed_before + now - start
-        fraction = max(elapsed / budget_s, step / config.vae_max_steps)
-        log.steps.append(step)
-        log.losses.append(loss.item())
-        progress.update()
-        progress.set_postfix(
-            loss=f"{log.losses[-1]:.4f}", left=f"{max(0, budget_s - elapsed):.0f}s"
-        )
-        if on_step:
-            on_step(TrainStep("vae", step, log.losses[-1], lr, elapsed, fraction))
-        done = fraction >= 1.0
-        if now - last_log >= config.log_every_seconds or done:
-            log.images_per_s = report_throughput(
-                "vae", step - first_step, now - start, config.vae_batch_size, log
-            )
-            last_log = now
-        if now - last_checkpoint >= config.checkpoint_every_minutes * 60 or done:
-            save()
-            last_checkpoint = now
-        if is_canceled and is_canceled():
-            save()
-            raise Canceled("training canceled")
-    progress.close()
-    return vae.eval().requires_grad_(False), elapsed_before + time.monotonic() - start
+        run.record(step, loss.item(), lr, save)
+    run.close()
+    return vae.eval().requires_grad_(False), run.elapsed()
 
 
 def train_unet(
@@ -435,23 +419,31 @@ def train_unet(
                 "ema_text": ema_text.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "step": step,
-                "elapsed_s": elapsed_before + time.monotonic() - start,
+                "elapsed_s": run.elapsed(),
                 "log_steps": log.steps,
                 "log_losses": log.losses,
             },
         )
 
     # 2. the loop
-    start = last_log = last_checkpoint = last_sample = time.monotonic()
-    first_step = step
-    fraction = max(elapsed_before / budget_s, step / config.max_steps)
-    done = fraction >= 1.0
-    progress = tqdm(desc="unet", unit="step", initial=step, disable=done, mininterval=2.0)
+    run = StageRun(
+        "unet",
+        config,
+        budget_s=budget_s,
+        max_steps=config.max_steps,
+        batch_size=config.batch_size,
+        step=step,
+        elapsed_before=elapsed_before,
+        log=log,
+        on_step=on_step,
+        is_canceled=is_canceled,
+    )
+    last_sample = time.monotonic()
     unet.train()
     text_encoder.train()
-    while not done:
+    while not run.done:
         images, token_ids = next(batches)
-        lr = config.lr * lr_factor(step, fraction, config.warmup_steps)
+        lr = config.lr * lr_factor(step, run.fraction, config.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast(device, config.bf16):
@@ -478,37 +470,83 @@ def train_unet(
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - decay)
 
-        # 3. bookkeeping: progress, throughput, samples, checkpoints, cancellation
+        # 3. bookkeeping (progress, throughput, checkpoints, cancellation), then samples
         step += 1
-        now = time.monotonic()
-        elapsed = elapsed_before + now - start
-        fraction = max(elapsed / budget_s, step / config.max_steps)
-        log.steps.append(step)
-        log.losses.append(loss.item())
-        progress.update()
-        progress.set_postfix(
-            loss=f"{log.losses[-1]:.4f}", left=f"{max(0, budget_s - elapsed):.0f}s"
-        )
-        if on_step:
-            on_step(TrainStep("unet", step, log.losses[-1], lr, elapsed, fraction))
-        done = fraction >= 1.0
-        if now - last_log >= config.log_every_seconds or done:
-            log.images_per_s = report_throughput(
-                "unet", step - first_step, now - start, config.batch_size, log
-            )
-            last_log = now
-        if now - last_sample >= config.sample_every_minutes * 60 and not done:
+        run.record(step, loss.item(), lr, save)
+        if time.monotonic() - last_sample >= config.sample_every_minutes * 60 and not run.done:
             pipeline = make_pipeline(vae, ema_text, tokenizer, ema_unet)
             save_samples(pipeline, config, out_dir / "samples" / f"unet-step{step:07d}.png")
-            last_sample = now
-        if now - last_checkpoint >= config.checkpoint_every_minutes * 60 or done:
+            last_sample = time.monotonic()
+    run.close()
+    return ema_unet, ema_text
+
+
+class StageRun:
+    """The bookkeeping both stage loops share: the budget (time or steps, whichever is further
+    along, over all sessions), the progress bar, the loss log, `on_step`, a throughput line,
+    checkpoints on a clock and cancellation. A resumed stage goes on until its budget is spent;
+    a finished one is skipped (``done`` from the start)."""
+
+    def __init__(
+        self,
+        stage: str,
+        config: BaseConfig,
+        *,
+        budget_s: float,
+        max_steps: int,
+        batch_size: int,
+        step: int,
+        elapsed_before: float,
+        log: StageLog,
+        on_step: Callable[[TrainStep], None] | None,
+        is_canceled: Callable[[], bool] | None,
+    ):
+        self.stage, self.config, self.log = stage, config, log
+        self.budget_s, self.max_steps, self.batch_size = budget_s, max_steps, batch_size
+        self.on_step, self.is_canceled = on_step, is_canceled
+        self.elapsed_before, self.first_step = elapsed_before, step
+        self.start = self.last_log = self.last_checkpoint = time.monotonic()
+        self.fraction = max(elapsed_before / budget_s, step / max_steps)
+        self.progress = tqdm(
+            desc=stage, unit="step", initial=step, disable=self.done, mininterval=2.0
+        )
+
+    @property
+    def done(self) -> bool:
+        return self.fraction >= 1.0
+
+    def elapsed(self) -> float:
+        """Seconds of this stage over all sessions."""
+        return self.elapsed_before + time.monotonic() - self.start
+
+    def record(self, step: int, loss: float, lr: float, save: Callable[[], None]) -> None:
+        """After optimisation step ``step``: log, report, and checkpoint (``save``) when due or
+        done; save and raise `Canceled` when ``is_canceled`` says so."""
+        now = time.monotonic()
+        elapsed = self.elapsed_before + now - self.start
+        self.fraction = max(elapsed / self.budget_s, step / self.max_steps)
+        self.log.steps.append(step)
+        self.log.losses.append(loss)
+        self.progress.update()
+        self.progress.set_postfix(
+            loss=f"{loss:.4f}", left=f"{max(0, self.budget_s - elapsed):.0f}s"
+        )
+        if self.on_step:
+            self.on_step(TrainStep(self.stage, step, loss, lr, elapsed, self.fraction))
+        if now - self.last_log >= self.config.log_every_seconds or self.done:
+            self.log.images_per_s = report_throughput(
+                self.stage, step - self.first_step, now - self.start, self.batch_size, self.log
+            )
+            self.last_log = now
+        if now - self.last_checkpoint >= self.config.checkpoint_every_minutes * 60 or self.done:
             save()
-            last_checkpoint = now
-        if is_canceled and is_canceled():
+            self.last_checkpoint = now
+        if self.is_canceled and self.is_canceled():
             save()
             raise Canceled("training canceled")
-    progress.close()
-    return ema_unet, ema_text
+
+    def close(self) -> None:
+        self.progress.close()
 
 
 def report_throughput(
