@@ -8,6 +8,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from easel.domain import Canceled
+from easel.models.catalog import BUILTINS
 from easel.training.base import build_unet, build_vae, train_base
 from easel.training.base_config import PRESETS, BaseConfig, add_arguments, config_from_args, preset
 
@@ -101,3 +102,10 @@ def test_latent_channels_reach_the_autoencoder_and_the_denoiser():
     assert latents.shape == (1, 8, 32, 32)
     unet = build_unet(config, 32)
     assert unet.config.in_channels == unet.config.out_channels == 8
+
+
+def test_catalog_defaults_are_the_recipes_sampling_settings():
+    # the catalog (models/) may not import training/, so the values are written twice
+    (record,) = [r for r in BUILTINS if r.id == "tiny-shapes"]
+    assert record.defaults["num_inference_steps"] == BaseConfig.sample_steps
+    assert record.defaults["guidance_scale"] == BaseConfig.guidance_scale
