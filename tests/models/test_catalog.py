@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -208,3 +209,24 @@ def test_a_name_too_long_for_the_filesystem_is_an_unknown_model(easel_home: Path
     with pytest.raises(ModelNotFound) as caught:
         catalog.get("a" * 300)
     assert caught.value.field == "model"
+
+
+def test_a_folder_carries_its_own_defaults_under_the_entrys(
+    catalog: ModelCatalog, tiny_sd_path: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "trained"
+    shutil.copytree(tiny_sd_path, folder)
+    (folder / "easel.json").write_text('{"defaults": {"guidance_scale": 2.5, "width": 64}}')
+    assert catalog.get(str(folder)).defaults == {"guidance_scale": 2.5, "width": 64}
+    catalog.add("mine", str(folder), defaults={"guidance_scale": 4.0})
+    assert catalog.get("mine").defaults == {"guidance_scale": 4.0, "width": 64}
+    # the entry in models.toml keeps only what was given to `add`
+    assert "width" not in (catalog.settings.user_models_file).read_text()
+
+    (folder / "easel.json").write_text('{"defaults": [1, 2]}')
+    with pytest.raises(InvalidParams, match="easel.json: `defaults` must be an object"):
+        catalog.get(str(folder))
+    (folder / "easel.json").write_text("{not json")
+    with pytest.raises(InvalidParams, match="cannot read .*easel.json") as info:
+        catalog.get("mine")
+    assert info.value.field == "model"

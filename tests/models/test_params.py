@@ -7,12 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from easel.config import Settings
 from easel.domain import GenerationParams, InvalidParams, ModelRecord
-from easel.models.catalog import BUILTINS
+from easel.models.catalog import BUILTINS, ModelCatalog
 from easel.models.families import FAMILIES, get_family
 from easel.models.params import MAX_SEED, defaults_for, resolve_params
 
-RECORDS = {r.id: r for r in BUILTINS}
+# the built-ins as the catalog serves them (tiny-shapes' defaults come from its folder)
+RECORDS = {r.id: ModelCatalog(Settings(home=Path("/nonexistent"))).get(r.id) for r in BUILTINS}
 
 
 def resolve(model: str = "sd15", **fields: object) -> GenerationParams:

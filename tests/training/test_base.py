@@ -7,9 +7,10 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from easel.config import Settings
 from easel.domain import Canceled
-from easel.models.catalog import BUILTINS
-from easel.training.base import build_unet, build_vae, train_base
+from easel.models.catalog import TINY_SHAPES_DIR, ModelCatalog
+from easel.training.base import build_unet, build_vae, sampling_defaults, train_base
 from easel.training.base_config import PRESETS, BaseConfig, add_arguments, config_from_args, preset
 
 
@@ -62,6 +63,12 @@ def test_writes_a_loadable_pipeline_and_training_artifacts(tiny_run):
         generator=torch.Generator().manual_seed(0),
     ).images[0]
     assert image.size == (64, 64)
+    # the folder carries its recipe's sampling settings, and Easel serves it with them
+    assert json.loads((folder / "easel.json").read_text()) == {
+        "defaults": sampling_defaults(_tiny(out_dir))
+    }
+    record = ModelCatalog(Settings(home=out_dir / "home")).get(str(folder))
+    assert record.defaults["num_inference_steps"] == 2 and record.defaults["max_size"] == 128
 
 
 def test_resumes_from_the_latest_checkpoint(tiny_run, tmp_path):
@@ -104,8 +111,8 @@ def test_latent_channels_reach_the_autoencoder_and_the_denoiser():
     assert unet.config.in_channels == unet.config.out_channels == 8
 
 
-def test_catalog_defaults_are_the_recipes_sampling_settings():
-    # the catalog (models/) may not import training/, so the values are written twice
-    (record,) = [r for r in BUILTINS if r.id == "tiny-shapes"]
-    assert record.defaults["num_inference_steps"] == BaseConfig.sample_steps
-    assert record.defaults["guidance_scale"] == BaseConfig.guidance_scale
+def test_the_shipped_model_carries_the_recipes_sampling_settings(easel_home):
+    shipped = json.loads((TINY_SHAPES_DIR / "easel.json").read_text())
+    assert shipped == {"defaults": sampling_defaults(BaseConfig())}
+    record = ModelCatalog(Settings(home=easel_home)).get("tiny-shapes")
+    assert record.defaults == shipped["defaults"]

@@ -41,6 +41,9 @@ def random_shapes_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     pipe.register_modules(tokenizer=tokenizer, text_encoder=CLIPTextModel(config))
     pipe.save_pretrained(root / "model")
+    # a trained folder's own defaults (training writes them), so eval need not be told
+    defaults = {"num_inference_steps": 2, "guidance_scale": 3.0}
+    (root / "model" / "easel.json").write_text(json.dumps({"defaults": defaults}))
     return root / "model"
 
 
@@ -122,8 +125,8 @@ def test_eval_with_own_prompts_and_bad_input(
     report = evaluate(str(random_shapes_model), prompts=prompts, steps=1)
     assert [j.prompt for j in report.judgements] == prompts
     assert [j.group for j in report.judgements] == ["held-out single", "seen two"]
-    # a folder gets the recipe's guidance, not the SD family's 7.0 (which over-saturates these)
-    assert report.guidance_scale == 2.5
+    # the folder's own guidance (easel.json), not the SD family's 7.0
+    assert report.guidance_scale == 3.0
 
     with pytest.raises(InvalidParams, match="prompts: cannot read object 'a purple dog'") as error:
         evaluate(str(random_shapes_model), prompts=["a purple dog on a white background"])

@@ -26,6 +26,9 @@ from easel.domain import InvalidParams, ModelNotFound, ModelRecord
 from easel.models.families import FAMILIES, family_for_pipeline, get_family
 
 TINY_SHAPES_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-shapes"
+# A model folder may carry its own request defaults here ({"defaults": {...}}, the keys of a
+# models.toml entry's `defaults`); Easel's training writes it, and a catalog entry's win over it.
+FOLDER_DEFAULTS_FILE = "easel.json"
 
 BUILTINS: tuple[ModelRecord, ...] = (
     ModelRecord(
@@ -36,16 +39,7 @@ BUILTINS: tuple[ModelRecord, ...] = (
             "Bundled 64x64 model of coloured shapes, trained by Easel (CPU friendly); "
             'name a background: "a red circle on a white background"'
         ),
-        # the sampling settings its training run validates with (training/base_config.py)
-        defaults={
-            "width": 64,
-            "height": 64,
-            "num_inference_steps": 12,
-            "guidance_scale": 2.5,
-            "scheduler": "dpmpp_2m",
-            "min_size": 32,
-            "max_size": 128,
-        },
+        # its defaults (12 steps, guidance 2.5, 64x64, 32..128) are in the folder's easel.json
     ),
     ModelRecord(
         id="z-image-turbo",
@@ -103,6 +97,20 @@ _SINGLE_FILE_KEYS = (
     ("cap_embedder.", "z-image"),
     ("model.diffusion_model.input_blocks", "sd"),
 )
+
+
+def folder_defaults(folder: Path) -> dict[str, Any]:
+    """The defaults in ``folder``/easel.json; {} when there is no such file."""
+    file = folder / FOLDER_DEFAULTS_FILE
+    if not file.is_file():
+        return {}
+    try:
+        defaults = json.loads(file.read_text(encoding="utf-8")).get("defaults", {})
+    except (OSError, ValueError, AttributeError) as exc:
+        raise InvalidParams(f"cannot read {file}: {exc}", field="model") from None
+    if not isinstance(defaults, dict):
+        raise InvalidParams(f"{file}: `defaults` must be an object", field="model")
+    return defaults
 
 
 def hub_cache_dir() -> Path:
@@ -309,9 +317,13 @@ class ModelCatalog:
         return records
 
     def _with_availability(self, record: ModelRecord) -> ModelRecord:
-        """A copy with the family's tasks and whether the weights are here."""
+        """A copy with the family's tasks, the folder's own defaults under the entry's, and
+        whether the weights are here."""
         tasks = FAMILIES[record.family].tasks if record.family in FAMILIES else record.tasks
-        return dataclasses.replace(record, tasks=tasks, available=self.is_available(record))
+        defaults = {**folder_defaults(Path(record.source).expanduser()), **record.defaults}
+        return dataclasses.replace(
+            record, tasks=tasks, defaults=defaults, available=self.is_available(record)
+        )
 
     def _not_found_message(self, query: str, records: dict[str, ModelRecord]) -> str:
         if _looks_like_path(query):

@@ -46,6 +46,7 @@ from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from easel.domain import Canceled
+from easel.models.catalog import FOLDER_DEFAULTS_FILE
 from easel.training.base_config import BaseConfig, add_arguments, config_from_args
 from easel.training.data import (
     HELD_OUT,
@@ -616,7 +617,9 @@ def train_base(
     pipeline = make_pipeline(vae, text_encoder, tokenizer, unet)
     save_samples(pipeline, config, out_dir / "samples.png")
     save_loss_plot(logs, out_dir / "loss.png")
-    pipeline_dir = export_pipeline(pipeline, out_dir / "pipeline", out_dir / "tokenizer")
+    pipeline_dir = export_pipeline(
+        pipeline, out_dir / "pipeline", out_dir / "tokenizer", sampling_defaults(config)
+    )
     summary = {
         "device": str(device),
         "minutes": (time.monotonic() - started) / 60,
@@ -653,9 +656,26 @@ def latent_scale(vae: AutoencoderKL, config: BaseConfig, device: torch.device) -
     return float(1.0 / latents.std())
 
 
-def export_pipeline(pipeline: StableDiffusionPipeline, folder: Path, tokenizer_dir: Path) -> Path:
+def sampling_defaults(config: BaseConfig) -> dict[str, int | float | str]:
+    """The request defaults a trained folder carries (its easel.json): the settings the run's
+    samples are drawn with, at the native size, allowing half to twice that size."""
+    return {
+        "width": IMAGE_SIZE,
+        "height": IMAGE_SIZE,
+        "num_inference_steps": config.sample_steps,
+        "guidance_scale": config.guidance_scale,
+        "scheduler": "dpmpp_2m",
+        "min_size": IMAGE_SIZE // 2,
+        "max_size": IMAGE_SIZE * 2,
+    }
+
+
+def export_pipeline(
+    pipeline: StableDiffusionPipeline, folder: Path, tokenizer_dir: Path, defaults: dict
+) -> Path:
     """Save with fp16 weights (half the size); configs still say float32, so a plain
-    `from_pretrained` loads the model in float32."""
+    `from_pretrained` loads the model in float32. ``defaults`` go to easel.json, so Easel
+    samples the folder with its recipe's settings, not its family's."""
     half = copy.deepcopy(pipeline).to(torch.float16)
     half.save_pretrained(folder, safe_serialization=True)
     # diffusers loads fp16 files into the models' default float32; transformers follows the
@@ -667,6 +687,7 @@ def export_pipeline(pipeline: StableDiffusionPipeline, folder: Path, tokenizer_d
     # The classic CLIP files too, for transformers versions that do not read tokenizer.json.
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(tokenizer_dir / name, folder / "tokenizer" / name)
+    (folder / FOLDER_DEFAULTS_FILE).write_text(json.dumps({"defaults": defaults}, indent=2) + "\n")
     return folder
 
 

@@ -74,10 +74,8 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", type=Path, help="report folder (default: ./eval/<model name>)")
     parser.add_argument("--limit", type=int, help="at most N prompts per group (4 groups)")
-    parser.add_argument("--steps", type=int, help="denoising steps (default 12, as tiny-shapes)")
-    parser.add_argument(
-        "--guidance", type=float, help="guidance scale (default 2.5, as tiny-shapes)"
-    )
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    parser.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: the EASEL_DEVICE setting)")
     parser.set_defaults(func=cmd_eval)

@@ -32,7 +32,7 @@ from easel.config import Settings
 from easel.domain import InvalidParams
 from easel.models.catalog import ModelCatalog
 from easel.models.loader import ModelManager
-from easel.training.base_config import BaseConfig
+from easel.models.params import defaults_for
 from easel.training.data import (
     COLOURS,
     HELD_OUT,
@@ -298,7 +298,8 @@ def evaluate(
     """Render prompts through ``model`` (catalog id or diffusers folder), judge them, report.
 
     ``prompts`` are canonical captions (default: `default_scenes`); ``limit`` keeps the first N
-    of each group. ``steps``/``guidance_scale`` default to the tiny-shapes recipe's (12 and 2.5).
+    of each group. ``steps``/``guidance_scale`` default to the model's (a trained folder's are
+    in its easel.json).
     Image i uses seed ``seed + i``. With ``out``, writes report.json, report.md and grid.png there.
     ``on_progress(done, total)`` is called after each batch.
     """
@@ -325,10 +326,10 @@ def evaluate(
             f"(got a {loaded.family.name} model)",
             field="model",
         )
-    # the recipe's sampling settings, not the model's: a retrained folder is not in the catalog,
-    # and the SD family defaults (25 steps, guidance 7) over-saturate these models
-    steps = steps or BaseConfig.sample_steps
-    guidance = BaseConfig.guidance_scale if guidance_scale is None else guidance_scale
+    # the model's own defaults (a trained folder carries its recipe's in easel.json)
+    defaults = defaults_for(loaded.record, loaded.family)
+    steps = steps or defaults["num_inference_steps"]
+    guidance = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
     # the model's native size (the scenes scale with it)
     pipe = loaded.pipeline
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
