@@ -2,10 +2,12 @@
 
 The encoder stays frozen, so the latents the denoiser was trained on keep their meaning and the
 UNet needs no retraining — the same idea as the "ft-MSE" decoders released for Stable Diffusion.
-The loss weighs pixels near edges more (a small star is mostly edge), and the VAE is saved every
-few minutes, so an interrupted run keeps its progress (start again from the saved folder with
-``--vae``). The defaults are the run that made the shipped tiny-shapes decoder (50 min on the
-2-core build machine; docs/MODEL.md).
+The loss weighs pixels near edges more (a small star is mostly edge), half of the scenes are
+redrawn with small objects, stars and crosses the likeliest (the shapes the decoder loses first),
+and the decoder sees the posterior mean: a decoder trained on posterior samples learns to blur
+away the detail that separates a small star from a blob. The VAE is saved every few minutes, so
+an interrupted run keeps its progress (start again from the saved folder with ``--vae``). The
+defaults are the run that made the shipped tiny-shapes decoder (docs/MODEL.md).
 
     python -m easel.training.decoder PIPELINE_DIR --out VAE_DIR
 """
@@ -13,6 +15,7 @@ few minutes, so an interrupted run keeps its progress (start again from the save
 from __future__ import annotations
 
 import argparse
+import random
 import time
 from pathlib import Path
 
@@ -29,9 +32,33 @@ from easel.training.base import (
     prefetched,
     reconstruction_loss,
 )
-from easel.training.data import SceneStream
+from easel.training.data import (
+    SHAPES,
+    Scene,
+    ShapeObject,
+    is_held_out,
+    render,
+    sample_scene,
+)
 
 EDGE_FOCUS = 4.0  # extra loss weight on pixels within 2 px of an edge
+HARD_SHARE = 0.5  # fraction of training scenes redrawn with small objects
+HARD_SHAPES = (*SHAPES, "star", "cross")  # their shapes: stars and crosses twice as likely
+
+
+def training_scene(rng: random.Random, hard_share: float = HARD_SHARE) -> Scene:
+    """A training scene; with probability ``hard_share`` its objects become small, in a shape
+    drawn from `HARD_SHAPES` (colours, positions and the background stay). Never held out."""
+    scene = sample_scene(rng)
+    if rng.random() >= hard_share:
+        return scene
+    while True:
+        objects = tuple(
+            ShapeObject(rng.choice(HARD_SHAPES), o.colour, "small", o.position)
+            for o in scene.objects
+        )
+        if not is_held_out(hard := Scene(objects, scene.background)):
+            return hard
 
 
 def edge_weights(images: torch.Tensor, focus: float = EDGE_FOCUS) -> torch.Tensor:
@@ -75,8 +102,13 @@ def finetune_decoder(
     for p in trainable:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    stream = SceneStream(seed=seed, device=dev)
-    batches = prefetched(lambda: stream.batch(batch_size).images)
+    rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
+
+    def batch() -> torch.Tensor:
+        scenes = [training_scene(rng) for _ in range(batch_size)]
+        return render(scenes, device=dev, jitter=1.0, generator=generator) * 2 - 1
+
+    batches = prefetched(batch)
     use_bf16 = bf16 and (dev.type == "cuda" or cpu_has_native_bf16())
     if dev.type == "cpu":
         vae.to(memory_format=torch.channels_last)  # oneDNN's fast layout for bf16 convolutions
@@ -96,14 +128,7 @@ def finetune_decoder(
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_factor(step, fraction, warmup_steps=50)
         with torch.no_grad(), autocast(dev, use_bf16):
-            posterior = vae.encode(images).latent_dist
-            # the denoiser's latents are near the posterior but never exact: train on both its
-            # mean and samples (the posterior is wide: std ~0.2 against a mean of ~0.7)
-            latents = torch.where(
-                torch.rand(len(images), 1, 1, 1, device=dev) < 0.5,
-                posterior.mean,
-                posterior.sample(),
-            )
+            latents = vae.encode(images).latent_dist.mode()
         with autocast(dev, use_bf16):
             decoded = vae.decode(latents.float()).sample.float()
         loss = focused_loss(decoded, images)
