@@ -25,7 +25,7 @@ class BaseConfig:
     vae_batch_size: int = 32
     vae_lr: float = 1e-3
     vae_max_steps: int = 100_000  # a cap; normally the time budget ends the stage
-    vae_kl_weight: float = 1e-6  # tiny: latents stay near-deterministic, decoder stays crisp
+    vae_kl_weight: float = 1e-6  # tiny, yet the posterior stays wide (std ~0.2; docs/MODEL.md)
     vae_edge_weight: float = 1.0  # L1 on image gradients keeps corners and edges sharp
     # -- stage 2: denoiser + text encoder
     unet_channels: tuple[int, ...] = (64, 128, 128)
