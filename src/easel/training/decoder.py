@@ -81,7 +81,7 @@ def finetune_decoder(
     pipeline_dir: Path,
     out_dir: Path,
     *,
-    minutes: float = 50.0,
+    minutes: float = 45.0,
     vae_dir: Path | None = None,
     batch_size: int = 64,
     lr: float = 2e-4,
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("pipeline", type=Path, help="the trained pipeline folder")
     parser.add_argument("--out", type=Path, required=True, help="where the new VAE folder goes")
     parser.add_argument("--vae", type=Path, help="start from this VAE (default: the pipeline's)")
-    parser.add_argument("--minutes", type=float, default=50.0)
+    parser.add_argument("--minutes", type=float, default=45.0)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--device", default="auto")
