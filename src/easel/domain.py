@@ -129,6 +129,12 @@ class GenerationResult:
 # --- models -------------------------------------------------------------------------------------
 
 
+# A model folder may carry its own request defaults in this file beside model_index.json
+# ({"defaults": {...}}, the keys of a models.toml entry's `defaults`); Easel's training writes it,
+# and a catalog entry's own defaults win over it.
+MODEL_DEFAULTS_FILE = "easel.json"
+
+
 @dataclass
 class ModelRecord:
     """A catalog entry: where the weights are, which family serves them, and its defaults."""

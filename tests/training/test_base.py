@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from easel.config import Settings
 from easel.domain import Canceled
@@ -16,7 +16,15 @@ from easel.training.base_config import PRESETS, BaseConfig, add_arguments, confi
 
 def _tiny(out_dir, **overrides):
     # Step caps, not the clock, end these runs; the budget is generous.
-    settings = {"max_minutes": 20, "vae_max_steps": 30, "max_steps": 30, "vae_lr": 2e-3, "lr": 2e-3}
+    settings = {
+        "max_minutes": 20,
+        "vae_max_steps": 30,
+        "max_steps": 30,
+        "decoder_share": 0.1,
+        "decoder_max_steps": 5,
+        "vae_lr": 2e-3,
+        "lr": 2e-3,
+    }
     return preset("tiny", out_dir=str(out_dir), **{**settings, **overrides})
 
 
@@ -39,6 +47,7 @@ def test_a_few_steps_reduce_both_losses(tiny_run):
         assert len(losses) == 30
         assert _mean(losses[-8:]) < 0.9 * _mean(losses[:8]), (stage, losses)
     assert [s.step for s in steps if s.stage == "unet"] == list(range(1, 31))
+    assert [s.step for s in steps if s.stage == "decoder"] == list(range(1, 6))
     assert all(0 <= s.fraction <= 1 for s in steps)
 
 
@@ -47,9 +56,18 @@ def test_writes_a_loadable_pipeline_and_training_artifacts(tiny_run):
     for name in ("loss.png", "samples.png", "summary.json", "config.json"):
         assert (out_dir / name).stat().st_size > 0
     assert [p.name for p in sorted((out_dir / "checkpoints").glob("*.pt"))] == [
+        "decoder-step0000005.pt",
         "unet-step0000030.pt",
         "vae-step0000030.pt",
     ]
+    # stage 3 trained the decoder only: the exported encoder is stage 1's (up to float16)
+    stage1 = torch.load(out_dir / "checkpoints" / "vae-step0000030.pt", weights_only=False)["model"]
+    exported = AutoencoderKL.from_pretrained(folder / "vae").state_dict()
+    for name in ("encoder.conv_in.weight", "quant_conv.weight"):
+        torch.testing.assert_close(exported[name], stage1[name], atol=2e-3, rtol=1e-3)
+    assert not torch.allclose(
+        exported["decoder.conv_out.weight"], stage1["decoder.conv_out.weight"]
+    )
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["unet_steps"] == 30 and summary["params"]["unet"] > 0
     assert (folder / "tokenizer" / "merges.txt").exists()
@@ -104,6 +122,8 @@ def test_latent_channels_reach_the_autoencoder_and_the_denoiser():
     add_arguments(parser)
     config = config_from_args(parser.parse_args(["--preset", "tiny", "--latent-channels", "8"]))
     assert config.latent_channels == 8 and preset("tiny").latent_channels == 4
+    no_decoder = config_from_args(parser.parse_args(["--decoder-share", "0"]))
+    assert no_decoder.decoder_share == 0 and preset("gpu").decoder_share > 0
     with torch.no_grad():
         latents = build_vae(config).encode(torch.zeros(1, 3, 64, 64)).latent_dist.mode()
     assert latents.shape == (1, 8, 32, 32)

@@ -22,13 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from easel.config import Settings
-from easel.domain import InvalidParams, ModelNotFound, ModelRecord
+from easel.domain import MODEL_DEFAULTS_FILE, InvalidParams, ModelNotFound, ModelRecord
 from easel.models.families import FAMILIES, family_for_pipeline, get_family
 
 TINY_SHAPES_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-shapes"
-# A model folder may carry its own request defaults here ({"defaults": {...}}, the keys of a
-# models.toml entry's `defaults`); Easel's training writes it, and a catalog entry's win over it.
-FOLDER_DEFAULTS_FILE = "easel.json"
 
 BUILTINS: tuple[ModelRecord, ...] = (
     ModelRecord(
@@ -101,7 +98,7 @@ _SINGLE_FILE_KEYS = (
 
 def folder_defaults(folder: Path) -> dict[str, Any]:
     """The defaults in ``folder``/easel.json; {} when there is no such file."""
-    file = folder / FOLDER_DEFAULTS_FILE
+    file = folder / MODEL_DEFAULTS_FILE
     if not file.is_file():
         return {}
     try:

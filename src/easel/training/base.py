@@ -1,11 +1,12 @@
 """Train the bundled `tiny-shapes` model from scratch: `train_base(config, on_step, is_canceled)`.
 
-Two stages, each one visible loop with a wall-clock budget (the learning rate follows the elapsed
-fraction of the budget, so a run ends on time whatever the machine's speed):
+Three stages, each one visible loop with a wall-clock budget (the learning rate follows the
+elapsed fraction of the budget, so a run ends on time whatever the machine's speed):
 
 1. an `AutoencoderKL` (64x64x3 images <-> 16x16x4 latents) trained on rendered scenes;
 2. a `UNet2DConditionModel` and a `CLIPTextModel`, trained jointly from scratch on the frozen VAE's
-   latents (v-prediction, 10 % empty captions for classifier-free guidance, an EMA copy kept).
+   latents (v-prediction, 10 % empty captions for classifier-free guidance, an EMA copy kept);
+3. the VAE's decoder alone, encoder frozen, for crisper small shapes (`easel.training.decoder`).
 
 The result is a `StableDiffusionPipeline` folder (`<out>/pipeline`) that plain
 `StableDiffusionPipeline.from_pretrained` loads. Along the way it writes step-stamped checkpoints
@@ -45,8 +46,7 @@ from diffusers import (
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from easel.domain import Canceled
-from easel.models.catalog import FOLDER_DEFAULTS_FILE
+from easel.domain import MODEL_DEFAULTS_FILE, Canceled
 from easel.training.base_config import BaseConfig, add_arguments, config_from_args
 from easel.training.data import (
     HELD_OUT,
@@ -67,7 +67,7 @@ from easel.training.tokenizer import MAX_LENGTH, train_tokenizer
 class TrainStep:
     """What `on_step` receives after every optimisation step."""
 
-    stage: str  # "vae" or "unet"
+    stage: str  # "vae", "unet" or "decoder"
     step: int
     loss: float
     lr: float
@@ -607,13 +607,24 @@ def train_base(
     save_loss_plot(logs, out_dir / "loss.png")
 
     # 3. stage 2: denoiser + text encoder, with what is left of the budget
-    unet_budget = budget_s - vae_seconds - export_reserve_s(config)
+    decoder_budget = budget_s * config.decoder_share
+    unet_budget = budget_s - vae_seconds - decoder_budget - export_reserve_s(config)
     unet, text_encoder = train_unet(
         config, device, checkpoints, max(unet_budget, 1.0), logs["unet"], vae, tokenizer,
         out_dir, on_step, is_canceled,
     )  # fmt: skip
 
-    # 4. export: the pipeline folder (fp16 weights keep it small), a last sample grid and loss plot
+    # 4. stage 3: the decoder alone (the encoder, and so the denoiser's latents, stay)
+    if config.decoder_share > 0:
+        from easel.training.decoder import tune_decoder  # it imports this module
+
+        logs["decoder"] = StageLog()
+        tune_decoder(
+            vae, config, device, budget_s=decoder_budget, log=logs["decoder"],
+            checkpoints=checkpoints, on_step=on_step, is_canceled=is_canceled,
+        )  # fmt: skip
+
+    # 5. export: the pipeline folder (fp16 weights keep it small), a last sample grid and loss plot
     pipeline = make_pipeline(vae, text_encoder, tokenizer, unet)
     save_samples(pipeline, config, out_dir / "samples.png")
     save_loss_plot(logs, out_dir / "loss.png")
@@ -687,7 +698,7 @@ def export_pipeline(
     # The classic CLIP files too, for transformers versions that do not read tokenizer.json.
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(tokenizer_dir / name, folder / "tokenizer" / name)
-    (folder / FOLDER_DEFAULTS_FILE).write_text(json.dumps({"defaults": defaults}, indent=2) + "\n")
+    (folder / MODEL_DEFAULTS_FILE).write_text(json.dumps({"defaults": defaults}, indent=2) + "\n")
     return folder
 
 

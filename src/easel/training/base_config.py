@@ -16,7 +16,7 @@ class BaseConfig:
     out_dir: str = "runs/tiny-shapes"
     device: str = "auto"  # "auto" = cuda when available, else cpu
     seed: int = 0
-    max_minutes: float = 110.0  # wall-clock budget for both stages together
+    max_minutes: float = 110.0  # wall-clock budget for all stages together
     vae_share: float = 0.15  # fraction of max_minutes spent on the autoencoder
     bf16: bool = False  # bf16 autocast; on CUDA only (on this 2-core CPU it trained slower)
     # -- stage 1: autoencoder (factor 4: 64x64x3 -> 16x16x4)
@@ -39,6 +39,11 @@ class BaseConfig:
     caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
     min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023)
     ema_decay: float = 0.999
+    # -- stage 3: the decoder alone, encoder frozen (easel.training.decoder; 0 skips it)
+    decoder_share: float = 0.15  # fraction of max_minutes
+    decoder_batch_size: int = 64
+    decoder_lr: float = 2e-4
+    decoder_max_steps: int = 100_000  # a cap; normally the time budget ends the stage
     # -- bookkeeping
     log_every_seconds: float = 60.0  # a throughput line (it/s, images/s) on stdout
     sample_every_minutes: float = 15.0
@@ -58,6 +63,9 @@ PRESETS: dict[str, dict] = {
         "vae_lr": 2e-3,
         "batch_size": 512,  # small latents: a GPU step is launch-bound, so big batches are ~free
         "lr": 1e-3,
+        "decoder_share": 0.2,
+        "decoder_batch_size": 256,
+        "decoder_lr": 3e-4,
         "warmup_steps": 300,
         "log_every_seconds": 20.0,
         "sample_every_minutes": 2.0,
@@ -74,6 +82,7 @@ PRESETS: dict[str, dict] = {
         "text_layers": 1,
         "batch_size": 8,
         "warmup_steps": 5,
+        "decoder_batch_size": 8,
         "sample_steps": 2,
     },
 }
@@ -90,12 +99,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `easel train base` and `python -m easel.training.base`."""
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--out", default=BaseConfig.out_dir, help="run folder (resumes if present)")
-    parser.add_argument("--max-minutes", type=float, help="wall-clock budget, both stages")
+    parser.add_argument("--max-minutes", type=float, help="wall-clock budget, all stages")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--latent-channels", type=int, help="autoencoder latent channels (4)")
     parser.add_argument("--vae-share", type=float, help="share of the budget for the autoencoder")
+    parser.add_argument(
+        "--decoder-share", type=float, help="share of the budget for the decoder tune (0: none)"
+    )
     parser.add_argument("--no-bf16", action="store_true", help="train in float32")
 
 
@@ -108,6 +120,7 @@ def config_from_args(args: argparse.Namespace) -> BaseConfig:
         "batch_size": args.batch_size,
         "latent_channels": args.latent_channels,
         "vae_share": args.vae_share,
+        "decoder_share": args.decoder_share,
     }
     if args.no_bf16:
         overrides["bf16"] = False

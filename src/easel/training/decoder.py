@@ -16,22 +16,25 @@ from __future__ import annotations
 
 import argparse
 import random
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
-from tqdm import tqdm
 
-from easel.models.loader import cpu_has_native_bf16
 from easel.training.base import (
+    Checkpoints,
+    StageLog,
+    StageRun,
+    TrainStep,
     autocast,
     lr_factor,
     pick_device,
     prefetched,
     reconstruction_loss,
 )
+from easel.training.base_config import BaseConfig
 from easel.training.data import (
     SHAPES,
     Scene,
@@ -77,6 +80,98 @@ def focused_loss(decoded: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     return reconstruction_loss(decoded, images) + focus
 
 
+def tune_decoder(
+    vae: AutoencoderKL,
+    config: BaseConfig,
+    device: torch.device,
+    *,
+    budget_s: float,
+    log: StageLog,
+    checkpoints: Checkpoints | None = None,
+    on_save: Callable[[], None] | None = None,
+    on_step: Callable[[TrainStep], None] | None = None,
+    is_canceled: Callable[[], bool] | None = None,
+) -> float:
+    """Train ``vae``'s decoder in place (``config.decoder_*``; stage 3 of `train_base`) for
+    ``budget_s`` seconds or ``config.decoder_max_steps``, whichever is further along. With
+    ``checkpoints`` it resumes from and saves "decoder" checkpoints; ``on_save`` is called
+    whenever it saves. Returns the stage's seconds over all sessions; ``vae`` ends frozen."""
+    # 1. freeze the encoder half; resume
+    vae.requires_grad_(False)
+    trainable = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for p in trainable:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trainable, lr=config.decoder_lr, weight_decay=0.0)
+    step, elapsed_before = 0, 0.0
+    if checkpoints and (state := checkpoints.latest("decoder")):
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed_before = state["step"], state["elapsed_s"]
+        log.steps, log.losses = state["log_steps"], state["log_losses"]
+    rng = random.Random(config.seed + step)
+    generator = torch.Generator().manual_seed(config.seed + step)
+
+    def batch() -> torch.Tensor:
+        scenes = [training_scene(rng) for _ in range(config.decoder_batch_size)]
+        return render(scenes, device=device, jitter=1.0, generator=generator) * 2 - 1
+
+    batches = prefetched(batch)
+    use_bf16 = config.bf16
+    if device.type == "cpu":
+        vae.to(memory_format=torch.channels_last)  # oneDNN's fast layout for bf16 convolutions
+
+    def save() -> None:
+        if checkpoints:
+            checkpoints.save(
+                "decoder",
+                step,
+                {
+                    "model": vae.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "step": step,
+                    "elapsed_s": run.elapsed(),
+                    "log_steps": log.steps,
+                    "log_losses": log.losses,
+                },
+            )
+        if on_save:
+            on_save()
+
+    # 2. the loop: the decoder sees the posterior mean of freshly rendered scenes
+    run = StageRun(
+        "decoder",
+        config,
+        budget_s=budget_s,
+        max_steps=config.decoder_max_steps,
+        batch_size=config.decoder_batch_size,
+        step=step,
+        elapsed_before=elapsed_before,
+        log=log,
+        on_step=on_step,
+        is_canceled=is_canceled,
+    )
+    vae.decoder.train()
+    while not run.done:
+        images = next(batches)
+        lr = config.decoder_lr * lr_factor(step, run.fraction, warmup_steps=50)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with torch.no_grad(), autocast(device, use_bf16):
+            latents = vae.encode(images).latent_dist.mode()
+        with autocast(device, use_bf16):
+            decoded = vae.decode(latents.float()).sample.float()
+        loss = focused_loss(decoded, images)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        step += 1
+        run.record(step, loss.item(), lr, save)
+    run.close()
+    vae.eval().requires_grad_(False)
+    return run.elapsed()
+
+
 def finetune_decoder(
     pipeline_dir: Path,
     out_dir: Path,
@@ -94,24 +189,19 @@ def finetune_decoder(
     """Train the decoder of ``vae_dir`` (default ``pipeline_dir/vae``) for ``minutes`` (or
     ``max_steps``, whichever ends first); save the VAE to ``out_dir`` every
     ``save_every_minutes`` and at the end."""
-    # 1. load, freeze the encoder half
+    from easel.models.loader import cpu_has_native_bf16  # not at the top: train_base imports this
+
     dev = pick_device(device)
     vae = AutoencoderKL.from_pretrained(vae_dir or pipeline_dir / "vae", torch_dtype=torch.float32)
-    vae.to(dev).requires_grad_(False)
-    trainable = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
-    for p in trainable:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
-
-    def batch() -> torch.Tensor:
-        scenes = [training_scene(rng) for _ in range(batch_size)]
-        return render(scenes, device=dev, jitter=1.0, generator=generator) * 2 - 1
-
-    batches = prefetched(batch)
-    use_bf16 = bf16 and (dev.type == "cuda" or cpu_has_native_bf16())
-    if dev.type == "cpu":
-        vae.to(memory_format=torch.channels_last)  # oneDNN's fast layout for bf16 convolutions
+    vae.to(dev)
+    config = BaseConfig(
+        seed=seed,
+        bf16=bf16 and (dev.type == "cuda" or cpu_has_native_bf16()),
+        decoder_batch_size=batch_size,
+        decoder_lr=lr,
+        decoder_max_steps=max_steps or BaseConfig.decoder_max_steps,
+        checkpoint_every_minutes=save_every_minutes,
+    )
 
     def save() -> None:
         # a float16 copy (the shipped precision); training goes on in float32
@@ -119,32 +209,9 @@ def finetune_decoder(
         shipped.load_state_dict(vae.state_dict())
         shipped.half().save_pretrained(out_dir, safe_serialization=True)
 
-    # 2. the loop: a wall-clock budget drives the learning-rate schedule
-    budget_s, start, step, saved_at = minutes * 60, time.monotonic(), 0, time.monotonic()
-    progress = tqdm(desc="decoder", unit="step", mininterval=2.0)
-    vae.decoder.train()
-    while (fraction := (time.monotonic() - start) / budget_s) < 1.0 and step != max_steps:
-        images = next(batches)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * lr_factor(step, fraction, warmup_steps=50)
-        with torch.no_grad(), autocast(dev, use_bf16):
-            latents = vae.encode(images).latent_dist.mode()
-        with autocast(dev, use_bf16):
-            decoded = vae.decode(latents.float()).sample.float()
-        loss = focused_loss(decoded, images)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        step += 1
-        progress.update()
-        progress.set_postfix(loss=f"{loss.item():.4f}")
-        if time.monotonic() - saved_at > save_every_minutes * 60:
-            save()
-            saved_at = time.monotonic()
-    progress.close()
-    print(f"decoder: {step} steps, final loss {loss.item():.4f}")
-    save()
+    log = StageLog()
+    tune_decoder(vae, config, dev, budget_s=minutes * 60, log=log, on_save=save)
+    print(f"decoder: {log.steps[-1] if log.steps else 0} steps, final loss {log.losses[-1]:.4f}")
     return out_dir
 
 
