@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -222,6 +223,24 @@ class Checkpoints:
         for old in sorted(self.folder.glob(f"{stage}-step*.pt"))[: -self.keep]:
             old.unlink()
 
+    def resume(self, stage: str, parts: dict[str, Any], log: StageLog) -> tuple[int, float]:
+        """Load the stage's newest checkpoint into ``parts`` (name -> module or optimizer) and
+        ``log``; returns (step, seconds spent), or (0, 0.0) when the stage has none."""
+        if (state := self.latest(stage)) is None:
+            return 0, 0.0
+        for name, part in parts.items():
+            part.load_state_dict(state[name])
+        log.steps, log.losses = state["log_steps"], state["log_losses"]
+        return state["step"], state["elapsed_s"]
+
+    def save_stage(
+        self, stage: str, step: int, parts: dict[str, Any], elapsed_s: float, log: StageLog
+    ) -> None:
+        """What `resume` reads back: every part's state, the step, the time spent, the log."""
+        state = {name: part.state_dict() for name, part in parts.items()}
+        state |= {"step": step, "elapsed_s": elapsed_s}
+        self.save(stage, step, state | {"log_steps": log.steps, "log_losses": log.losses})
+
 
 def autocast(device: torch.device, enabled: bool) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
@@ -302,28 +321,13 @@ def train_vae(
     optimizer = torch.optim.AdamW(
         vae.parameters(), lr=config.vae_lr, weight_decay=0.0, fused=device.type == "cuda"
     )
-    step, elapsed_before = 0, 0.0
-    if state := checkpoints.latest("vae"):
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, elapsed_before = state["step"], state["elapsed_s"]
-        log.steps, log.losses = state["log_steps"], state["log_losses"]
+    parts = {"model": vae, "optimizer": optimizer}
+    step, elapsed_before = checkpoints.resume("vae", parts, log)
     stream = SceneStream(seed=config.seed + step, device=device)
     batches = prefetched(lambda: stream.batch(config.vae_batch_size).images)
 
     def save() -> None:
-        checkpoints.save(
-            "vae",
-            step,
-            {
-                "model": vae.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "step": step,
-                "elapsed_s": run.elapsed(),
-                "log_steps": log.steps,
-                "log_losses": log.losses,
-            },
-        )
+        checkpoints.save_stage("vae", step, parts, run.elapsed(), log)
 
     # 2. the loop
     run = StageRun(
@@ -388,15 +392,14 @@ def train_unet(
     )
     scheduler = noise_schedule()
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    step, elapsed_before = 0, 0.0
-    if state := checkpoints.latest("unet"):
-        unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
-        ema_unet.load_state_dict(state["ema_unet"])
-        ema_text.load_state_dict(state["ema_text"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, elapsed_before = state["step"], state["elapsed_s"]
-        log.steps, log.losses = state["log_steps"], state["log_losses"]
+    parts = {
+        "unet": unet,
+        "text_encoder": text_encoder,
+        "ema_unet": ema_unet,
+        "ema_text": ema_text,
+        "optimizer": optimizer,
+    }
+    step, elapsed_before = checkpoints.resume("unet", parts, log)
     stream = SceneStream(seed=config.seed + 1_000_003 + step, device=device)
     dropout_rng = random.Random(config.seed + step)
 
@@ -410,21 +413,7 @@ def train_unet(
     batches = prefetched(make_batch)
 
     def save() -> None:
-        checkpoints.save(
-            "unet",
-            step,
-            {
-                "unet": unet.state_dict(),
-                "text_encoder": text_encoder.state_dict(),
-                "ema_unet": ema_unet.state_dict(),
-                "ema_text": ema_text.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "step": step,
-                "elapsed_s": run.elapsed(),
-                "log_steps": log.steps,
-                "log_losses": log.losses,
-            },
-        )
+        checkpoints.save_stage("unet", step, parts, run.elapsed(), log)
 
     # 2. the loop
     run = StageRun(

@@ -102,12 +102,8 @@ def tune_decoder(
     for p in trainable:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(trainable, lr=config.decoder_lr, weight_decay=0.0)
-    step, elapsed_before = 0, 0.0
-    if checkpoints and (state := checkpoints.latest("decoder")):
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, elapsed_before = state["step"], state["elapsed_s"]
-        log.steps, log.losses = state["log_steps"], state["log_losses"]
+    parts = {"model": vae, "optimizer": optimizer}
+    step, elapsed_before = checkpoints.resume("decoder", parts, log) if checkpoints else (0, 0.0)
     rng = random.Random(config.seed + step)
     generator = torch.Generator().manual_seed(config.seed + step)
 
@@ -122,18 +118,7 @@ def tune_decoder(
 
     def save() -> None:
         if checkpoints:
-            checkpoints.save(
-                "decoder",
-                step,
-                {
-                    "model": vae.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "step": step,
-                    "elapsed_s": run.elapsed(),
-                    "log_steps": log.steps,
-                    "log_losses": log.losses,
-                },
-            )
+            checkpoints.save_stage("decoder", step, parts, run.elapsed(), log)
         if on_save:
             on_save()
 
