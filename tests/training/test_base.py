@@ -7,11 +7,13 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
+from easel import cli
 from easel.config import Settings
 from easel.domain import Canceled
 from easel.models.catalog import TINY_SHAPES_DIR, ModelCatalog
 from easel.training.base import build_unet, build_vae, sampling_defaults, train_base
 from easel.training.base_config import PRESETS, BaseConfig, add_arguments, config_from_args, preset
+from easel.training.commands import register
 
 
 def _tiny(out_dir, **overrides):
@@ -136,3 +138,24 @@ def test_the_shipped_model_carries_the_recipes_sampling_settings(easel_home):
     assert shipped == {"defaults": sampling_defaults(BaseConfig())}
     record = ModelCatalog(Settings(home=easel_home)).get("tiny-shapes")
     assert record.defaults == shipped["defaults"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max-minutes", "0"], "--max-minutes must be greater than 0 (got 0.0)"),
+        (["--latent-channels", "0"], "--latent-channels must be at least 1 (got 0)"),
+        (["--vae-share", "1"], "--vae-share must be at least 0 and below 1 (got 1.0)"),
+        (["--decoder-share", "-0.1"], "--decoder-share must be at least 0 and below 1 (got -0.1)"),
+        (
+            ["--vae-share", "0.5", "--decoder-share", "0.5"],
+            "--vae-share + --decoder-share must be at most 0.9",
+        ),
+    ],
+)
+def test_train_command_refuses_bad_budgets(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "EXTRA_COMMANDS", [register])
+    out = tmp_path / "run"
+    assert cli.main(["train", "base", "--out", str(out), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was written

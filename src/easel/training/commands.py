@@ -50,7 +50,25 @@ def cmd_train_base(args: argparse.Namespace) -> int:
         raise InvalidParams(
             f"--max-minutes must be greater than 0 (got {args.max_minutes})", field="max_minutes"
         )
-    folder = train_base(config_from_args(args))
+    config = config_from_args(args)
+    if config.latent_channels < 1:
+        raise InvalidParams(
+            f"--latent-channels must be at least 1 (got {config.latent_channels})",
+            field="latent_channels",
+        )
+    for name in ("vae_share", "decoder_share"):
+        if not 0 <= getattr(config, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            raise InvalidParams(
+                f"{flag} must be at least 0 and below 1 (got {getattr(config, name)})", field=name
+            )
+    if config.vae_share + config.decoder_share > 0.9:
+        raise InvalidParams(
+            "--vae-share + --decoder-share must be at most 0.9, so the denoiser keeps a tenth of "
+            f"the budget (got {config.vae_share} + {config.decoder_share})",
+            field="decoder_share",
+        )
+    folder = train_base(config)
     print(f"saved {folder}")
     return 0
 
