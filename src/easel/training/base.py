@@ -472,7 +472,7 @@ def train_unet(
 
 
 class StageRun:
-    """The bookkeeping both stage loops share: the budget (time or steps, whichever is further
+    """The bookkeeping the stage loops share: the budget (time or steps, whichever is further
     along, over all sessions), the progress bar, the loss log, `on_step`, a throughput line,
     checkpoints on a clock and cancellation. A resumed stage goes on until its budget is spent;
     a finished one is skipped (``done`` from the start)."""

@@ -112,7 +112,6 @@ def tune_decoder(
         return render(scenes, device=device, jitter=1.0, generator=generator) * 2 - 1
 
     batches = prefetched(batch)
-    use_bf16 = config.bf16
     if device.type == "cpu":
         vae.to(memory_format=torch.channels_last)  # oneDNN's fast layout for bf16 convolutions
 
@@ -141,9 +140,9 @@ def tune_decoder(
         lr = config.decoder_lr * lr_factor(step, run.fraction, warmup_steps=50)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with torch.no_grad(), autocast(device, use_bf16):
+        with torch.no_grad(), autocast(device, config.bf16):
             latents = vae.encode(images).latent_dist.mode()
-        with autocast(device, use_bf16):
+        with autocast(device, config.bf16):
             decoded = vae.decode(latents.float()).sample.float()
         loss = focused_loss(decoded, images)
         optimizer.zero_grad(set_to_none=True)

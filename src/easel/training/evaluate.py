@@ -299,8 +299,8 @@ def evaluate(
 
     ``prompts`` are canonical captions (default: `default_scenes`); ``limit`` keeps the first N
     of each group. ``steps``/``guidance_scale`` default to the model's (a trained folder's are
-    in its easel.json).
-    Image i uses seed ``seed + i``. With ``out``, writes report.json, report.md and grid.png there.
+    in its easel.json). Image i uses seed ``seed + i``. With ``out``, writes report.json,
+    report.md and grid.png there.
     ``on_progress(done, total)`` is called after each batch.
     """
     started = time.perf_counter()
