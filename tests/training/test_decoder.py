@@ -5,12 +5,19 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 from easel.training.data import Scene, SceneStream, ShapeObject, is_held_out, render
-from easel.training.decoder import edge_weights, finetune_decoder, focused_loss, training_scene
+from easel.training.decoder import (
+    edge_weights,
+    finetune_decoder,
+    focused_loss,
+    main,
+    training_scene,
+)
 
 
 def test_training_scenes_favour_small_stars_and_crosses_and_hold_nothing_out() -> None:
@@ -65,3 +72,34 @@ def test_finetune_trains_the_decoder_only_and_lowers_the_loss(
         torch.testing.assert_close(after.encoder.state_dict()[name], value, atol=2e-3, rtol=1e-3)
     assert not torch.allclose(after.decoder.conv_out.weight, before.decoder.conv_out.weight)
     assert _loss(after, images) < 0.8 * _loss(before, images)
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--minutes", "0"], "--minutes must be greater than 0"),
+        (["--batch-size", "-1"], "--batch-size must be greater than 0"),
+        (["--lr", "0"], "--lr must be greater than 0"),
+    ],
+)
+def test_the_command_refuses_budgets_that_cannot_train(
+    tiny_sd_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    named: str,
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tiny_sd_path), "--out", str(tmp_path / "vae"), *flags])
+    assert exit_info.value.code == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "vae").exists()
+
+
+def test_the_command_refuses_a_folder_that_is_not_a_pipeline(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), "--out", str(tmp_path / "vae")])
+    assert exit_info.value.code == 2
+    assert "no model_index.json" in capsys.readouterr().err

@@ -195,7 +195,11 @@ def finetune_decoder(
 
     log = StageLog()
     tune_decoder(vae, config, dev, budget_s=minutes * 60, log=log, on_save=save)
-    print(f"decoder: {log.steps[-1] if log.steps else 0} steps, final loss {log.losses[-1]:.4f}")
+    if log.steps:
+        print(f"decoder: {log.steps[-1]} steps, final loss {log.losses[-1]:.4f}")
+    else:
+        save()  # no step fitted in the budget: the copy is the starting VAE
+        print("decoder: no step fitted in the budget; saved the starting VAE unchanged")
     return out_dir
 
 
@@ -210,6 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args(argv)
+    for flag, value in (
+        ("--minutes", args.minutes),
+        ("--batch-size", args.batch_size),
+        ("--lr", args.lr),
+    ):
+        if value <= 0:
+            parser.error(f"{flag} must be greater than 0 (got {value})")
+    if not (args.pipeline / "model_index.json").is_file():
+        parser.error(f"pipeline: {args.pipeline} is not a pipeline folder (no model_index.json)")
     finetune_decoder(
         args.pipeline,
         args.out,
