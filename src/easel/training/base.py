@@ -48,6 +48,7 @@ from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from easel.domain import MODEL_DEFAULTS_FILE, Canceled
+from easel.engine.schedulers import make_scheduler
 from easel.training.base_config import BaseConfig, add_arguments, config_from_args
 from easel.training.data import (
     HELD_OUT,
@@ -162,10 +163,15 @@ def noise_schedule() -> DDPMScheduler:
     )
 
 
+SAMPLER = "dpmpp_2m"  # the engine's name for the sampler the samples and the shipped folder use
+
+
 def sampling_scheduler() -> DPMSolverMultistepScheduler:
+    """`SAMPLER` on the training noise schedule, with trailing timesteps (sampling starts at the
+    pure-noise end): what the run's sample grids use and the exported folder's scheduler holds."""
+    sampler = make_scheduler(SAMPLER, noise_schedule().config)
     return DPMSolverMultistepScheduler.from_config(
-        noise_schedule().config,
-        algorithm_type="dpmsolver++",
+        sampler.config,
         timestep_spacing="trailing",
         steps_offset=1,  # unused with trailing spacing; SD pipelines warn unless it is 1
     )
@@ -664,7 +670,7 @@ def sampling_defaults(config: BaseConfig) -> dict[str, int | float | str]:
         "height": IMAGE_SIZE,
         "num_inference_steps": config.sample_steps,
         "guidance_scale": config.guidance_scale,
-        "scheduler": "dpmpp_2m",
+        "scheduler": SAMPLER,
         "min_size": IMAGE_SIZE // 2,
         "max_size": IMAGE_SIZE * 2,
     }
