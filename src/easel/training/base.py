@@ -300,15 +300,18 @@ def save_loss_plot(logs: dict[str, StageLog], path: Path) -> None:
                 / len(log.losses[max(0, i - window) : i + 1])
                 for i in range(len(log.losses))
             ]
-            axis.plot(log.steps, log.losses, alpha=0.25, color="tab:blue")
-            axis.plot(log.steps, smooth, color="tab:blue")
+            marker = "o" if len(log.losses) < 20 else None  # a line of one point draws nothing
+            axis.plot(log.steps, log.losses, alpha=0.25, color="tab:blue", marker=marker)
+            axis.plot(log.steps, smooth, color="tab:blue", marker=marker)
+        else:
+            axis.text(0.5, 0.5, "no steps yet", ha="center", va="center", transform=axis.transAxes)
         axis.set(title=f"{stage} loss", xlabel="step", yscale="log")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
-# --- the two stages -----------------------------------------------------------------------------
+# --- stages 1 and 2 (stage 3, the decoder tune, is in decoder.py) -------------------------------
 
 
 def train_vae(
