@@ -11,7 +11,13 @@ from easel import cli
 from easel.config import Settings
 from easel.domain import Canceled
 from easel.models.catalog import TINY_SHAPES_DIR, ModelCatalog
-from easel.training.base import build_unet, build_vae, sampling_defaults, train_base
+from easel.training.base import (
+    build_unet,
+    build_vae,
+    sampling_defaults,
+    train_base,
+    with_native_precision,
+)
 from easel.training.base_config import PRESETS, BaseConfig, add_arguments, config_from_args, preset
 from easel.training.commands import register
 
@@ -159,3 +165,14 @@ def test_train_command_refuses_bad_budgets(argv, message, tmp_path, monkeypatch,
     assert cli.main(["train", "base", "--out", str(out), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    ("device", "native", "bf16"),
+    [("cpu", True, True), ("cpu", False, False), ("cuda", False, True)],
+)
+def test_bf16_only_where_the_device_computes_it_natively(device, native, bf16, monkeypatch):
+    monkeypatch.setattr("easel.models.loader.cpu_has_native_bf16", lambda: native)
+    config = preset("cpu")
+    assert with_native_precision(config, torch.device(device)).bf16 is bf16
+    assert not with_native_precision(preset("cpu", bf16=False), torch.device(device)).bf16

@@ -33,6 +33,7 @@ from easel.training.base import (
     pick_device,
     prefetched,
     reconstruction_loss,
+    with_native_precision,
 )
 from easel.training.base_config import BaseConfig
 from easel.training.data import (
@@ -173,19 +174,18 @@ def finetune_decoder(
     """Train the decoder of ``vae_dir`` (default ``pipeline_dir/vae``) for ``minutes`` (or
     ``max_steps``, whichever ends first); save the VAE to ``out_dir`` every
     ``save_every_minutes`` and at the end."""
-    from easel.models.loader import cpu_has_native_bf16  # not at the top: train_base imports this
-
     dev = pick_device(device)
     vae = AutoencoderKL.from_pretrained(vae_dir or pipeline_dir / "vae", torch_dtype=torch.float32)
     vae.to(dev)
     config = BaseConfig(
         seed=seed,
-        bf16=bf16 and (dev.type == "cuda" or cpu_has_native_bf16()),
+        bf16=bf16,
         decoder_batch_size=batch_size,
         decoder_lr=lr,
         decoder_max_steps=max_steps or BaseConfig.decoder_max_steps,
         checkpoint_every_minutes=save_every_minutes,
     )
+    config = with_native_precision(config, dev)
 
     def save() -> None:
         # a float16 copy (the shipped precision); training goes on in float32
