@@ -113,8 +113,6 @@ def tune_decoder(
         return render(scenes, device=device, jitter=1.0, generator=generator) * 2 - 1
 
     batches = prefetched(batch)
-    if device.type == "cpu":
-        vae.to(memory_format=torch.channels_last)  # oneDNN's fast layout for bf16 convolutions
 
     def save() -> None:
         if checkpoints:
