@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import time
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from easel.models.catalog import TINY_SHAPES_DIR, ModelCatalog
 from easel.training.base import (
     build_unet,
     build_vae,
+    prefetched,
     sampling_defaults,
     train_base,
     with_native_precision,
@@ -176,3 +178,21 @@ def test_bf16_only_where_the_device_computes_it_natively(device, native, bf16, m
     config = preset("cpu")
     assert with_native_precision(config, torch.device(device)).bf16 is bf16
     assert not with_native_precision(preset("cpu", bf16=False), torch.device(device)).bf16
+
+
+@pytest.mark.parametrize(("device", "made_after_two"), [("cpu", 2), ("cuda", 3)])
+def test_batches_are_prepared_ahead_only_on_cuda(device, made_after_two):
+    # On the CPU a preparing thread competes with the training step for the cores.
+    made: list[int] = []
+
+    def make() -> int:
+        made.append(len(made))
+        return made[-1]
+
+    batches = prefetched(make, torch.device(device))
+    assert [next(batches), next(batches)] == [0, 1]
+    deadline = time.monotonic() + 5
+    while len(made) < made_after_two and time.monotonic() < deadline:
+        time.sleep(0.01)  # the thread's next batch (cuda) is on its way
+    time.sleep(0.05)
+    assert len(made) == made_after_two

@@ -112,7 +112,7 @@ def tune_decoder(
         scenes = [training_scene(rng) for _ in range(config.decoder_batch_size)]
         return render(scenes, device=device, jitter=1.0, generator=generator) * 2 - 1
 
-    batches = prefetched(batch)
+    batches = prefetched(batch, device)
 
     def save() -> None:
         if checkpoints:
