@@ -205,7 +205,7 @@ def prefetched(make: Callable[[], object], device: torch.device) -> Iterator:
     """Yield make() results endlessly. On CUDA the next one is prepared in a thread while the
     caller works; on the CPU one after the other, since a second thread of torch ops competes
     for the cores (a batch renders in 5 ms, yet the UNet stage on 2 cores ran at 1.05 it/s with
-    the thread and 1.36 without)."""
+    the thread and 1.37 without; docs/MODEL.md)."""
     if device.type != "cuda":
         while True:
             yield make()
