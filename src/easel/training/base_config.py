@@ -17,7 +17,7 @@ class BaseConfig:
     device: str = "auto"  # "auto" = cuda when available, else cpu
     seed: int = 0
     max_minutes: float = 110.0  # wall-clock budget for all stages together
-    vae_share: float = 0.30  # fraction of max_minutes spent on the autoencoder (docs/MODEL.md)
+    vae_share: float = 0.35  # fraction of max_minutes spent on the autoencoder (docs/MODEL.md)
     bf16: bool = True  # bf16 autocast on CUDA and on CPUs that compute it natively (AMX)
     # -- stage 1: autoencoder (factor 4: 64x64x3 -> 16x16x4)
     vae_channels: tuple[int, ...] = (32, 64, 128)
@@ -40,7 +40,7 @@ class BaseConfig:
     min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023)
     ema_decay: float = 0.999
     # -- stage 3: the decoder alone, encoder frozen (easel.training.decoder; 0 skips it)
-    decoder_share: float = 0.10  # fraction of max_minutes
+    decoder_share: float = 0.15  # fraction of max_minutes
     decoder_batch_size: int = 64
     decoder_lr: float = 2e-4
     decoder_max_steps: int = 100_000  # a cap; normally the time budget ends the stage
