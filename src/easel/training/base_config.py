@@ -39,6 +39,7 @@ class BaseConfig:
     caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
     min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023)
     ema_decay: float = 0.999
+    attribute_weight: float = 0.02  # the text encoder's attribute-probe loss (AttributeProbe)
     # -- stage 3: the decoder alone, encoder frozen (easel.training.decoder; 0 skips it)
     decoder_share: float = 0.15  # fraction of max_minutes
     decoder_batch_size: int = 64
