@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import random
 import time
 
 import pytest
@@ -13,15 +14,22 @@ from easel.config import Settings
 from easel.domain import Canceled
 from easel.models.catalog import TINY_SHAPES_DIR, ModelCatalog
 from easel.training.base import (
+    ATTRIBUTE_CLASSES,
+    AttributeProbe,
+    attribute_labels,
+    build_text_encoder,
     build_unet,
     build_vae,
     prefetched,
     sampling_defaults,
+    tokenize,
     train_base,
     with_native_precision,
 )
 from easel.training.base_config import PRESETS, BaseConfig, add_arguments, config_from_args, preset
 from easel.training.commands import register
+from easel.training.data import COLOURS, SHAPES, Scene, ShapeObject, caption, sample_scene
+from easel.training.tokenizer import caption_corpus, train_tokenizer
 
 
 def _tiny(out_dir, **overrides):
@@ -196,3 +204,54 @@ def test_batches_are_prepared_ahead_only_on_cuda(device, made_after_two):
         time.sleep(0.01)  # the thread's next batch (cuda) is on its way
     time.sleep(0.05)
     assert len(made) == made_after_two
+
+
+def test_attribute_labels_name_each_objects_attributes_and_skip_dropped_captions():
+    one = Scene((ShapeObject("star", "red", "big", "left"),), "white")
+    two = Scene(
+        (
+            ShapeObject("circle", "blue", "small", "top"),
+            ShapeObject("cross", "pink", "medium", "bottom"),
+        ),
+        "black",
+    )
+    labels = attribute_labels([one, two, one], [True, True, False])
+    assert labels.shape == (3, len(ATTRIBUTE_CLASSES))
+    colours, none = list(COLOURS), [len(SHAPES), len(COLOURS), 3, 5]  # "no such object"
+    star, circle, cross = (SHAPES.index(s) for s in ("star", "circle", "cross"))
+    # background, then shape, colour, size, position of the first object, then of the second
+    assert labels[0].tolist() == [colours.index("white"), star, colours.index("red"), 2, 1, *none]
+    assert labels[1].tolist() == [
+        colours.index("black"),
+        *(circle, colours.index("blue"), 0, 3),
+        *(cross, colours.index("pink"), 1, 4),
+    ]
+    assert labels[2].tolist() == [-100] * len(ATTRIBUTE_CLASSES)  # an empty caption says nothing
+    assert (labels[:2] < torch.tensor(ATTRIBUTE_CLASSES)).all()
+
+
+def test_the_attribute_probe_teaches_a_text_encoder_to_tell_positions_apart(tmp_path):
+    # What the probe is for: a text encoder trained on its loss alone reads positions back.
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    tokenizer = train_tokenizer(tmp_path, caption_corpus(count=3000))
+    config = preset("tiny")
+    encoder, probe = build_text_encoder(config, tokenizer), AttributeProbe(config.text_width)
+    optimizer = torch.optim.Adam([*encoder.parameters(), *probe.parameters()], lr=3e-3)
+
+    def batch(size):
+        scenes = [sample_scene(rng) for _ in range(size)]
+        ids = tokenize(tokenizer, [caption(s, rng) for s in scenes], torch.device("cpu"))
+        return encoder(ids)[0], attribute_labels(scenes, [True] * size)
+
+    for _ in range(300):
+        context, labels = batch(32)
+        optimizer.zero_grad()
+        probe.loss(context, labels).backward()
+        optimizer.step()
+    with torch.no_grad():
+        context, labels = batch(256)
+        logits = probe.linear(context.mean(dim=1)).split(ATTRIBUTE_CLASSES, dim=1)
+    position = 4  # background, shape, colour, size, position of the first object
+    accuracy = (logits[position].argmax(dim=1) == labels[:, position]).float().mean().item()
+    assert accuracy > 0.9

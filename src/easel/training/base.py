@@ -102,7 +102,6 @@ SAMPLE_PROMPTS = [
 # --- building blocks ----------------------------------------------------------------------------
 
 
-
 # What `AttributeProbe` reads: the background, then per object slot its shape, colour, size and
 # position, each with a last class "no such object" (a one-object scene's second slot).
 OBJECT_ATTRIBUTES: tuple[tuple[str, tuple[str, ...]], ...] = (
