@@ -11,11 +11,13 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from easel import cli
 from easel.config import Settings
-from easel.domain import Canceled
+from easel.domain import Canceled, InvalidParams
 from easel.models.catalog import TINY_SHAPES_DIR, ModelCatalog
 from easel.training.base import (
     ATTRIBUTE_CLASSES,
     AttributeProbe,
+    Checkpoints,
+    StageLog,
     attribute_labels,
     build_text_encoder,
     build_unet,
@@ -113,6 +115,16 @@ def test_resumes_from_the_latest_checkpoint(tiny_run, tmp_path):
     train_base(_tiny(out_dir, max_steps=33), on_step=steps.append)
     # the finished VAE stage is not repeated; the UNet continues from step 30
     assert [(s.stage, s.step) for s in steps] == [("unet", n) for n in range(31, 34)]
+
+
+def test_a_checkpoint_from_an_older_recipe_is_refused_by_name(tmp_path):
+    # Run folders started before the attribute probe have no "probe" in their UNet checkpoints.
+    checkpoints = Checkpoints(tmp_path, keep=2)
+    unet = torch.nn.Linear(2, 2)
+    checkpoints.save_stage("unet", 5, {"unet": unet}, 1.0, StageLog())
+    with pytest.raises(InvalidParams, match="has no probe: it was written by an older recipe"):
+        checkpoints.resume("unet", {"unet": unet, "probe": torch.nn.Linear(2, 2)}, StageLog())
+    assert checkpoints.resume("unet", {"unet": unet}, StageLog()) == (5, 1.0)
 
 
 def test_cancel_saves_a_checkpoint_and_raises(tmp_path):

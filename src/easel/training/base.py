@@ -48,7 +48,7 @@ from diffusers import (
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from easel.domain import MODEL_DEFAULTS_FILE, Canceled
+from easel.domain import MODEL_DEFAULTS_FILE, Canceled, InvalidParams
 from easel.engine.schedulers import make_scheduler
 from easel.training.base_config import BaseConfig, add_arguments, config_from_args
 from easel.training.data import (
@@ -288,6 +288,12 @@ class Checkpoints:
         ``log``; returns (step, seconds spent), or (0, 0.0) when the stage has none."""
         if (state := self.latest(stage)) is None:
             return 0, 0.0
+        if missing := sorted(set(parts) - set(state)):
+            raise InvalidParams(
+                f"the {stage} checkpoint in {self.folder} has no {', '.join(missing)}: it was "
+                "written by an older recipe; train into a new --out folder",
+                field="out",
+            )
         for name, part in parts.items():
             part.load_state_dict(state[name])
         log.steps, log.losses = state["log_steps"], state["log_losses"]
