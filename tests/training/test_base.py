@@ -263,7 +263,7 @@ def test_the_attribute_probe_teaches_a_text_encoder_to_tell_positions_apart(tmp_
         optimizer.step()
     with torch.no_grad():
         context, labels = batch(256)
-        logits = probe.linear(context.mean(dim=1)).split(ATTRIBUTE_CLASSES, dim=1)
+        logits = probe.logits(context)
     position = 4  # background, shape, colour, size, position of the first object
     accuracy = (logits[position].argmax(dim=1) == labels[:, position]).float().mean().item()
     assert accuracy > 0.9

@@ -140,9 +140,14 @@ class AttributeProbe(torch.nn.Module):
         super().__init__()
         self.linear = torch.nn.Linear(width, sum(ATTRIBUTE_CLASSES))
 
+    def logits(self, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One (batch, classes) tensor per attribute, in `ATTRIBUTE_CLASSES` order."""
+        return self.linear(context.float().mean(dim=1)).split(ATTRIBUTE_CLASSES, dim=1)
+
     def loss(self, context: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = self.linear(context.float().mean(dim=1)).split(ATTRIBUTE_CLASSES, dim=1)
-        losses = [F.cross_entropy(part, labels[:, i]) for i, part in enumerate(logits)]
+        losses = [
+            F.cross_entropy(part, labels[:, i]) for i, part in enumerate(self.logits(context))
+        ]
         return torch.stack(losses).mean()
 
 
@@ -455,9 +460,9 @@ def train_unet(
     text_encoder = build_text_encoder(config, tokenizer).to(device)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     probe = AttributeProbe(config.text_width).to(device)
-    params = [*unet.parameters(), *text_encoder.parameters(), *probe.parameters()]
+    trained = [*unet.parameters(), *text_encoder.parameters()]
     ema_params = [*ema_unet.parameters(), *ema_text.parameters()]
-    trained = params[: len(ema_params)]  # the probe has no EMA copy
+    params = [*trained, *probe.parameters()]  # the probe is optimised too, but has no EMA copy
     optimizer = torch.optim.AdamW(
         params, lr=config.lr, weight_decay=0.01, fused=device.type == "cuda"
     )
