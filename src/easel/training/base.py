@@ -190,10 +190,16 @@ def build_text_encoder(config: BaseConfig, tokenizer: CLIPTokenizer) -> CLIPText
     )
 
 
-def build_unet(config: BaseConfig, latent_size: int) -> UNet2DConditionModel:
+def latent_size(config: BaseConfig) -> int:
+    """The side of the autoencoder's latents: each level after the first halves the image."""
+    return IMAGE_SIZE // 2 ** (len(config.vae_channels) - 1)
+
+
+def build_unet(config: BaseConfig, size: int) -> UNet2DConditionModel:
+    """The denoiser for latents of side ``size`` (`latent_size`)."""
     attention = config.unet_attention
     return UNet2DConditionModel(
-        sample_size=latent_size,
+        sample_size=size,
         in_channels=config.latent_channels,
         out_channels=config.latent_channels,
         block_out_channels=config.unet_channels,
@@ -321,10 +327,9 @@ def autocast(device: torch.device, enabled: bool) -> torch.autocast:
 
 def training_attention(device: torch.device) -> contextlib.AbstractContextManager:
     """The attention kernel for a denoiser training step. On the CPU the plain (math) kernel: the
-    flash kernel's backward is slow for these short sequences (16 to 64 tokens): a UNet + text
-    encoder step on 48 images takes 0.49 s against 0.73 (bf16, 2 cores, side by side), the whole
-    step 1.42 against 1.03 steps/s. Sampling and the autoencoder (256 tokens) keep the default,
-    which is as fast or faster there."""
+    flash kernel's backward is slow for these short sequences (16 to 64 tokens), and the math
+    kernel makes the step about 1.5x faster (bench/training_attention.py, docs/BENCHMARKS.md).
+    Sampling and the autoencoder (256 tokens) keep the default, which is as fast or faster there."""
     return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else contextlib.nullcontext()
 
 
@@ -466,8 +471,7 @@ def train_unet(
 ) -> tuple[UNet2DConditionModel, CLIPTextModel]:
     """Stage 2: denoiser and text encoder, jointly, on frozen VAE latents. Returns the EMA copies."""
     # 1. build or resume
-    latent_size = IMAGE_SIZE // 2 ** (len(config.vae_channels) - 1)
-    unet = build_unet(config, latent_size).to(device)
+    unet = build_unet(config, latent_size(config)).to(device)
     text_encoder = build_text_encoder(config, tokenizer).to(device)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     probe = AttributeProbe(config.text_width).to(device)
