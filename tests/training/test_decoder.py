@@ -74,12 +74,39 @@ def test_finetune_trains_the_decoder_only_and_lowers_the_loss(
     assert _loss(after, images) < 0.8 * _loss(before, images)
 
 
+@torch.no_grad()
+def _drift(vae: AutoencoderKL, before: AutoencoderKL, images: torch.Tensor) -> float:
+    """Root mean squared distance between two encoders' posterior means."""
+    moved = vae.encode(images).latent_dist.mode() - before.encode(images).latent_dist.mode()
+    return float(moved.pow(2).mean().sqrt())
+
+
+def test_an_anchored_tune_trains_the_encoder_and_the_anchor_holds_its_latents(
+    tiny_sd_path: Path, tmp_path: Path
+) -> None:
+    images = SceneStream(seed=99).batch(16).images
+    before = AutoencoderKL.from_pretrained(tiny_sd_path / "vae")
+    tuned = {}
+    for anchor in (0.1, 100.0):
+        torch.manual_seed(0)
+        out = finetune_decoder(
+            tiny_sd_path, tmp_path / f"vae-{anchor}", minutes=5, max_steps=30, batch_size=8,
+            lr=3e-3, device="cpu", bf16=False, encoder_anchor=anchor,
+        )  # fmt: skip
+        tuned[anchor] = AutoencoderKL.from_pretrained(out, torch_dtype=torch.float32)
+    loose, tight = tuned[0.1], tuned[100.0]
+    assert not torch.allclose(loose.encoder.conv_in.weight, before.encoder.conv_in.weight)
+    assert _loss(loose, images) < 0.8 * _loss(before, images)
+    assert _drift(tight, before, images) < 0.5 * _drift(loose, before, images)
+
+
 @pytest.mark.parametrize(
     ("flags", "named"),
     [
         (["--minutes", "0"], "--minutes must be greater than 0"),
         (["--batch-size", "-1"], "--batch-size must be greater than 0"),
         (["--lr", "0"], "--lr must be greater than 0"),
+        (["--encoder-anchor", "-1"], "--encoder-anchor must be 0 or more"),
     ],
 )
 def test_the_command_refuses_budgets_that_cannot_train(

@@ -256,6 +256,34 @@ def reconstruction_loss(
     return F.l1_loss(decoded, images) + F.mse_loss(decoded, images) + edge_weight * edges
 
 
+@torch.no_grad()
+def scaled_latents(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """What the denoiser learns to make: the posterior mean times the scaling factor, the same
+    latents `latent_scale` measured (a briefly trained VAE can still have a wide posterior whose
+    samples are far off scale)."""
+    return vae.encode(images).latent_dist.mode().float() * vae.config.scaling_factor
+
+
+def denoiser_loss(
+    unet: UNet2DConditionModel,
+    scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    context: torch.Tensor,
+    min_snr_gamma: float,
+) -> torch.Tensor:
+    """The v-prediction loss at random timesteps, with Min-SNR weighting for v-prediction:
+    min(snr, gamma) / (snr + 1) per image (Hang et al. 2023)."""
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, 1000, (latents.shape[0],), device=latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = scheduler.get_velocity(latents, noise, timesteps)
+    prediction = unet(noisy, timesteps, context).sample.float()
+    alphas_cumprod = scheduler.alphas_cumprod.to(latents.device)[timesteps]
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    weight = snr.clamp(max=min_snr_gamma) / (snr + 1)
+    return (weight * (prediction - target).pow(2).mean(dim=(1, 2, 3))).mean()
+
+
 def lr_factor(step: int, fraction: float, warmup_steps: int) -> float:
     """Linear warm-up over steps, then cosine decay to 10 % over the budget fraction."""
     warmup = min(1.0, (step + 1) / max(1, warmup_steps))
@@ -482,7 +510,6 @@ def train_unet(
         params, lr=config.lr, weight_decay=0.01, fused=device.type == "cuda"
     )
     scheduler = noise_schedule()
-    alphas_cumprod = scheduler.alphas_cumprod.to(device)
     parts = {
         "unet": unet,
         "text_encoder": text_encoder,
@@ -529,21 +556,9 @@ def train_unet(
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast(device, config.bf16), training_attention(device):
-            with torch.no_grad():
-                # The posterior mean: the same latents `latent_scale` measured (a briefly
-                # trained VAE can still have a wide posterior whose samples are far off scale).
-                latents = vae.encode(images).latent_dist.mode().float()
-                latents = latents * vae.config.scaling_factor
-            noise = torch.randn_like(latents)
-            timesteps = torch.randint(0, 1000, (latents.shape[0],), device=device)
-            noisy = scheduler.add_noise(latents, noise, timesteps)
-            target = scheduler.get_velocity(latents, noise, timesteps)
+            latents = scaled_latents(vae, images)
             context = text_encoder(token_ids)[0]
-            prediction = unet(noisy, timesteps, context).sample.float()
-        # Min-SNR weighting for v-prediction: min(snr, gamma) / (snr + 1).
-        snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
-        weight = snr.clamp(max=config.min_snr_gamma) / (snr + 1)
-        loss = (weight * (prediction - target).pow(2).mean(dim=(1, 2, 3))).mean()
+            loss = denoiser_loss(unet, scheduler, latents, context, config.min_snr_gamma)
         probe_loss = probe.loss(context, labels)
         optimizer.zero_grad(set_to_none=True)
         (loss + config.attribute_weight * probe_loss).backward()

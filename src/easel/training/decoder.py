@@ -1,7 +1,10 @@
-"""Fine-tune only the VAE decoder of a trained pipeline, for crisper edges and corners.
+"""Fine-tune the VAE decoder of a trained pipeline, for crisper edges and corners.
 
 The encoder stays frozen, so the latents the denoiser was trained on keep their meaning and the
 UNet needs no retraining — the same idea as the "ft-MSE" decoders released for Stable Diffusion.
+With ``--encoder-anchor W`` the encoder learns too, held near its old latents by W times the mean
+squared distance to them; the denoiser then wants a short tune on the new latents
+(`easel.training.denoiser`).
 The loss weighs pixels near edges more (a small star is mostly edge), half of the scenes are
 redrawn with small objects, stars and crosses the likeliest (the shapes the decoder loses first),
 and the decoder sees the posterior mean: a decoder trained on posterior samples learns to blur
@@ -9,12 +12,13 @@ away the detail that separates a small star from a blob. The VAE is saved every 
 an interrupted run keeps its progress (start again from the saved folder with ``--vae``). The
 defaults are the run that made the shipped tiny-shapes decoder (docs/MODEL.md).
 
-    python -m easel.training.decoder PIPELINE_DIR --out VAE_DIR
+    python -m easel.training.decoder PIPELINE_DIR --out VAE_DIR [--encoder-anchor 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -92,14 +96,21 @@ def tune_decoder(
     on_save: Callable[[], None] | None = None,
     on_step: Callable[[TrainStep], None] | None = None,
     is_canceled: Callable[[], bool] | None = None,
+    encoder_anchor: float = 0.0,
 ) -> float:
     """Train ``vae``'s decoder in place (``config.decoder_*``; stage 3 of `train_base`) for
     ``budget_s`` seconds or ``config.decoder_max_steps``, whichever is further along. With
     ``checkpoints`` it resumes from and saves "decoder" checkpoints; ``on_save`` is called
-    whenever it saves. Returns the stage's seconds over all sessions; ``vae`` ends frozen."""
-    # 1. freeze the encoder half; resume
+    whenever it saves. With ``encoder_anchor`` > 0 the encoder trains too, and the loss adds
+    that weight times the mean squared distance of its posterior means from those of the
+    encoder it started as. Returns the stage's seconds over all sessions; ``vae`` ends frozen."""
+    # 1. freeze the encoder half (or keep a copy to anchor it to); resume
+    anchor = copy.deepcopy(vae).requires_grad_(False) if encoder_anchor > 0 else None
     vae.requires_grad_(False)
-    trainable = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    if anchor is None:
+        trainable = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    else:
+        trainable = list(vae.parameters())
     for p in trainable:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(trainable, lr=config.decoder_lr, weight_decay=0.0)
@@ -133,17 +144,21 @@ def tune_decoder(
         on_step=on_step,
         is_canceled=is_canceled,
     )
-    vae.decoder.train()
+    vae.train()
     while not run.done:
         images = next(batches)
         lr = config.decoder_lr * lr_factor(step, run.fraction, warmup_steps=50)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with torch.no_grad(), autocast(device, config.bf16):
-            latents = vae.encode(images).latent_dist.mode()
+        with torch.set_grad_enabled(anchor is not None), autocast(device, config.bf16):
+            latents = vae.encode(images).latent_dist.mode().float()
         with autocast(device, config.bf16):
-            decoded = vae.decode(latents.float()).sample.float()
+            decoded = vae.decode(latents).sample.float()
         loss = focused_loss(decoded, images)
+        if anchor is not None:
+            with torch.no_grad(), autocast(device, config.bf16):
+                old = anchor.encode(images).latent_dist.mode().float()
+            loss = loss + encoder_anchor * F.mse_loss(latents, old)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -168,10 +183,11 @@ def finetune_decoder(
     seed: int = 1234,
     save_every_minutes: float = 10.0,
     max_steps: int | None = None,
+    encoder_anchor: float = 0.0,
 ) -> Path:
     """Train the decoder of ``vae_dir`` (default ``pipeline_dir/vae``) for ``minutes`` (or
-    ``max_steps``, whichever ends first); save the VAE to ``out_dir`` every
-    ``save_every_minutes`` and at the end."""
+    ``max_steps``, whichever ends first), and its encoder too if ``encoder_anchor`` > 0
+    (`tune_decoder`); save the VAE to ``out_dir`` every ``save_every_minutes`` and at the end."""
     dev = pick_device(device)
     vae = AutoencoderKL.from_pretrained(vae_dir or pipeline_dir / "vae", torch_dtype=torch.float32)
     vae.to(dev)
@@ -192,10 +208,27 @@ def finetune_decoder(
         shipped.half().save_pretrained(out_dir, safe_serialization=True)
 
     log = StageLog()
-    tune_decoder(vae, config, dev, budget_s=minutes * 60, log=log, on_save=save)
+    tune_decoder(
+        vae, config, dev, budget_s=minutes * 60, log=log, on_save=save,
+        encoder_anchor=encoder_anchor,
+    )  # fmt: skip
     # a positive budget always runs a first step, and the last step saves
     print(f"decoder: {log.steps[-1]} steps, final loss {log.losses[-1]:.4f}")
     return out_dir
+
+
+def refuse_bad_tune_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The checks this command and `easel.training.denoiser`'s share: a positive budget, batch
+    and learning rate, and a pipeline folder to start from (exit 2 naming the flag)."""
+    for flag, value in (
+        ("--minutes", args.minutes),
+        ("--batch-size", args.batch_size),
+        ("--lr", args.lr),
+    ):
+        if value <= 0:
+            parser.error(f"{flag} must be greater than 0 (got {value})")
+    if not (args.pipeline / "model_index.json").is_file():
+        parser.error(f"pipeline: {args.pipeline} is not a pipeline folder (no model_index.json)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,16 +241,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument(
+        "--encoder-anchor",
+        type=float,
+        default=0.0,
+        help="train the encoder too, held to its old latents with this weight (default 0: frozen)",
+    )
     args = parser.parse_args(argv)
-    for flag, value in (
-        ("--minutes", args.minutes),
-        ("--batch-size", args.batch_size),
-        ("--lr", args.lr),
-    ):
-        if value <= 0:
-            parser.error(f"{flag} must be greater than 0 (got {value})")
-    if not (args.pipeline / "model_index.json").is_file():
-        parser.error(f"pipeline: {args.pipeline} is not a pipeline folder (no model_index.json)")
+    refuse_bad_tune_arguments(parser, args)
+    if args.encoder_anchor < 0:
+        parser.error(f"--encoder-anchor must be 0 or more (got {args.encoder_anchor})")
     finetune_decoder(
         args.pipeline,
         args.out,
@@ -227,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr,
         device=args.device,
         seed=args.seed,
+        encoder_anchor=args.encoder_anchor,
     )
     return 0
 
