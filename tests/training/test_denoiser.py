@@ -76,6 +76,7 @@ def test_the_tune_teaches_the_unet_the_new_latents_and_writes_a_whole_pipeline(
         (["--minutes", "0"], "--minutes must be greater than 0"),
         (["--vae", "{tmp}/nothing"], "is not a VAE folder"),
         (["--out", str(TINY_SHAPES_DIR)], "--out must differ from the pipeline folder"),
+        (["--out", "{tmp}/kept"], "already exists and is not empty"),
     ],
 )
 def test_the_command_refuses_bad_arguments(
@@ -84,11 +85,14 @@ def test_the_command_refuses_bad_arguments(
     defaults = {"--vae": str(TINY_SHAPES_DIR / "vae"), "--out": str(tmp_path / "out")}
     given = {**defaults, **dict(zip(flags[::2], flags[1::2], strict=True))}
     argv = [str(TINY_SHAPES_DIR), *(x.format(tmp=tmp_path) for kv in given.items() for x in kv)]
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
     assert named in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    assert (tmp_path / "kept" / "notes.txt").read_text() == "mine"
 
 
 def test_the_command_refuses_a_denoiser_that_does_not_predict_velocity(

@@ -57,7 +57,8 @@ def tune_denoiser(
 ) -> Path:
     """Train ``pipeline_dir``'s UNet on ``vae_dir``'s latents for ``minutes`` (or ``max_steps``,
     whichever ends first); write the pipeline with that VAE and the UNet's EMA copy to
-    ``out_dir`` (float16 weights, as shipped) and return it."""
+    ``out_dir`` (float16 weights, as shipped; whatever was there is replaced) every
+    ``BaseConfig.checkpoint_every_minutes`` and at the end, and return it."""
     # 1. load: the new VAE, the pipeline's frozen text encoder, its UNet to train
     dev = pick_device(device)
     config = with_native_precision(
@@ -169,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.out.resolve() == args.pipeline.resolve():
         parser.error("--out must differ from the pipeline folder (it is copied from there)")
+    if args.out.exists() and any(args.out.iterdir()):
+        parser.error(f"--out: {args.out} already exists and is not empty; name a new folder")
     tune_denoiser(
         args.pipeline,
         args.vae,
