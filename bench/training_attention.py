@@ -5,8 +5,8 @@
 Builds the `cpu` preset's UNet and text encoder (random weights: the work, not the values, sets
 the speed) and times, interleaved, one optimisation step each with torch's flash attention kernel
 (torch's default on the CPU) and inside `training_attention`, the choice `easel train base` makes
-(the plain math kernel on the CPU): bf16 autocast forward, backward, AdamW step, on random latents and real captions. Prints
-min and median seconds per step for both and the ratio.
+(the plain math kernel on the CPU): bf16 autocast forward, backward, AdamW step, on random
+latents and real captions. Prints min and median seconds per step for both and the ratio.
 """
 
 from __future__ import annotations
