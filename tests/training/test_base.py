@@ -17,6 +17,7 @@ from easel.training.base import (
     ATTRIBUTE_CLASSES,
     AttributeProbe,
     Checkpoints,
+    LatentPool,
     StageLog,
     attribute_labels,
     build_text_encoder,
@@ -216,6 +217,19 @@ def test_batches_are_prepared_ahead_only_on_cuda(device, made_after_two):
         time.sleep(0.01)  # the thread's next batch (cuda) is on its way
     time.sleep(0.05)
     assert len(made) == made_after_two
+
+
+def test_the_latent_pool_draws_distinct_examples_and_replaces_the_oldest_first():
+    scenes = [Scene((ShapeObject(shape, "red"),), "white") for shape in SHAPES]
+    pool = LatentPool(capacity=4, seed=0)
+    pool.add(scenes[:3], torch.arange(3.0).view(3, 1))
+    drawn_scenes, drawn = pool.draw(5)  # more than it holds: all three, once each
+    assert sorted(drawn.flatten().tolist()) == [0.0, 1.0, 2.0]
+    assert [drawn_scenes[i] for i in range(3)] == [scenes[int(v)] for v in drawn.flatten()]
+    pool.add(scenes[3:5], torch.tensor([[3.0], [4.0]]))  # full at 4: 4 replaces 0, the oldest
+    assert len(pool) == 4
+    assert sorted(pool.draw(4)[1].flatten().tolist()) == [1.0, 2.0, 3.0, 4.0]
+    assert pool.draw(2)[1].shape == (2, 1)
 
 
 def test_attribute_labels_name_each_objects_attributes_and_skip_dropped_captions():

@@ -154,3 +154,29 @@ def test_render_runs_on_the_requested_device_and_jitters_within_bounds():
     assert plain.device.type == "cpu"
     assert not torch.equal(plain, moved)
     assert (plain - moved).abs().sum(dim=(1, 2, 3)).max() < 60  # a pixel's shift, not a new image
+
+
+def test_mosaics_tile_four_object_crops_at_true_size():
+    stream = SceneStream(seed=5)
+    mosaics = stream.mosaics(6)
+    assert mosaics.shape == (6, 3, 64, 64)
+    assert mosaics.min() >= -1 and mosaics.max() <= 1
+    quadrants = mosaics.unfold(2, 32, 32).unfold(3, 32, 32)  # (6, 3, 2, 2, 32, 32)
+    for image in quadrants.permute(0, 2, 3, 1, 4, 5).reshape(24, 3, 32 * 32):
+        colours = {tuple(c) for c in (image.T * 127.5).round().int().tolist()}
+        assert len(colours) >= 3  # background, object and anti-aliased edge: every crop shows one
+    # a crop is a piece of a rendered scene, pixel for pixel (same scale): the first tile's
+    # scene, drawn again from the same seed, contains it
+    again = SceneStream(seed=5)
+    scene_image = again.batch(24).images[0]
+    tile = mosaics[0, :, :32, :32]
+    windows = scene_image.unfold(1, 32, 1).unfold(2, 32, 1)  # (3, 33, 33, 32, 32)
+    matches = (windows - tile[:, None, None]).abs().amax(dim=(0, 3, 4)) < 1e-6
+    assert matches.any()
+
+
+def test_autoencoder_images_mix_plain_scenes_and_mosaics():
+    assert SceneStream(seed=1).autoencoder_images(8, 0.5).shape == (8, 3, 64, 64)
+    plain = SceneStream(seed=1).autoencoder_images(4, 0.0)
+    assert torch.equal(plain, SceneStream(seed=1).batch(4).images)
+    assert SceneStream(seed=1).autoencoder_images(3, 1.0).shape == (3, 3, 64, 64)

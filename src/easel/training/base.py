@@ -3,10 +3,12 @@
 Three stages, each one visible loop with a wall-clock budget (the learning rate follows the
 elapsed fraction of the budget, so a run ends on time whatever the machine's speed):
 
-1. an `AutoencoderKL` (64x64x3 images <-> 16x16x4 latents) trained on rendered scenes;
+1. an `AutoencoderKL` (64x64x3 images <-> 16x16x4 latents) trained on rendered scenes and
+   mosaics of their objects;
 2. a `UNet2DConditionModel` and a `CLIPTextModel`, trained jointly from scratch on the frozen VAE's
-   latents (v-prediction, 10 % empty captions for classifier-free guidance, an EMA copy kept,
-   and an `AttributeProbe` loss that keeps every attribute word legible in the text encoder);
+   latents, each encoded once and drawn about four times (`LatentPool`; v-prediction, 10 %
+   empty captions for classifier-free guidance, an EMA copy kept, and an `AttributeProbe` loss
+   that keeps every attribute word legible in the text encoder);
 3. the VAE's decoder alone, encoder frozen, for crisper small shapes (`easel.training.decoder`).
 
 The result is a `StableDiffusionPipeline` folder (`<out>/pipeline`) that plain
@@ -306,6 +308,37 @@ def prefetched(make: Callable[[], object], device: torch.device) -> Iterator:
             yield result
 
 
+class LatentPool:
+    """The denoiser's training examples: the most recent `capacity` scenes with their latents,
+    drawn at random. Encoding a batch took a fifth of a denoiser step on 2 cores, so the loop
+    encodes only batch_size / latent_reuse new scenes a step and each is drawn about
+    `latent_reuse` times (with fresh noise, timestep and caption wording each time)."""
+
+    def __init__(self, capacity: int, seed: int):
+        self.capacity = capacity
+        self.scenes: list[Scene] = []
+        self.latents: list[torch.Tensor] = []
+        self.oldest = 0  # once full, the slot the next scene replaces
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def add(self, scenes: list[Scene], latents: torch.Tensor) -> None:
+        for scene, latent in zip(scenes, latents, strict=True):
+            if len(self.scenes) < self.capacity:
+                self.scenes.append(scene)
+                self.latents.append(latent)
+            else:
+                self.scenes[self.oldest], self.latents[self.oldest] = scene, latent
+                self.oldest = (self.oldest + 1) % self.capacity
+
+    def draw(self, count: int) -> tuple[list[Scene], torch.Tensor]:
+        """`count` distinct examples (all of them if the pool holds fewer)."""
+        picks = torch.randperm(len(self.scenes), generator=self.generator)[:count].tolist()
+        return [self.scenes[i] for i in picks], torch.stack([self.latents[i] for i in picks])
+
+
 class Checkpoints:
     """Step-stamped `<stage>-step000123.pt` files in one folder; keeps the newest few."""
 
@@ -432,8 +465,9 @@ def train_vae(
     on_step: Callable[[TrainStep], None] | None,
     is_canceled: Callable[[], bool] | None,
 ) -> tuple[AutoencoderKL, float]:
-    """Stage 1: the autoencoder, on freshly rendered scenes (L1 + edge L1 + MSE + tiny KL).
-    Returns it frozen, with the seconds the stage took over all sessions."""
+    """Stage 1: the autoencoder, on freshly rendered scenes, half of each batch tiled into
+    mosaics of object crops (`SceneStream.mosaics`); L1 + edge L1 + MSE + tiny KL. Returns it
+    frozen, with the seconds the stage took over all sessions."""
     # 1. build or resume
     vae = build_vae(config).to(device)
     optimizer = torch.optim.AdamW(
@@ -442,7 +476,9 @@ def train_vae(
     parts = {"model": vae, "optimizer": optimizer}
     step, elapsed_before = checkpoints.resume("vae", parts, log)
     stream = SceneStream(seed=config.seed + step, device=device)
-    batches = prefetched(lambda: stream.batch(config.vae_batch_size).images, device)
+    batches = prefetched(
+        lambda: stream.autoencoder_images(config.vae_batch_size, config.vae_mosaic_share), device
+    )
 
     def save() -> None:
         checkpoints.save_stage("vae", step, parts, run.elapsed(), log)
@@ -520,16 +556,25 @@ def train_unet(
     }
     step, elapsed_before = checkpoints.resume("unet", parts, log)
     stream = SceneStream(seed=config.seed + 1_000_003 + step, device=device)
-    dropout_rng = random.Random(config.seed + step)
+    pool = LatentPool(config.latent_pool, seed=config.seed + step)
+    caption_rng = random.Random(config.seed + step)
+
+    def encode_new(count: int) -> None:
+        batch = stream.batch(count)
+        with autocast(device, config.bf16):
+            pool.add(batch.scenes, scaled_latents(vae, batch.images))
 
     def make_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        batch = stream.batch(config.batch_size)
-        kept = [dropout_rng.random() >= config.caption_dropout for _ in batch.captions]
-        captions = [c if keep else "" for c, keep in zip(batch.captions, kept, strict=True)]
-        labels = attribute_labels(batch.scenes, kept).to(device)
-        return batch.images, tokenize(tokenizer, captions, device), labels
-
-    batches = prefetched(make_batch, device)
+        """Latents from the pool, each with a newly worded caption (10 % left empty)."""
+        encode_new(max(1, config.batch_size // config.latent_reuse))
+        scenes, latents = pool.draw(config.batch_size)
+        kept = [caption_rng.random() >= config.caption_dropout for _ in scenes]
+        captions = [
+            caption(scene, caption_rng) if keep else ""
+            for scene, keep in zip(scenes, kept, strict=True)
+        ]
+        labels = attribute_labels(scenes, kept).to(device)
+        return latents, tokenize(tokenizer, captions, device), labels
 
     def save() -> None:
         checkpoints.save_stage("unet", step, parts, run.elapsed(), log)
@@ -547,16 +592,17 @@ def train_unet(
         on_step=on_step,
         is_canceled=is_canceled,
     )
+    while len(pool) < config.latent_pool:  # a full pool first (2,400 scenes: 6 s on 2 cores)
+        encode_new(config.batch_size)
     last_sample = time.monotonic()
     unet.train()
     text_encoder.train()
     while not run.done:
-        images, token_ids, labels = next(batches)
+        latents, token_ids, labels = make_batch()
         lr = config.lr * lr_factor(step, run.fraction, config.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast(device, config.bf16), training_attention(device):
-            latents = scaled_latents(vae, images)
             context = text_encoder(token_ids)[0]
             loss = denoiser_loss(unet, scheduler, latents, context, config.min_snr_gamma)
         probe_loss = probe.loss(context, labels)

@@ -27,6 +27,7 @@ class BaseConfig:
     vae_max_steps: int = 100_000  # a cap; normally the time budget ends the stage
     vae_kl_weight: float = 1e-6  # tiny, yet the posterior stays wide (std ~0.2; docs/MODEL.md)
     vae_edge_weight: float = 1.0  # L1 on image gradients keeps corners and edges sharp
+    vae_mosaic_share: float = 0.5  # of each batch: 2x2 mosaics of object crops (more edges)
     # -- stage 2: denoiser + text encoder
     unet_channels: tuple[int, ...] = (64, 128, 128)
     unet_attention: tuple[bool, ...] = (False, True, True)  # cross-attention per resolution
@@ -40,6 +41,8 @@ class BaseConfig:
     min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023)
     ema_decay: float = 0.999
     attribute_weight: float = 0.02  # the text encoder's attribute-probe loss (AttributeProbe)
+    latent_reuse: int = 4  # each encoded scene is drawn about this often (LatentPool)
+    latent_pool: int = 2400  # scenes (with their latents) the denoiser draws its batches from
     # -- stage 3: the decoder alone, encoder frozen (easel.training.decoder; 0 skips it)
     decoder_share: float = 0.15  # fraction of max_minutes
     decoder_batch_size: int = 64
@@ -66,6 +69,7 @@ PRESETS: dict[str, dict] = {
         "decoder_share": 0.2,
         "decoder_batch_size": 256,
         "decoder_lr": 3e-4,
+        "latent_pool": 25_600,
         "warmup_steps": 300,
         "log_every_seconds": 20.0,
         "sample_every_minutes": 2.0,
@@ -84,6 +88,7 @@ PRESETS: dict[str, dict] = {
         "batch_size": 8,
         "warmup_steps": 5,
         "decoder_batch_size": 8,
+        "latent_pool": 32,
         "sample_steps": 2,
     },
 }

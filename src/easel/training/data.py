@@ -423,3 +423,30 @@ class SceneStream:
         captions = [caption(s, self.rng) for s in scenes]
         images = render(scenes, device=self.device, jitter=self.jitter, generator=self.generator)
         return Batch(images * 2 - 1, captions, scenes)
+
+    def mosaics(self, count: int) -> torch.Tensor:
+        """`count` images tiled 2x2 from 32x32 crops of rendered scenes, each crop around one
+        object of its scene (up to 4 px off centre): four objects' edges in one image, at
+        their true size. No caption fits them; they are for the autoencoder, whose errors are
+        at edges, while most of a plain scene is flat background it learns early."""
+        half = IMAGE_SIZE // 2
+        tiles = []
+        batch = self.batch(4 * count)
+        for image, scene in zip(batch.images, batch.scenes, strict=True):
+            x, y = POSITIONS[self.rng.choice(scene.objects).position]
+            left, top = (
+                min(max(int(c * IMAGE_SIZE) + self.rng.randint(-4, 4) - half // 2, 0), half)
+                for c in (x, y)
+            )
+            tiles.append(image[:, top : top + half, left : left + half])
+        grid = torch.stack(tiles).view(count, 2, 2, 3, half, half)  # (image, row, column, ...)
+        return grid.permute(0, 3, 1, 4, 2, 5).reshape(count, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+    def autoencoder_images(self, count: int, mosaic_share: float) -> torch.Tensor:
+        """`count` images in [-1, 1] for the autoencoder: plain scenes, and `mosaic_share` of
+        them mosaics."""
+        mosaics = round(count * mosaic_share)
+        images = [self.batch(count - mosaics).images] if mosaics < count else []
+        if mosaics:
+            images.append(self.mosaics(mosaics))
+        return torch.cat(images)
