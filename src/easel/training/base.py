@@ -592,7 +592,7 @@ def train_unet(
         on_step=on_step,
         is_canceled=is_canceled,
     )
-    while len(pool) < config.latent_pool:  # a full pool first (2,400 scenes: 6 s on 2 cores)
+    while len(pool) < config.latent_pool and not run.done:  # a full pool first (6 s on 2 cores)
         encode_new(config.batch_size)
     last_sample = time.monotonic()
     unet.train()
