@@ -1,6 +1,7 @@
 """The scene generator: captions match images, the parser reads them back, held-out stays out."""
 
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from easel.training.data import (
     parse_prompt,
     render,
     sample_scene,
+    training_scene,
 )
 
 
@@ -180,3 +182,21 @@ def test_autoencoder_images_mix_plain_scenes_and_mosaics():
     plain = SceneStream(seed=1).autoencoder_images(4, 0.0)
     assert torch.equal(plain, SceneStream(seed=1).batch(4).images)
     assert SceneStream(seed=1).autoencoder_images(3, 1.0).shape == (3, 3, 64, 64)
+
+
+def test_training_scenes_favour_small_stars_and_crosses_and_hold_nothing_out() -> None:
+    rng = random.Random(0)
+    scenes = [training_scene(rng) for _ in range(4000)]
+    assert not any(is_held_out(s) for s in scenes)
+    small = [o for s in scenes for o in s.objects if o.size == "small"]
+    assert 0.5 < len(small) / sum(len(s.objects) for s in scenes) < 0.75
+    shapes = Counter(o.shape for o in small)
+    assert shapes["star"] > 1.5 * shapes["circle"] and shapes["cross"] > 1.5 * shapes["square"]
+
+
+def test_a_stream_with_a_hard_share_draws_small_objects_and_none_without() -> None:
+    hard = SceneStream(seed=2, hard_share=1.0).batch(64).scenes
+    assert all(o.size == "small" for s in hard for o in s.objects)
+    assert not any(is_held_out(s) for s in hard)
+    rng = random.Random(2)
+    assert SceneStream(seed=2).batch(64).scenes == [sample_scene(rng) for _ in range(64)]

@@ -6,7 +6,8 @@ elapsed fraction of the budget, so a run ends on time whatever the machine's spe
 1. an `AutoencoderKL` (64x64x3 images <-> 16x16x4 latents) trained on rendered scenes and
    mosaics of their objects;
 2. a `UNet2DConditionModel` and a `CLIPTextModel`, trained jointly from scratch on the frozen VAE's
-   latents, each encoded once and drawn about four times (`LatentPool`; v-prediction, 10 %
+   latents, each encoded once and drawn about four times (`LatentPool`; 30 % of the scenes
+   redrawn with small objects, stars and crosses likeliest; v-prediction, 10 %
    empty captions for classifier-free guidance, an EMA copy kept, and an `AttributeProbe` loss
    that keeps every attribute word legible in the text encoder);
 3. the VAE's decoder alone, encoder frozen, for crisper small shapes (`easel.training.decoder`).
@@ -555,7 +556,9 @@ def train_unet(
         "optimizer": optimizer,
     }
     step, elapsed_before = checkpoints.resume("unet", parts, log)
-    stream = SceneStream(seed=config.seed + 1_000_003 + step, device=device)
+    stream = SceneStream(
+        seed=config.seed + 1_000_003 + step, device=device, hard_share=config.hard_share
+    )
     pool = LatentPool(config.latent_pool, seed=config.seed + step)
     caption_rng = random.Random(config.seed + step)
 

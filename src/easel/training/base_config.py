@@ -43,6 +43,7 @@ class BaseConfig:
     attribute_weight: float = 0.02  # the text encoder's attribute-probe loss (AttributeProbe)
     latent_reuse: int = 4  # each encoded scene is drawn about this often (LatentPool)
     latent_pool: int = 2400  # scenes (with their latents) the denoiser draws its batches from
+    hard_share: float = 0.3  # of denoiser scenes: objects small, stars and crosses likeliest
     # -- stage 3: the decoder alone, encoder frozen (easel.training.decoder; 0 skips it)
     decoder_share: float = 0.15  # fraction of max_minutes
     decoder_batch_size: int = 64

@@ -159,6 +159,27 @@ def sample_scene(rng: random.Random, *, two_object_rate: float = 0.4) -> Scene:
             return scene
 
 
+HARD_SHARE = 0.5  # the decoder tune's share of training scenes redrawn with small objects
+HARD_SHAPES = (*SHAPES, "star", "cross")  # their shapes: stars and crosses twice as likely
+
+
+def training_scene(rng: random.Random, hard_share: float = HARD_SHARE) -> Scene:
+    """A training scene; with probability ``hard_share`` its objects become small, in a shape
+    drawn from `HARD_SHAPES` (colours, positions and the background stay): small stars and
+    crosses are what the models lose first. Never held out. A share of 0 draws exactly the
+    scenes `sample_scene` does."""
+    scene = sample_scene(rng)
+    if hard_share <= 0 or rng.random() >= hard_share:
+        return scene
+    while True:
+        objects = tuple(
+            ShapeObject(rng.choice(HARD_SHAPES), o.colour, "small", o.position)
+            for o in scene.objects
+        )
+        if not is_held_out(hard := Scene(objects, scene.background)):
+            return hard
+
+
 # --- captions -----------------------------------------------------------------------------------
 
 
@@ -412,14 +433,21 @@ class Batch:
 class SceneStream:
     """Endless random training batches, rendered on `device`, never containing `HELD_OUT`."""
 
-    def __init__(self, seed: int = 0, device: str | torch.device = "cpu", jitter: float = 1.0):
+    def __init__(
+        self,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        jitter: float = 1.0,
+        hard_share: float = 0.0,
+    ):
         self.rng = random.Random(seed)
+        self.hard_share = hard_share  # of scenes redrawn small, stars and crosses likeliest
         self.generator = torch.Generator().manual_seed(seed)
         self.device = device
         self.jitter = jitter
 
     def batch(self, batch_size: int) -> Batch:
-        scenes = [sample_scene(self.rng) for _ in range(batch_size)]
+        scenes = [training_scene(self.rng, self.hard_share) for _ in range(batch_size)]
         captions = [caption(s, self.rng) for s in scenes]
         images = render(scenes, device=self.device, jitter=self.jitter, generator=self.generator)
         return Batch(images * 2 - 1, captions, scenes)

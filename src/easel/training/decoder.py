@@ -40,33 +40,9 @@ from easel.training.base import (
     with_native_precision,
 )
 from easel.training.base_config import BaseConfig
-from easel.training.data import (
-    SHAPES,
-    Scene,
-    ShapeObject,
-    is_held_out,
-    render,
-    sample_scene,
-)
+from easel.training.data import render, training_scene
 
 EDGE_FOCUS = 4.0  # extra loss weight on pixels within 2 px of an edge
-HARD_SHARE = 0.5  # fraction of training scenes redrawn with small objects
-HARD_SHAPES = (*SHAPES, "star", "cross")  # their shapes: stars and crosses twice as likely
-
-
-def training_scene(rng: random.Random, hard_share: float = HARD_SHARE) -> Scene:
-    """A training scene; with probability ``hard_share`` its objects become small, in a shape
-    drawn from `HARD_SHAPES` (colours, positions and the background stay). Never held out."""
-    scene = sample_scene(rng)
-    if rng.random() >= hard_share:
-        return scene
-    while True:
-        objects = tuple(
-            ShapeObject(rng.choice(HARD_SHAPES), o.colour, "small", o.position)
-            for o in scene.objects
-        )
-        if not is_held_out(hard := Scene(objects, scene.background)):
-            return hard
 
 
 def edge_weights(images: torch.Tensor, focus: float = EDGE_FOCUS) -> torch.Tensor:
