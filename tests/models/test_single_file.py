@@ -42,7 +42,13 @@ def test_transformer_only_checkpoint_with_config_folder_matches_the_folder(
     from_file = manager.get_pipeline("z-file").pipeline
     from_folder = manager.get_pipeline(str(tiny_zimage_path)).pipeline
     assert from_file.transformer is not from_folder.transformer
-    assert np.array_equal(render(from_file), render(from_folder))
+    weights, expected = from_file.transformer.state_dict(), from_folder.transformer.state_dict()
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[name], expected[name]) for name in expected)
+    # The same weights, yet one pixel came out 1/255 apart on an AVX2-only CPU (torch 2.13,
+    # diffusers 0.42.1): a rounding difference, where a wrongly loaded model changes every pixel.
+    difference = np.abs(render(from_file).astype(int) - render(from_folder).astype(int))
+    assert difference.max() <= 2
 
 
 def test_without_config_the_cached_reference_repo_is_used(
