@@ -195,7 +195,7 @@ def test_train_command_refuses_bad_budgets(argv, message, tmp_path, monkeypatch,
     [("cpu", True, True), ("cpu", False, False), ("cuda", False, True)],
 )
 def test_bf16_only_where_the_device_computes_it_natively(device, native, bf16, monkeypatch):
-    monkeypatch.setattr("easel.models.loader.cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr("easel.training.base.cpu_has_native_bf16", lambda: native)
     config = preset("cpu")
     assert with_native_precision(config, torch.device(device)).bf16 is bf16
     assert not with_native_precision(preset("cpu", bf16=False), torch.device(device)).bf16

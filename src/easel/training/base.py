@@ -55,6 +55,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from easel.domain import MODEL_DEFAULTS_FILE, Canceled, InvalidParams
 from easel.engine.schedulers import make_scheduler
+from easel.models.loader import cpu_has_native_bf16
 from easel.training.base_config import BaseConfig, add_arguments, config_from_args
 from easel.training.data import (
     COLOURS,
@@ -742,9 +743,17 @@ def train_base(
     tokenizer = train_tokenizer(out_dir / "tokenizer")
     logs = {"vae": StageLog(), "unet": StageLog()}
     budget_s = config.max_minutes * 60
+    precision = "bf16 autocast" if config.bf16 else "float32"
     tqdm.write(
-        f"training tiny-shapes on {device}, budget {config.max_minutes:.1f} min -> {out_dir}"
+        f"training tiny-shapes on {device} ({precision}), budget {config.max_minutes:.1f} min "
+        f"-> {out_dir}"
     )
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        tqdm.write(
+            "  no native bf16 on this CPU (AMX / AVX512-BF16): on a 2-core AVX2 CPU the steps ran "
+            "2-4x slower than on the reference one, so the budget trains a weaker model "
+            "(docs/MODEL.md)"
+        )
 
     # 2. stage 1: autoencoder; its latents' spread sets the scaling factor (SD's 0.18215 trick)
     vae, vae_seconds = train_vae(
@@ -820,8 +829,6 @@ def with_native_precision(config: BaseConfig, device: torch.device) -> BaseConfi
     emulated bf16 is slower than float32."""
     if not config.bf16 or device.type != "cpu":
         return config
-    from easel.models.loader import cpu_has_native_bf16  # not at the top: GPU hosts skip it
-
     return replace(config, bf16=cpu_has_native_bf16())
 
 
