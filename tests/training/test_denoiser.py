@@ -77,6 +77,7 @@ def test_the_tune_teaches_the_unet_the_new_latents_and_writes_a_whole_pipeline(
         (["--vae", "{tmp}/nothing"], "is not a VAE folder"),
         (["--out", str(TINY_SHAPES_DIR)], "--out must differ from the pipeline folder"),
         (["--out", "{tmp}/kept"], "already exists and is not empty"),
+        (["--hard-share", "1.5"], "--hard-share must be between 0 and 1 (got 1.5)"),
     ],
 )
 def test_the_command_refuses_bad_arguments(

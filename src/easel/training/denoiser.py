@@ -54,11 +54,13 @@ def tune_denoiser(
     seed: int = 4242,
     max_steps: int | None = None,
     ema_decay: float = 0.999,
+    hard_share: float = 0.0,
 ) -> Path:
     """Train ``pipeline_dir``'s UNet on ``vae_dir``'s latents for ``minutes`` (or ``max_steps``,
     whichever ends first); write the pipeline with that VAE and the UNet's EMA copy to
     ``out_dir`` (float16 weights, as shipped; whatever was there is replaced) every
-    ``BaseConfig.checkpoint_every_minutes`` and at the end, and return it."""
+    ``BaseConfig.checkpoint_every_minutes`` and at the end, and return it. ``hard_share`` of
+    the scenes are redrawn with small objects, stars and crosses likeliest (`training_scene`)."""
     # 1. load: the new VAE, the pipeline's frozen text encoder, its UNet to train
     dev = pick_device(device)
     config = with_native_precision(
@@ -83,7 +85,7 @@ def tune_denoiser(
     params, ema_params = list(unet.parameters()), list(ema.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     scheduler = noise_schedule()
-    stream = SceneStream(seed=seed, device=dev)
+    stream = SceneStream(seed=seed, device=dev, hard_share=hard_share)
     dropout_rng = random.Random(seed)
 
     # 2. the loop: stage 2's denoiser step, without the text encoder's training
@@ -153,8 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=4242)
+    parser.add_argument(
+        "--hard-share",
+        type=float,
+        default=0.0,
+        help="share of scenes redrawn with small objects, stars and crosses likeliest (0-1)",
+    )
     args = parser.parse_args(argv)
     refuse_bad_tune_arguments(parser, args)
+    if not 0 <= args.hard_share <= 1:
+        parser.error(f"--hard-share must be between 0 and 1 (got {args.hard_share})")
     if not (args.vae / "config.json").is_file():
         parser.error(f"--vae: {args.vae} is not a VAE folder (no config.json)")
     config_path = args.pipeline / "scheduler" / "scheduler_config.json"
@@ -181,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr,
         device=args.device,
         seed=args.seed,
+        hard_share=args.hard_share,
     )
     return 0
 
