@@ -6,8 +6,7 @@ elapsed fraction of the budget, so a run ends on time whatever the machine's spe
 1. an `AutoencoderKL` (64x64x3 images <-> 16x16x4 latents) trained on rendered scenes and
    mosaics of their objects;
 2. a `UNet2DConditionModel` and a `CLIPTextModel`, trained jointly from scratch on the frozen VAE's
-   latents, each encoded once and drawn about four times (`LatentPool`; 30 % of the scenes
-   redrawn with small objects, stars and crosses likeliest; v-prediction, 10 %
+   latents, each encoded once and drawn about four times (`LatentPool`; v-prediction, 10 %
    empty captions for classifier-free guidance, an EMA copy kept, and an `AttributeProbe` loss
    that keeps every attribute word legible in the text encoder);
 3. the VAE's decoder alone, encoder frozen, for crisper small shapes (`easel.training.decoder`).

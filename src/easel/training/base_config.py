@@ -43,7 +43,7 @@ class BaseConfig:
     attribute_weight: float = 0.02  # the text encoder's attribute-probe loss (AttributeProbe)
     latent_reuse: int = 4  # each encoded scene is drawn about this often (LatentPool)
     latent_pool: int = 2400  # scenes (with their latents) the denoiser draws its batches from
-    hard_share: float = 0.3  # of denoiser scenes: objects small, stars and crosses likeliest
+    hard_share: float = 0.0  # of denoiser scenes redrawn small, stars and crosses likeliest
     # -- stage 3: the decoder alone, encoder frozen (easel.training.decoder; 0 skips it)
     decoder_share: float = 0.15  # fraction of max_minutes
     decoder_batch_size: int = 64
@@ -115,6 +115,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--decoder-share", type=float, help="share of the budget for the decoder tune (0: none)"
     )
+    parser.add_argument(
+        "--hard-share",
+        type=float,
+        help="share of the denoiser's scenes redrawn with small objects, stars and crosses (0)",
+    )
     parser.add_argument("--no-bf16", action="store_true", help="train in float32")
 
 
@@ -128,6 +133,7 @@ def config_from_args(args: argparse.Namespace) -> BaseConfig:
         "latent_channels": args.latent_channels,
         "vae_share": args.vae_share,
         "decoder_share": args.decoder_share,
+        "hard_share": args.hard_share,
     }
     if args.no_bf16:
         overrides["bf16"] = False

@@ -62,6 +62,10 @@ def cmd_train_base(args: argparse.Namespace) -> int:
             raise InvalidParams(
                 f"{flag} must be at least 0 and below 1 (got {getattr(config, name)})", field=name
             )
+    if not 0 <= config.hard_share <= 1:
+        raise InvalidParams(
+            f"--hard-share must be between 0 and 1 (got {config.hard_share})", field="hard_share"
+        )
     if config.vae_share + config.decoder_share > 0.9:
         raise InvalidParams(
             "--vae-share + --decoder-share must be at most 0.9, so the denoiser keeps a tenth of "
