@@ -186,7 +186,7 @@ def test_autoencoder_images_mix_plain_scenes_and_mosaics():
 
 def test_training_scenes_favour_small_stars_and_crosses_and_hold_nothing_out() -> None:
     rng = random.Random(0)
-    scenes = [training_scene(rng) for _ in range(4000)]
+    scenes = [training_scene(rng, 0.5) for _ in range(4000)]
     assert not any(is_held_out(s) for s in scenes)
     small = [o for s in scenes for o in s.objects if o.size == "small"]
     assert 0.5 < len(small) / sum(len(s.objects) for s in scenes) < 0.75

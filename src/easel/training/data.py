@@ -159,11 +159,11 @@ def sample_scene(rng: random.Random, *, two_object_rate: float = 0.4) -> Scene:
             return scene
 
 
-HARD_SHARE = 0.5  # the decoder tune's share of training scenes redrawn with small objects
-HARD_SHAPES = (*SHAPES, "star", "cross")  # their shapes: stars and crosses twice as likely
+# The shapes `training_scene` redraws objects in: stars and crosses twice as likely.
+HARD_SHAPES = (*SHAPES, "star", "cross")
 
 
-def training_scene(rng: random.Random, hard_share: float = HARD_SHARE) -> Scene:
+def training_scene(rng: random.Random, hard_share: float) -> Scene:
     """A training scene; with probability ``hard_share`` its objects become small, in a shape
     drawn from `HARD_SHAPES` (colours, positions and the background stay): small stars and
     crosses are what the models lose first. Never held out. A share of 0 draws exactly the

@@ -43,6 +43,7 @@ from easel.training.base_config import BaseConfig
 from easel.training.data import render, training_scene
 
 EDGE_FOCUS = 4.0  # extra loss weight on pixels within 2 px of an edge
+HARD_SHARE = 0.5  # share of training scenes redrawn small, stars and crosses likeliest
 
 
 def edge_weights(images: torch.Tensor, focus: float = EDGE_FOCUS) -> torch.Tensor:
@@ -96,7 +97,7 @@ def tune_decoder(
     generator = torch.Generator().manual_seed(config.seed + step)
 
     def batch() -> torch.Tensor:
-        scenes = [training_scene(rng) for _ in range(config.decoder_batch_size)]
+        scenes = [training_scene(rng, HARD_SHARE) for _ in range(config.decoder_batch_size)]
         return render(scenes, device=device, jitter=1.0, generator=generator) * 2 - 1
 
     batches = prefetched(batch, device)
