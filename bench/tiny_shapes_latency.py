@@ -2,10 +2,11 @@
 
     .venv/bin/python bench/tiny_shapes_latency.py [--repeats 10] [--threads 2]
 
-Interleaves, per repeat, Easel's default CPU settings (bf16 weights + channels_last on a CPU with
-native bf16, else fp32) and float32, one 64x64 image each at the catalog defaults (steps, guidance,
-scheduler), and prints min and median seconds per image for both. Target: <= 0.3 s per image on a
-2-core build machine.
+Interleaves, per repeat, one 64x64 image at the catalog defaults (steps, guidance, scheduler)
+from each of three engines: Easel's default CPU settings (bf16 weights + channels_last on a CPU
+with native bf16, else fp32; the UNet replayed as traced graphs, easel.models.cpu_graph), the same
+without the graphs, and float32 without the graphs (plain diffusers). Prints min and median seconds
+per image for each. Target: <= 0.3 s per image on a 2-core build machine.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from easel.models.catalog import ModelCatalog
 from easel.models.loader import ModelManager
 
 
-def make_engine(home: Path, dtype: str) -> Engine:
-    settings = Settings(home=home, dtype=dtype, preview_every=0)
+def make_engine(home: Path, dtype: str, cpu_graphs: bool) -> Engine:
+    settings = Settings(home=home, dtype=dtype, cpu_graphs=cpu_graphs, preview_every=0)
     return Engine(ModelManager(settings, ModelCatalog(settings)), settings)
 
 
@@ -38,8 +39,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as home:
-        engines = {"easel default": make_engine(Path(home), "auto")}
-        engines["float32"] = make_engine(Path(home), "float32")
+        engines = {
+            "easel default": make_engine(Path(home), "auto", cpu_graphs=True),
+            "without CPU graphs": make_engine(Path(home), "auto", cpu_graphs=False),
+            "float32, without CPU graphs": make_engine(Path(home), "float32", cpu_graphs=False),
+        }
         times: dict[str, list[float]] = {name: [] for name in engines}
         resolved = None
         for repeat in range(args.repeats + 1):  # the first round warms up and is not counted

@@ -38,6 +38,7 @@ from easel.models.catalog import (
     is_hub_id,
     safetensors_header,
 )
+from easel.models.cpu_graph import capture_unet
 from easel.models.download import pull
 from easel.models.families import Family, get_family
 
@@ -308,6 +309,9 @@ class ModelManager:
                 module = getattr(pipe, name, None)
                 if module is not None:
                     module.to(memory_format=torch.channels_last)
+        unet = getattr(pipe, "unet", None)
+        if self.device == "cpu" and self.settings.cpu_graphs and unet is not None:
+            capture_unet(unet)  # small UNets only; see cpu_graph
 
 
 def _pipeline_class(family: Family, task: str) -> type[DiffusionPipeline]:

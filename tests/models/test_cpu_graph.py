@@ -1,0 +1,127 @@
+"""capture_unet: traced replays match the eager UNet, per shape; other calls stay eager."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+from easel.models import cpu_graph
+from easel.models.cpu_graph import capture_unet, release_unet
+from tests.models.test_loader import make_manager
+
+
+@pytest.fixture
+def unet(tiny_sd_path: Path) -> UNet2DConditionModel:
+    return UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet").eval()
+
+
+def inputs(batch: int = 2, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(batch * 100 + size)
+    sample = torch.randn(batch, 4, size, size, generator=generator)
+    text = torch.randn(batch, 77, 32, generator=generator)
+    return sample, text
+
+
+def graphs(unet: UNet2DConditionModel) -> int:
+    return len(unet.forward.graphs)  # type: ignore[attr-defined]
+
+
+@torch.no_grad()
+def test_replay_matches_eager_for_every_timestep_and_traces_once_per_shape(
+    unet: UNet2DConditionModel,
+) -> None:
+    sample, text = inputs()
+    expected = {t: unet(sample, torch.tensor(t), text).sample for t in (999, 500, 1)}
+    assert capture_unet(unet)
+    for t, want in expected.items():
+        got = unet(sample, torch.tensor(t), encoder_hidden_states=text).sample
+        # the timestep is an input of the graph, not a constant baked in at the first call
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert graphs(unet) == 1
+    # another batch and size: a second graph, equally right
+    other_sample, other_text = inputs(batch=1, size=12)
+    want = type(unet).forward(unet, other_sample, torch.tensor(7), other_text).sample
+    got = unet(other_sample, torch.tensor(7), other_text, return_dict=False)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert graphs(unet) == 2
+
+
+@torch.no_grad()
+def test_graphs_see_weights_changed_in_place(unet: UNet2DConditionModel) -> None:
+    sample, text = inputs()
+    capture_unet(unet)
+    before = unet(sample, torch.tensor(5), text).sample
+    unet.conv_out.bias.add_(1.0)
+    after = unet(sample, torch.tensor(5), text).sample
+    torch.testing.assert_close(after, before + 1.0, rtol=1e-5, atol=1e-5)
+    assert graphs(unet) == 1
+
+
+@torch.no_grad()
+def test_shapes_beyond_the_cap_run_eagerly(
+    unet: UNet2DConditionModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cpu_graph, "MAX_GRAPHS", 1)
+    capture_unet(unet)
+    small, small_text = inputs(size=8)
+    unet(small, torch.tensor(5), small_text)  # the one graph allowed
+    sample, text = inputs(size=16)
+    got = unet(sample, torch.tensor(5), text).sample
+    torch.testing.assert_close(got, type(unet).forward(unet, sample, torch.tensor(5), text).sample)
+    assert graphs(unet) == 1
+
+
+@torch.no_grad()
+def test_calls_with_more_than_the_plain_inputs_run_eagerly(unet: UNet2DConditionModel) -> None:
+    sample, text = inputs()
+    capture_unet(unet)
+    unet(sample, 10, text)  # a number, not a tensor
+    unet(sample, torch.tensor(10), text, cross_attention_kwargs={"scale": 0.5})
+    with torch.enable_grad():
+        out = unet(sample, torch.tensor(10), text).sample
+    assert out.requires_grad  # autograd saw the eager forward
+    assert graphs(unet) == 0
+
+
+def test_large_unets_and_failed_traces_stay_eager(
+    unet: UNet2DConditionModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cpu_graph, "MAX_PARAMETERS", 1000)
+    assert not capture_unet(unet)
+    monkeypatch.undo()
+
+    def broken_trace(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("cannot trace this")
+
+    monkeypatch.setattr(torch.jit, "trace", broken_trace)
+    assert capture_unet(unet)
+    sample, text = inputs()
+    with torch.no_grad():
+        out = unet(sample, torch.tensor(3), text).sample
+        want = type(unet).forward(unet, sample, torch.tensor(3), text).sample
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert graphs(unet) == 0
+    release_unet(unet)
+    assert "forward" not in vars(unet)  # the class's forward again
+
+
+def test_model_manager_captures_on_the_cpu_and_images_match_the_eager_pipeline(
+    tiny_sd_path: Path, easel_home: Path
+) -> None:
+    call = {"prompt": "a red circle", "num_inference_steps": 3, "height": 64, "width": 64}
+    pipe = make_manager(easel_home).get_pipeline(str(tiny_sd_path)).pipeline
+    assert graphs(pipe.unet) == 0
+    captured = pipe(**call, generator=torch.Generator().manual_seed(1)).images[0]
+    assert graphs(pipe.unet) == 1  # one shape (batch 2 with guidance), traced once
+
+    eager = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    expected = eager(**call, generator=torch.Generator().manual_seed(1)).images[0]
+    difference = np.abs(np.asarray(captured, int) - np.asarray(expected, int))
+    assert difference.max() <= 1
+
+    off = make_manager(easel_home, cpu_graphs=False).get_pipeline(str(tiny_sd_path)).pipeline
+    assert "forward" not in vars(off.unet)
