@@ -1,6 +1,6 @@
 """Seconds per image of the bundled tiny-shapes model at its defaults, through the real Engine.
 
-    .venv/bin/python bench/tiny_shapes_latency.py [--repeats 10] [--threads 2]
+    .venv/bin/python bench/tiny_shapes_latency.py [--repeats 10] [--threads 2] [--steps N]
 
 Interleaves, per repeat, one 64x64 image at the catalog defaults (steps, guidance, scheduler)
 from each of three engines: Easel's default CPU settings (bf16 weights + channels_last on a CPU
@@ -35,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--steps", type=int, default=None, help="default: the model's")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -51,6 +52,7 @@ def main() -> None:
                 params = GenerationParams(
                     prompt="a red circle and a blue square on a white background",
                     model="tiny-shapes",
+                    num_inference_steps=args.steps,
                     seed=repeat,
                 )
                 start = time.perf_counter()

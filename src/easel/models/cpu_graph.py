@@ -1,10 +1,11 @@
 """A CPU fast path for small denoisers: the UNet's forward replayed as a traced graph.
 
 A small UNet on the CPU spends a large share of each call in Python: diffusers' blocks, attention
-processors and module hooks run for every one of its few hundred operators, and the arithmetic
+processors and module hooks run for every one of its ~700 operators, and the arithmetic
 of a 16x16 latent is over in microseconds per operator. `capture_unet` records the operators once
 per input shape with ``torch.jit.trace`` and replays them without that Python; the bundled
-model's denoiser step then takes about two thirds of the time (bench/tiny_shapes_latency.py).
+model's denoiser call then takes about 70 % of the time, and an image 75–80 %
+(bench/tiny_shapes_latency.py, docs/BENCHMARKS.md).
 
     >>> capture_unet(pipe.unet)          # loader.ModelManager does this on the CPU
     >>> pipe("a red circle").images[0]   # the first call of each shape traces (about a second)
@@ -15,9 +16,9 @@ number) runs the model's own forward, and so does every call once tracing has fa
 share the UNet's weight tensors, so weights changed in place show in them; a UNet given PEFT
 (LoRA) layers runs eagerly, and whoever swaps its modules otherwise must call `release_unet`.
 
-``torch.jit`` is deprecated in favour of ``torch.compile``, whose inductor backend (with freezing) gave
-the same speed-up here but took 76 s to compile one shape on a 2-core CPU. Should a later torch drop
-``trace``, tracing fails and everything runs eagerly.
+``torch.jit`` is deprecated in favour of ``torch.compile``, whose inductor backend (with
+freezing) gave the same speed-up here but took 76 s to compile one shape on a 2-core CPU.
+Should a later torch drop ``trace``, tracing fails and everything runs eagerly.
 """
 
 from __future__ import annotations
