@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +87,21 @@ def test_calls_with_more_than_the_plain_inputs_run_eagerly(unet: UNet2DCondition
         out = unet(sample, torch.tensor(10), text).sample
     assert out.requires_grad  # autograd saw the eager forward
     assert graphs(unet) == 0
+
+
+def test_a_captured_unet_is_freed_with_its_last_reference(tiny_sd_path: Path) -> None:
+    # the replay and the UNet refer to each other, and TorchScript keeps each graph's program
+    # for the process's life: neither may keep the weights alive after a model is unloaded
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet").eval()
+    capture_unet(unet)
+    sample, text = inputs()
+    with torch.no_grad():
+        unet(sample, torch.tensor(5), text)
+    assert graphs(unet) == 1
+    alive = weakref.ref(unet.conv_in.weight)
+    del unet
+    gc.collect()
+    assert alive() is None
 
 
 def test_large_unets_and_failed_traces_stay_eager(
