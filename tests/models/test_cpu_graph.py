@@ -39,6 +39,7 @@ def test_replay_matches_eager_for_every_timestep_and_traces_once_per_shape(
     sample, text = inputs()
     expected = {t: unet(sample, torch.tensor(t), text).sample for t in (999, 500, 1)}
     assert capture_unet(unet)
+    assert not capture_unet(unet)  # once is enough
     for t, want in expected.items():
         got = unet(sample, torch.tensor(t), encoder_hidden_states=text).sample
         # the timestep is an input of the graph, not a constant baked in at the first call

@@ -64,7 +64,6 @@ class _Replay:
     def __init__(self, unet: torch.nn.Module) -> None:
         self.unet = unet
         self.eager = unet.forward
-        self.patched = vars(unet).get("forward")  # a forward set on the instance before us
         self.graphs: dict[tuple[Any, ...], Any] = {}
         self.failed = False
         self._lock = threading.Lock()
@@ -100,9 +99,9 @@ class _Replay:
 
     def _graph(self, *inputs: torch.Tensor) -> Any:
         # a trace is only valid for its shapes (diffusers branches on sizes in Python) and for
-        # its dtypes and memory layouts, so those are the key
+        # its dtypes, devices and memory layouts, so those are the key
         key = tuple(
-            (tuple(x.shape), x.dtype, x.is_contiguous(memory_format=torch.channels_last))
+            (tuple(x.shape), x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last))
             for x in inputs
         )
         with self._lock:
@@ -128,8 +127,9 @@ class _Replay:
 
 def capture_unet(unet: torch.nn.Module) -> bool:
     """Route ``unet``'s plain inference calls through traced graphs; False (and nothing done)
-    when the UNet is larger than MAX_PARAMETERS or already captured."""
-    if isinstance(unet.forward, _Replay):
+    when the UNet is larger than MAX_PARAMETERS or its forward is already replaced on the
+    instance (captured before, or hooked by someone else, e.g. accelerate's offload)."""
+    if "forward" in vars(unet):
         return False
     if sum(p.numel() for p in unet.parameters()) > MAX_PARAMETERS:
         return False
@@ -138,11 +138,6 @@ def capture_unet(unet: torch.nn.Module) -> bool:
 
 
 def release_unet(unet: torch.nn.Module) -> None:
-    """Undo `capture_unet`: drop the graphs and restore the eager forward."""
-    replay = unet.forward
-    if not isinstance(replay, _Replay):
-        return
-    if replay.patched is None:
-        del unet.forward  # the class's forward again
-    else:
-        unet.forward = replay.patched  # type: ignore[method-assign]
+    """Undo `capture_unet`: drop the graphs, and calls run the class's forward again."""
+    if isinstance(vars(unet).get("forward"), _Replay):
+        del unet.forward
