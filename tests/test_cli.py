@@ -38,6 +38,7 @@ def generated(
         "--negative-prompt", "blurry",
         "--steps", "3",
         "--guidance", "6.5",
+        "--guidance-end", "0.5",
         "--size", "80x64",
         "--seed", "41",
         "-n", "2",
@@ -67,6 +68,7 @@ def test_info_round_trips_every_parameter(
         "negative_prompt": "blurry",
         "num_inference_steps": 3,
         "guidance_scale": 6.5,
+        "guidance_end": 0.5,
         "width": 80,
         "height": 64,
         "seed": 42,
@@ -78,8 +80,8 @@ def test_info_round_trips_every_parameter(
     assert out.splitlines() == [
         "a red circle, on grey",
         "Negative prompt: blurry",
-        "Steps: 3, Sampler: Euler a, CFG scale: 6.5, Seed: 42, Size: 80x64, "
-        f"Model: {tiny_sd_path}, Version: easel 0.1.0",
+        "Steps: 3, Sampler: Euler a, CFG scale: 6.5, Guidance end: 0.5, Seed: 42, "
+        f"Size: 80x64, Model: {tiny_sd_path}, Version: easel 0.1.0",
     ]
 
 

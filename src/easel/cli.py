@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", help="what to avoid")
     gen.add_argument("--steps", type=int, help="denoising steps (model default if omitted)")
     gen.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    gen.add_argument(
+        "--guidance-end",
+        type=float,
+        help="share of the steps, from the first, that use guidance (0 < x <= 1; sd models)",
+    )
     gen.add_argument("--size", type=_size, help="WIDTHxHEIGHT, e.g. 512x768")
     gen.add_argument("--seed", type=int, help="seed of the first image (image i uses seed+i)")
     gen.add_argument("-n", "--count", type=int, help="number of images (default 1)")
@@ -122,6 +127,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         "negative_prompt": args.negative_prompt,
         "num_inference_steps": args.steps,
         "guidance_scale": args.guidance,
+        "guidance_end": args.guidance_end,
         "seed": args.seed,
         "num_images": args.count,
         "scheduler": args.scheduler,

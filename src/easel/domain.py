@@ -81,6 +81,8 @@ class GenerationParams:
     negative_prompt: str = ""
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    # the share of the steps, from the first, that use classifier-free guidance (1: all)
+    guidance_end: float | None = None
     width: int | None = None
     height: int | None = None
     seed: int | None = None

@@ -144,6 +144,8 @@ def test_priority_reorders_waiting_jobs(client: TestClient) -> None:
         ({"prompt": "x", "width": 100}, 422, "width"),
         ({"prompt": "x", "num_inference_steps": 0}, 422, "num_inference_steps"),
         ({"prompt": "x", "guidance_scale": "lots"}, 422, "guidance_scale"),
+        ({"prompt": "x", "guidance_end": 0}, 422, "guidance_end"),
+        ({"prompt": "x", "guidance_end": 2}, 422, "guidance_end"),
         ({"prompt": "x", "task": "paint"}, 422, "task"),
         ({"prompt": "x", "task": "img2img"}, 422, "task"),  # txt2img only for now
         ({"prompt": "x", "task": "inpaint", "strength": 0.5}, 422, "task"),

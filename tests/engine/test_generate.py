@@ -93,6 +93,26 @@ def test_engine_equals_a_bare_diffusers_call(
     assert np.array_equal(_pixels(result.images[0]), _pixels(expected))
 
 
+def test_guidance_end_drops_the_unconditional_half_for_the_last_steps(
+    engine: Engine, tiny_sd_path: Path
+) -> None:
+    pipe = engine.models.get_pipeline(str(tiny_sd_path)).pipeline
+    batches: list[int] = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+    try:
+        full = engine.generate(_params(tiny_sd_path, num_inference_steps=4)).images[0]
+        ended = engine.generate(_params(tiny_sd_path, num_inference_steps=4, guidance_end=0.5))
+        again = engine.generate(_params(tiny_sd_path, num_inference_steps=4)).images[0]
+    finally:
+        hook.remove()
+    # guided steps run the unconditional and conditional halves together, the rest one half;
+    # the next request is guided throughout again
+    assert batches == [2, 2, 2, 2] + [2, 2, 1, 1] + [2, 2, 2, 2]
+    assert ended.params.guidance_end == 0.5
+    assert not np.array_equal(_pixels(full), _pixels(ended.images[0]))
+    assert np.array_equal(_pixels(full), _pixels(again))
+
+
 def test_image_i_equals_a_single_image_request_with_seed_plus_i(
     engine: Engine, tiny_sd_path: Path
 ) -> None:

@@ -56,6 +56,7 @@ def test_a1111_round_trips_every_parameter(scheduler: str) -> None:
         negative_prompt="no\nthanks",
         task="img2img",
         strength=0.6,
+        guidance_end=0.67,
     )
     parsed = parse_a1111(format_a1111(params))
     assert GenerationParams.from_dict(parsed) == params

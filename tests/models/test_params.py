@@ -36,6 +36,14 @@ def test_family_defaults_fill_missing_fields() -> None:
     assert resolve("sdxl").width == 1024
 
 
+def test_guidance_runs_to_the_end_unless_the_model_or_request_says_otherwise() -> None:
+    assert resolve("sd15").guidance_end == 1.0
+    assert resolve("sdxl").guidance_end == 1.0
+    assert resolve("sd15", guidance_end=0.5).guidance_end == 0.5
+    assert resolve("tiny-shapes").guidance_end == 0.67  # from its easel.json
+    assert resolve("tiny-shapes", guidance_end=1).guidance_end == 1.0
+
+
 def test_z_image_turbo_defaults() -> None:
     p = resolve("z-image-turbo")
     assert (p.num_inference_steps, p.guidance_scale, p.scheduler, p.width) == (
@@ -125,6 +133,16 @@ def test_input_is_not_modified() -> None:
         ("sd15", {"task": "img2img", "strength": 0}, "strength", "strength must be above 0"),
         ("sd15", {"task": "img2img", "strength": 1.5}, "strength", "between 0 and 1"),
         ("sd15", {"num_inference_steps": True}, "num_inference_steps", "whole number"),
+        ("sd15", {"guidance_end": 0}, "guidance_end", "guidance_end must be above 0"),
+        ("sd15", {"guidance_end": 1.5}, "guidance_end", "between 0 and 1 (got 1.5)"),
+        ("sd15", {"guidance_end": "half"}, "guidance_end", "guidance_end must be a number"),
+        (
+            "sdxl",
+            {"guidance_end": 0.5},
+            "guidance_end",
+            "guidance_end must be 1 for sdxl models (got 0.5)",
+        ),
+        ("flux-schnell", {"guidance_end": 0.7}, "guidance_end", "must be 1 for flux models"),
     ],
 )
 def test_bad_fields_raise_invalid_params_naming_the_field(

@@ -42,7 +42,7 @@ def random_shapes_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pipe.register_modules(tokenizer=tokenizer, text_encoder=CLIPTextModel(config))
     pipe.save_pretrained(root / "model")
     # a trained folder's own defaults (training writes them), so eval need not be told
-    defaults = {"num_inference_steps": 2, "guidance_scale": 3.0}
+    defaults = {"num_inference_steps": 2, "guidance_scale": 3.0, "guidance_end": 0.5}
     (root / "model" / "easel.json").write_text(json.dumps({"defaults": defaults}))
     return root / "model"
 
@@ -125,11 +125,14 @@ def test_eval_with_own_prompts_and_bad_input(
     report = evaluate(str(random_shapes_model), prompts=prompts, steps=1)
     assert [j.prompt for j in report.judgements] == prompts
     assert [j.group for j in report.judgements] == ["held-out single", "seen two"]
-    # the folder's own guidance (easel.json), not the SD family's 7.0
-    assert report.guidance_scale == 3.0
+    # the folder's own guidance (easel.json), not the SD family's 7.0 to the last step
+    assert (report.guidance_scale, report.guidance_end) == (3.0, 0.5)
 
     with pytest.raises(InvalidParams, match="prompts: cannot read object 'a purple dog'") as error:
         evaluate(str(random_shapes_model), prompts=["a purple dog on a white background"])
     assert error.value.field == "prompts"
+    with pytest.raises(InvalidParams, match="guidance_end must be above 0") as error:
+        evaluate(str(random_shapes_model), prompts=prompts, guidance_end=0)
+    assert error.value.field == "guidance_end"
     with pytest.raises(InvalidParams, match="got a sdxl model"):
         evaluate(str(tiny_sdxl_path), limit=1, steps=1)

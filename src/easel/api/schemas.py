@@ -35,6 +35,11 @@ class JobCreate(BaseModel):
     negative_prompt: str = ""
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    guidance_end: float | None = Field(
+        None,
+        description="Share of the steps, from the first, that use classifier-free guidance "
+        "(0 < x <= 1; below 1 only for sd models). Default: the model's.",
+    )
     width: int | None = None
     height: int | None = None
     seed: int | None = Field(None, description="Random when omitted; image i uses seed + i.")

@@ -141,8 +141,9 @@ class Engine:
 
 
 def pipeline_args(params: GenerationParams) -> dict[str, Any]:
-    """The diffusers ``__call__`` arguments for one image of resolved ``params``."""
-    return {
+    """The diffusers ``__call__`` arguments for one image of resolved ``params``, but for the
+    step callback, which must apply `end_guidance` when ``guidance_end`` is below 1."""
+    args: dict[str, Any] = {
         "prompt": params.prompt,
         # None and "" mean the same to SD-style CFG; Flux treats any negative prompt as a request
         # for true CFG, so an empty one must be None
@@ -152,6 +153,39 @@ def pipeline_args(params: GenerationParams) -> dict[str, Any]:
         "width": params.width,
         "height": params.height,
         "num_images_per_prompt": 1,
+    }
+    if params.guidance_end is not None and params.guidance_end < 1:
+        # the callback swaps in the text embeddings without the unconditional half
+        args["callback_on_step_end_tensor_inputs"] = ["latents", "prompt_embeds"]
+    return args
+
+
+def end_guidance(pipe: Any, step: int, guidance_end: float | None, tensors: dict[str, Any]) -> dict:
+    """For a ``callback_on_step_end``: after the first ``round(steps * guidance_end)`` steps
+    (at least one), denoise without classifier-free guidance, from the conditional half only.
+
+    Guidance matters while the layout forms; in the last, low-noise steps it adds little, and
+    the bundled model drew small shapes right more often without it there (docs/MODEL.md,
+    "Results"; Kynkäänniemi et al. 2024 found late guidance unnecessary for large models too).
+    Each step after the end costs one batch instead of two. This is
+    diffusers' own switch (``do_classifier_free_guidance`` reads ``_guidance_scale``), for the
+    SD pipelines whose callbacks may replace ``prompt_embeds``. Returns the tensors to replace.
+    """
+    if guidance_end is None or guidance_end >= 1 or not pipe.do_classifier_free_guidance:
+        return {}
+    if step + 1 < max(1, round(pipe.num_timesteps * guidance_end)):
+        return {}
+    pipe._guidance_scale = 0.0
+    return {"prompt_embeds": tensors["prompt_embeds"].chunk(2)[-1]}  # (uncond, cond) -> cond
+
+
+def end_guidance_args(guidance_end: float) -> dict[str, Any]:
+    """SD pipeline ``__call__`` arguments that apply `end_guidance` (and no other callback)."""
+    return {
+        "callback_on_step_end": lambda pipe, step, timestep, tensors: end_guidance(
+            pipe, step, guidance_end, tensors
+        ),
+        "callback_on_step_end_tensor_inputs": ["latents", "prompt_embeds"],
     }
 
 
@@ -202,6 +236,7 @@ class _StepCallback:
     ) -> dict[str, Any]:
         if self.is_canceled is not None and self.is_canceled():
             raise Canceled()  # unwinds out of the pipeline call: no further step runs
+        replaced = end_guidance(pipe, step, self.params.guidance_end, tensors)
         if self.on_progress is not None:
             per_image = pipe.num_timesteps
             done = step + 1
@@ -215,7 +250,7 @@ class _StepCallback:
                     preview=preview,
                 )
             )
-        return {}
+        return replaced
 
     def _preview(self, pipe: Any, latents: torch.Tensor) -> Any:
         width, height = self.params.width, self.params.height

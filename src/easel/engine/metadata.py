@@ -69,6 +69,8 @@ def format_a1111(params: GenerationParams) -> str:
         if schedule:
             items["Schedule type"] = schedule
     items["CFG scale"] = params.guidance_scale
+    if params.guidance_end is not None and params.guidance_end < 1:
+        items["Guidance end"] = params.guidance_end  # Easel's own key; A1111 keeps it as extra
     items["Seed"] = params.seed
     items["Size"] = f"{params.width}x{params.height}"
     items["Model"] = params.model
@@ -89,8 +91,9 @@ def parse_a1111(text: str) -> dict[str, Any]:
     """Parse A1111 ``parameters`` text into GenerationParams field names.
 
     Returns ``prompt`` and ``negative_prompt`` plus whatever settings are present
-    (``num_inference_steps``, ``scheduler``, ``guidance_scale``, ``seed``, ``width``, ``height``,
-    ``model``, ``task``, ``strength``); keys Easel does not know are kept under ``extra``.
+    (``num_inference_steps``, ``scheduler``, ``guidance_scale``, ``guidance_end``, ``seed``,
+    ``width``, ``height``, ``model``, ``task``, ``strength``); keys Easel does not know are kept
+    under ``extra``.
     """
     lines = text.split("\n")
     settings: dict[str, str] = {}
@@ -111,6 +114,7 @@ def parse_a1111(text: str) -> dict[str, Any]:
     converters: dict[str, tuple[str, Any]] = {
         "Steps": ("num_inference_steps", int),
         "CFG scale": ("guidance_scale", float),
+        "Guidance end": ("guidance_end", float),
         "Seed": ("seed", int),
         "Model": ("model", str),
         "Task": ("task", str),

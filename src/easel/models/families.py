@@ -37,6 +37,8 @@ class Family:
     guidance_range: tuple[float, float]
     schedulers: tuple[str, ...]
     max_images: int = 8
+    # whether guidance can stop before the last step (``guidance_end`` < 1; engine.end_guidance)
+    ends_guidance_early: bool = False
     flow_shift: float | None = None
     description: str = ""
     # hub repo whose configs describe a single-file (.safetensors) checkpoint of this family
@@ -64,6 +66,7 @@ FAMILIES: dict[str, Family] = {
         defaults={
             "num_inference_steps": 25,
             "guidance_scale": 7.0,
+            "guidance_end": 1.0,
             "width": 512,
             "height": 512,
             "scheduler": "dpmpp_2m",
@@ -75,6 +78,7 @@ FAMILIES: dict[str, Family] = {
         max_steps=150,
         guidance_range=(0.0, 30.0),
         schedulers=EPS_SCHEDULERS,
+        ends_guidance_early=True,
     ),
     "sdxl": Family(
         name="sdxl",
@@ -89,6 +93,7 @@ FAMILIES: dict[str, Family] = {
         defaults={
             "num_inference_steps": 25,
             "guidance_scale": 7.0,
+            "guidance_end": 1.0,
             "width": 1024,
             "height": 1024,
             "scheduler": "dpmpp_2m",
@@ -116,6 +121,7 @@ FAMILIES: dict[str, Family] = {
         defaults={
             "num_inference_steps": 8,
             "guidance_scale": 0.0,
+            "guidance_end": 1.0,
             "width": 1024,
             "height": 1024,
             "scheduler": "flow_euler",
@@ -144,6 +150,7 @@ FAMILIES: dict[str, Family] = {
         defaults={
             "num_inference_steps": 4,
             "guidance_scale": 0.0,
+            "guidance_end": 1.0,
             "width": 1024,
             "height": 1024,
             "scheduler": "flow_euler",

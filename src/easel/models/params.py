@@ -22,6 +22,7 @@ MAX_SEED = 2**32 - 1
 PARAM_DEFAULTS = (
     "num_inference_steps",
     "guidance_scale",
+    "guidance_end",
     "width",
     "height",
     "scheduler",
@@ -68,6 +69,7 @@ def resolve_params(
         _check_size(name, values[name], family)
     _check_int("num_inference_steps", values["num_inference_steps"], 1, family.max_steps)
     _check_number("guidance_scale", values["guidance_scale"], *family.guidance_range)
+    _check_guidance_end(values["guidance_end"], family)
     _check_int("num_images", values["num_images"], 1, family.max_images)
     _check_int("seed", values["seed"], 0, MAX_SEED)
     if values["scheduler"] not in family.schedulers:
@@ -81,6 +83,7 @@ def resolve_params(
         if values["strength"] == 0:
             raise InvalidParams("strength must be above 0 and at most 1 (got 0)", field="strength")
     values["guidance_scale"] = float(values["guidance_scale"])
+    values["guidance_end"] = float(values["guidance_end"])
     return GenerationParams.from_dict(values)
 
 
@@ -98,6 +101,22 @@ def _check_task(task: str, family: Family) -> None:
             f"task must be one of {', '.join(family.tasks)} for {family.name} models "
             f"(got {task!r})",
             field="task",
+        )
+
+
+def _check_guidance_end(value: Any, family: Family) -> None:
+    _check_number("guidance_end", value, 0.0, 1.0)
+    if value == 0:
+        raise InvalidParams(
+            "guidance_end must be above 0 and at most 1 (got 0); for no guidance at all, "
+            "set guidance_scale to 0",
+            field="guidance_end",
+        )
+    if value < 1 and not family.ends_guidance_early:
+        raise InvalidParams(
+            f"guidance_end must be 1 for {family.name} models (got {value!r}): only "
+            "Stable Diffusion 1.x/2.x models can stop guidance early",
+            field="guidance_end",
         )
 
 

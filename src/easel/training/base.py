@@ -53,6 +53,7 @@ from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from easel.domain import MODEL_DEFAULTS_FILE, Canceled, InvalidParams
+from easel.engine.generate import end_guidance_args
 from easel.engine.schedulers import make_scheduler
 from easel.models.loader import cpu_has_native_bf16
 from easel.training.base_config import BaseConfig, add_arguments, config_from_args
@@ -422,6 +423,7 @@ def save_samples(pipeline: StableDiffusionPipeline, config: BaseConfig, path: Pa
             height=IMAGE_SIZE,
             width=IMAGE_SIZE,
             generator=generator,
+            **end_guidance_args(config.guidance_end),
         ).images
     real = to_pil(render([parse_prompt(p) for p in SAMPLE_PROMPTS]))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -839,6 +841,7 @@ def sampling_defaults(config: BaseConfig) -> dict[str, int | float | str]:
         "height": IMAGE_SIZE,
         "num_inference_steps": config.sample_steps,
         "guidance_scale": config.guidance_scale,
+        "guidance_end": config.guidance_end,
         "scheduler": SAMPLER,
         "min_size": IMAGE_SIZE // 2,
         "max_size": IMAGE_SIZE * 2,

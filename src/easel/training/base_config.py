@@ -56,6 +56,7 @@ class BaseConfig:
     keep_checkpoints: int = 2
     sample_steps: int = 12  # also the shipped scheduler's recommended step count
     guidance_scale: float = 2.5
+    guidance_end: float = 0.67  # guidance for the first two thirds of the steps (docs/MODEL.md)
 
 
 PRESETS: dict[str, dict] = {

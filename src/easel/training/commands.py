@@ -98,6 +98,11 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=int, help="at most N prompts per group (4 groups)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     parser.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
+    parser.add_argument(
+        "--guidance-end",
+        type=float,
+        help="share of the steps that use guidance, 0 < x <= 1 (default: the model's)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: the EASEL_DEVICE setting)")
     parser.set_defaults(func=cmd_eval)
@@ -130,6 +135,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             limit=args.limit,
             steps=args.steps,
             guidance_scale=args.guidance,
+            guidance_end=args.guidance_end,
             seed=args.seed,
             device=args.device,
             out=out,

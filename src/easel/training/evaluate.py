@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 
 from easel.config import Settings
 from easel.domain import InvalidParams
+from easel.engine.generate import end_guidance_args
 from easel.models.catalog import ModelCatalog
 from easel.models.loader import ModelManager
 from easel.models.params import defaults_for
@@ -110,6 +111,7 @@ class EvalReport:
     model: str
     steps: int
     guidance_scale: float
+    guidance_end: float
     seed: int
     size: int
     generated: Summary
@@ -289,6 +291,7 @@ def evaluate(
     limit: int | None = None,
     steps: int | None = None,
     guidance_scale: float | None = None,
+    guidance_end: float | None = None,
     seed: int = 0,
     device: str | None = None,
     batch_size: int = 16,
@@ -298,7 +301,7 @@ def evaluate(
     """Render prompts through ``model`` (catalog id or diffusers folder), judge them, report.
 
     ``prompts`` are canonical captions (default: `default_scenes`); ``limit`` keeps the first N
-    of each group. ``steps``/``guidance_scale`` default to the model's (a trained folder's are
+    of each group. ``steps``/``guidance_scale``/``guidance_end`` default to the model's (a trained folder's are
     in its easel.json). Image i uses seed ``seed + i``. With ``out``, writes report.json,
     report.md and grid.png there.
     ``on_progress(done, total)`` is called after each batch.
@@ -330,6 +333,12 @@ def evaluate(
     defaults = defaults_for(loaded.record, loaded.family)
     steps = steps or defaults["num_inference_steps"]
     guidance = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+    guidance_end = defaults["guidance_end"] if guidance_end is None else guidance_end
+    if not 0 < guidance_end <= 1:
+        raise InvalidParams(
+            f"guidance_end must be above 0 and at most 1 (got {guidance_end!r})",
+            field="guidance_end",
+        )
     # the model's native size (the scenes scale with it)
     pipe = loaded.pipeline
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -347,6 +356,7 @@ def evaluate(
             height=size,
             width=size,
             generator=generators,
+            **end_guidance_args(guidance_end),  # as the engine does: scores of what users get
         )
         images += result.images
         if on_progress is not None:
@@ -371,6 +381,7 @@ def evaluate(
         model=loaded.record.id,
         steps=steps,
         guidance_scale=guidance,
+        guidance_end=guidance_end,
         seed=seed,
         size=size,
         generated=summarise(judgements),
@@ -430,7 +441,8 @@ def format_markdown(report: EvalReport, *, list_wrong: bool = True) -> str:
         f"# Evaluation of `{report.model}`",
         "",
         f"{sum(gen.images.values())} prompts, {report.steps} steps, guidance "
-        f"{report.guidance_scale}, {report.size}x{report.size}, seeds from {report.seed}; "
+        f"{report.guidance_scale} (ending after {report.guidance_end:g} of the steps), "
+        f"{report.size}x{report.size}, seeds from {report.seed}; "
         f"{report.seconds:.0f} s.",
         "",
         "## All attributes right",
