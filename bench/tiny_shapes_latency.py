@@ -3,10 +3,12 @@
     .venv/bin/python bench/tiny_shapes_latency.py [--repeats 10] [--threads 2] [--steps N]
 
 Interleaves, per repeat, one 64x64 image at the catalog defaults (steps, guidance, scheduler)
-from each of three engines: Easel's default CPU settings (bf16 weights + channels_last on a CPU
-with native bf16, else fp32; the UNet replayed as traced graphs, easel.models.cpu_graph), the same
-without the graphs, and float32 without the graphs (plain diffusers). Prints min and median seconds
-per image for each. Target: <= 0.3 s per image on a 2-core build machine.
+from each of four set-ups: Easel's defaults (on the CPU: bf16 weights + channels_last where the
+CPU computes bf16 natively, else fp32; the UNet replayed as traced graphs, easel.models.cpu_graph;
+the model's guidance_end); the same with guidance to the last step; the same without the graphs;
+and float32 without the graphs, guided to the last step (plain diffusers at the model's older
+defaults). Prints min and median seconds per image for each. Target: <= 0.3 s per image on a
+2-core build machine.
 """
 
 from __future__ import annotations
@@ -40,33 +42,41 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as home:
-        engines = {
-            "easel default": make_engine(Path(home), "auto", cpu_graphs=True),
-            "without CPU graphs": make_engine(Path(home), "auto", cpu_graphs=False),
-            "float32, without CPU graphs": make_engine(Path(home), "float32", cpu_graphs=False),
+        default = make_engine(Path(home), "auto", cpu_graphs=True)
+        no_graphs = make_engine(Path(home), "auto", cpu_graphs=False)
+        plain = make_engine(Path(home), "float32", cpu_graphs=False)
+        # name -> (engine, guidance_end; None: the model's)
+        setups = {
+            "easel default": (default, None),
+            "easel default, guidance to the last step": (default, 1.0),
+            "without CPU graphs": (no_graphs, None),
+            "float32, without CPU graphs, guidance to the last step": (plain, 1.0),
         }
-        times: dict[str, list[float]] = {name: [] for name in engines}
+        times: dict[str, list[float]] = {name: [] for name in setups}
         resolved = None
         for repeat in range(args.repeats + 1):  # the first round warms up and is not counted
-            for name, engine in engines.items():
+            for name, (engine, guidance_end) in setups.items():
                 params = GenerationParams(
                     prompt="a red circle and a blue square on a white background",
                     model="tiny-shapes",
                     num_inference_steps=args.steps,
+                    guidance_end=guidance_end,
                     seed=repeat,
                 )
                 start = time.perf_counter()
                 result = engine.generate(params)
                 if repeat:
                     times[name].append(time.perf_counter() - start)
-                resolved = result.params
-        dtype = engines["easel default"].models.get_pipeline("tiny-shapes", "txt2img").dtype
+                if name == "easel default":
+                    resolved = result.params
+        dtype = default.models.get_pipeline("tiny-shapes", "txt2img").dtype
 
     assert resolved is not None
     print(
         f"tiny-shapes, {resolved.width}x{resolved.height}, {resolved.num_inference_steps} steps, "
-        f"guidance {resolved.guidance_scale}, {resolved.scheduler}, {args.threads} threads, "
-        f"{args.repeats} repeats (easel default dtype: {dtype})\n"
+        f"guidance {resolved.guidance_scale} (model default: for {resolved.guidance_end:g} of "
+        f"the steps), {resolved.scheduler}, {args.threads} threads, {args.repeats} repeats "
+        f"(easel default dtype: {dtype})\n"
     )
     print("| settings | min s/image | median s/image |")
     print("|---|---|---|")
