@@ -160,16 +160,18 @@ def pipeline_args(params: GenerationParams) -> dict[str, Any]:
     return args
 
 
-def end_guidance(pipe: Any, step: int, guidance_end: float | None, tensors: dict[str, Any]) -> dict:
+def end_guidance(
+    pipe: Any, step: int, guidance_end: float | None, tensors: dict[str, Any]
+) -> dict[str, Any]:
     """For a ``callback_on_step_end``: after the first ``round(steps * guidance_end)`` steps
     (at least one), denoise without classifier-free guidance, from the conditional half only.
 
     Guidance matters while the layout forms; in the last, low-noise steps it adds little, and
     the bundled model drew small shapes right more often without it there (docs/MODEL.md,
     "Results"; Kynkäänniemi et al. 2024 found late guidance unnecessary for large models too).
-    Each step after the end costs one batch instead of two. This is
-    diffusers' own switch (``do_classifier_free_guidance`` reads ``_guidance_scale``), for the
-    SD pipelines whose callbacks may replace ``prompt_embeds``. Returns the tensors to replace.
+    Each step after the end costs one batch instead of two. This is diffusers' own switch
+    (``do_classifier_free_guidance`` reads ``_guidance_scale``), for the SD pipelines whose
+    callbacks may replace ``prompt_embeds``. Returns the tensors to replace.
     """
     if guidance_end is None or guidance_end >= 1 or not pipe.do_classifier_free_guidance:
         return {}

@@ -69,7 +69,7 @@ def resolve_params(
         _check_size(name, values[name], family)
     _check_int("num_inference_steps", values["num_inference_steps"], 1, family.max_steps)
     _check_number("guidance_scale", values["guidance_scale"], *family.guidance_range)
-    _check_guidance_end(values["guidance_end"], family)
+    check_guidance_end(values["guidance_end"], family)
     _check_int("num_images", values["num_images"], 1, family.max_images)
     _check_int("seed", values["seed"], 0, MAX_SEED)
     if values["scheduler"] not in family.schedulers:
@@ -104,7 +104,9 @@ def _check_task(task: str, family: Family) -> None:
         )
 
 
-def _check_guidance_end(value: Any, family: Family) -> None:
+def check_guidance_end(value: Any, family: Family) -> None:
+    """Raise InvalidParams unless 0 < ``value`` <= 1, and 1 where ``family`` cannot end
+    guidance early (also used by `easel eval`, which takes the value outside a request)."""
     _check_number("guidance_end", value, 0.0, 1.0)
     if value == 0:
         raise InvalidParams(

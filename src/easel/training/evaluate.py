@@ -33,7 +33,7 @@ from easel.domain import InvalidParams
 from easel.engine.generate import end_guidance_args
 from easel.models.catalog import ModelCatalog
 from easel.models.loader import ModelManager
-from easel.models.params import defaults_for
+from easel.models.params import check_guidance_end, defaults_for
 from easel.training.data import (
     COLOURS,
     HELD_OUT,
@@ -301,9 +301,9 @@ def evaluate(
     """Render prompts through ``model`` (catalog id or diffusers folder), judge them, report.
 
     ``prompts`` are canonical captions (default: `default_scenes`); ``limit`` keeps the first N
-    of each group. ``steps``/``guidance_scale``/``guidance_end`` default to the model's (a trained folder's are
-    in its easel.json). Image i uses seed ``seed + i``. With ``out``, writes report.json,
-    report.md and grid.png there.
+    of each group. ``steps``/``guidance_scale``/``guidance_end`` default to the model's (a
+    trained folder's are in its easel.json). Image i uses seed ``seed + i``. With ``out``,
+    writes report.json, report.md and grid.png there.
     ``on_progress(done, total)`` is called after each batch.
     """
     started = time.perf_counter()
@@ -334,11 +334,7 @@ def evaluate(
     steps = steps or defaults["num_inference_steps"]
     guidance = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
     guidance_end = defaults["guidance_end"] if guidance_end is None else guidance_end
-    if not 0 < guidance_end <= 1:
-        raise InvalidParams(
-            f"guidance_end must be above 0 and at most 1 (got {guidance_end!r})",
-            field="guidance_end",
-        )
+    check_guidance_end(guidance_end, loaded.family)
     # the model's native size (the scenes scale with it)
     pipe = loaded.pipeline
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
