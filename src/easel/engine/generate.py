@@ -37,6 +37,7 @@ from easel.domain import (
     Progress,
     ProgressCallback,
 )
+from easel.engine.guidance import end_guidance
 from easel.engine.preview import latents_to_preview, rgb_factors, unpack_tokens
 from easel.engine.schedulers import make_scheduler
 from easel.models.families import get_family
@@ -158,37 +159,6 @@ def pipeline_args(params: GenerationParams) -> dict[str, Any]:
         # the callback swaps in the text embeddings without the unconditional half
         args["callback_on_step_end_tensor_inputs"] = ["latents", "prompt_embeds"]
     return args
-
-
-def end_guidance(
-    pipe: Any, step: int, guidance_end: float | None, tensors: dict[str, Any]
-) -> dict[str, Any]:
-    """For a ``callback_on_step_end``: after the first ``round(steps * guidance_end)`` steps
-    (at least one), denoise without classifier-free guidance, from the conditional half only.
-
-    Guidance matters while the layout forms; in the last, low-noise steps it adds little, and
-    the bundled model drew small shapes right more often without it there (docs/MODEL.md,
-    "Results"; Kynkäänniemi et al. 2024 found late guidance unnecessary for large models too).
-    Each step after the end costs one batch instead of two. This is diffusers' own switch
-    (``do_classifier_free_guidance`` reads ``_guidance_scale``), for the SD pipelines whose
-    callbacks may replace ``prompt_embeds``. Returns the tensors to replace.
-    """
-    if guidance_end is None or guidance_end >= 1 or not pipe.do_classifier_free_guidance:
-        return {}
-    if step + 1 < max(1, round(pipe.num_timesteps * guidance_end)):
-        return {}
-    pipe._guidance_scale = 0.0
-    return {"prompt_embeds": tensors["prompt_embeds"].chunk(2)[-1]}  # (uncond, cond) -> cond
-
-
-def end_guidance_args(guidance_end: float) -> dict[str, Any]:
-    """SD pipeline ``__call__`` arguments that apply `end_guidance` (and no other callback)."""
-    return {
-        "callback_on_step_end": lambda pipe, step, timestep, tensors: end_guidance(
-            pipe, step, guidance_end, tensors
-        ),
-        "callback_on_step_end_tensor_inputs": ["latents", "prompt_embeds"],
-    }
 
 
 def count_dropped_tokens(pipe: Any, family: str, prompt: str) -> int:

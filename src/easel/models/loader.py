@@ -41,6 +41,7 @@ from easel.models.catalog import (
 from easel.models.cpu_graph import capture_unet
 from easel.models.download import pull
 from easel.models.families import Family, get_family
+from easel.models.hardware import cpu_has_native_bf16
 
 _LIBC = (
     ctypes.CDLL("libc.so.6")
@@ -98,23 +99,6 @@ def pick_device(setting: str = "auto") -> str:
 
 
 @cache
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 natively (Intel AMX or AVX512-BF16).
-
-    There, bf16 weights with channels_last run an SD-sized UNet about 4x faster than fp32;
-    elsewhere bf16 is emulated and slower than fp32.
-    """
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return bool(flags & {"amx_bf16", "avx512_bf16"})
-    return False
-
-
 def pick_dtype(device: str, setting: str = "auto") -> torch.dtype:
     """Weights dtype: explicit setting, else bf16 on CUDA (fp16 if unsupported), fp16 on mps,
     bf16 on CPUs with native bf16 and fp32 on other CPUs."""

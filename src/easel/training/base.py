@@ -53,9 +53,9 @@ from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from easel.domain import MODEL_DEFAULTS_FILE, Canceled, InvalidParams
-from easel.engine.generate import end_guidance_args
+from easel.engine.guidance import end_guidance_args
 from easel.engine.schedulers import make_scheduler
-from easel.models.loader import cpu_has_native_bf16
+from easel.models.hardware import cpu_has_native_bf16
 from easel.training.base_config import BaseConfig, add_arguments, config_from_args
 from easel.training.data import (
     COLOURS,

@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 
 from easel.config import Settings
 from easel.domain import InvalidParams
-from easel.engine.generate import end_guidance_args
+from easel.engine.guidance import end_guidance_args
 from easel.models.catalog import ModelCatalog
 from easel.models.loader import ModelManager
 from easel.models.params import check_guidance_end, defaults_for
