@@ -23,7 +23,14 @@ HEAVY = (
 
 # What a bare GPU machine lacks (scripts/device_train.sh runs `python -m easel.training.base`
 # with only diffusers carried there); once, an import of the engine for one helper pulled them in.
-SERVER_SIDE = ("easel.config", "platformdirs", "pydantic", "pydantic_settings", "fastapi", "uvicorn")
+SERVER_SIDE = (
+    "easel.config",
+    "platformdirs",
+    "pydantic",
+    "pydantic_settings",
+    "fastapi",
+    "uvicorn",
+)
 
 
 def _loaded_after(imports: str, names: tuple[str, ...]) -> list[str]:
