@@ -2,13 +2,13 @@
 
     .venv/bin/python bench/tiny_shapes_latency.py [--repeats 10] [--threads 2] [--steps N]
 
-Interleaves, per repeat, one 64x64 image at the catalog defaults (steps, guidance, scheduler)
-from each of four set-ups: Easel's defaults (on the CPU: bf16 weights + channels_last where the
-CPU computes bf16 natively, else fp32; the UNet replayed as traced graphs, easel.models.cpu_graph;
-the model's guidance_end); the same with guidance to the last step; the same without the graphs;
-and float32 without the graphs, guided to the last step (plain diffusers at the model's older
-defaults). Prints min and median seconds per image for each. Target: <= 0.3 s per image on a
-2-core build machine.
+Interleaves, per repeat, one 64x64 image from each of four set-ups: Easel's defaults (the
+model's steps, guidance, scheduler and guidance_end; on the CPU bf16 weights + channels_last
+where the CPU computes bf16 natively, else fp32; the UNet replayed as traced graphs,
+easel.models.cpu_graph); the same at 12 steps (tiny-shapes' default until 2026-11-27); the
+defaults without the graphs; and plain diffusers at the model's first defaults (float32, no
+graphs, 12 steps, guidance to the last step). `--steps N` sets every set-up's steps. Prints min
+and median seconds per image for each. Target: <= 0.3 s per image on a 2-core build machine.
 """
 
 from __future__ import annotations
@@ -45,21 +45,21 @@ def main() -> None:
         default = make_engine(Path(home), "auto", cpu_graphs=True)
         no_graphs = make_engine(Path(home), "auto", cpu_graphs=False)
         plain = make_engine(Path(home), "float32", cpu_graphs=False)
-        # name -> (engine, guidance_end; None: the model's)
+        # name -> (engine, steps, guidance_end); None: the model's (steps: or --steps)
         setups = {
-            "easel default": (default, None),
-            "easel default, guidance to the last step": (default, 1.0),
-            "without CPU graphs": (no_graphs, None),
-            "float32, without CPU graphs, guidance to the last step": (plain, 1.0),
+            "easel default": (default, None, None),
+            "easel default at 12 steps": (default, 12, None),
+            "without CPU graphs": (no_graphs, None, None),
+            "float32, without CPU graphs, 12 steps, guidance to the last step": (plain, 12, 1.0),
         }
         times: dict[str, list[float]] = {name: [] for name in setups}
         resolved = None
         for repeat in range(args.repeats + 1):  # the first round warms up and is not counted
-            for name, (engine, guidance_end) in setups.items():
+            for name, (engine, steps, guidance_end) in setups.items():
                 params = GenerationParams(
                     prompt="a red circle and a blue square on a white background",
                     model="tiny-shapes",
-                    num_inference_steps=args.steps,
+                    num_inference_steps=args.steps or steps,
                     guidance_end=guidance_end,
                     seed=repeat,
                 )

@@ -2,7 +2,7 @@
 Chromium (the Debian package) driven by Playwright.
 
 The server runs ``python -m easel.api.server`` with its own EASEL_HOME and the real default
-model: the bundled ``tiny-shapes`` (64×64, 12 steps, a fraction of a second per image on a CPU),
+model: the bundled ``tiny-shapes`` (64×64, 8 steps, a fraction of a second per image on a CPU),
 so the screenshots show real pictures.
 """
 

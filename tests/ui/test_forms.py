@@ -37,7 +37,7 @@ def test_presets_follow_the_family_limits(services: Services) -> None:
 def test_tiny_shapes_opens_at_its_training_size(services: Services) -> None:
     form = model_form(services.model_info("tiny-shapes"))
     assert form.size == "64×64 (1:1)" and form.sizes[0] == form.size
-    assert form.steps == 12 and form.guidance == 2.5
+    assert form.steps == 8 and form.guidance == 2.5
     for label in form.sizes:
         width, height = parse_size(label)
         assert width % 8 == 0 and height % 8 == 0 and 32 <= min(width, height)

@@ -36,7 +36,7 @@ BUILTINS: tuple[ModelRecord, ...] = (
             "Bundled 64x64 model of coloured shapes, trained by Easel (CPU friendly); "
             'name a background: "a red circle on a white background"'
         ),
-        # its defaults (12 steps, guidance 2.5, 64x64, 32..128) are in the folder's easel.json
+        # its defaults (8 steps, guidance 2.5, 64x64, 32..128) are in the folder's easel.json
     ),
     ModelRecord(
         id="z-image-turbo",

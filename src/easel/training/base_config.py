@@ -54,7 +54,7 @@ class BaseConfig:
     sample_every_minutes: float = 15.0
     checkpoint_every_minutes: float = 10.0
     keep_checkpoints: int = 2
-    sample_steps: int = 12  # also the shipped scheduler's recommended step count
+    sample_steps: int = 8  # also the shipped default step count (docs/MODEL.md, "Results")
     guidance_scale: float = 2.5
     guidance_end: float = 0.67  # guidance for the first two thirds of the steps (docs/MODEL.md)
 
