@@ -32,12 +32,14 @@ def test_presets_follow_the_family_limits(services: Services) -> None:
         assert width % 16 == 0 and height % 16 == 0  # Z-Image packs 2x2 patches of 8x latents
         assert 64 <= min(width, height) and max(width, height) <= 2048
     assert form.steps == 8 and form.guidance == 0.0 and form.schedulers == ("flow_euler",)
+    assert not form.ends_guidance_early and form.guidance_end == 1.0  # no control for it
 
 
 def test_tiny_shapes_opens_at_its_training_size(services: Services) -> None:
     form = model_form(services.model_info("tiny-shapes"))
     assert form.size == "64×64 (1:1)" and form.sizes[0] == form.size
     assert form.steps == 8 and form.guidance == 2.5
+    assert form.ends_guidance_early and form.guidance_end == 0.67  # from its easel.json
     for label in form.sizes:
         width, height = parse_size(label)
         assert width % 8 == 0 and height % 8 == 0 and 32 <= min(width, height)

@@ -25,10 +25,22 @@ def test_generate_with_only_a_prompt(ui_server: ServerProcess, tmp_path: Path) -
     assert image.size == (64, 64)  # the default model's own defaults filled the rest
     assert image.text["parameters"].startswith(PROMPT + "\n")  # the stored PNG, metadata kept
     assert f"Seed: {seed}" in info
+    assert "Guidance end: 0.67" in info  # the model's default, as the form shows it
     assert gallery[0]["caption"] == f"seed {seed}"
     with ui_server.api() as api:
         (job,) = api.get("/jobs", params={"limit": 1}).json()
     assert job["params"]["prompt"] == PROMPT and job["status"] == "succeeded"
+
+
+def test_guidance_end_reaches_the_job(ui_server: ServerProcess, tmp_path: Path) -> None:
+    from gradio_client import Client
+
+    client = Client(ui_server.url + "/", verbose=False, download_files=tmp_path)
+    _, _, info, *_ = client.predict(PROMPT, guidance_end=1.0, api_name="/generate")
+    assert "Guidance end" not in info  # guidance on every step: nothing to say
+    with ui_server.api() as api:
+        (job,) = api.get("/jobs", params={"limit": 1}).json()
+    assert job["params"]["guidance_end"] == 1.0 and job["status"] == "succeeded"
 
 
 def test_bad_input_is_an_error_naming_the_field(ui_server: ServerProcess) -> None:

@@ -94,7 +94,8 @@ def test_generate_shows_queue_position_progress_and_the_image(
     assert any(re.match(r"Running: step [1-9]\d* of \d+", s) for s in statuses), statuses
     assert statuses[-1].startswith("Done: 4 images"), statuses
     info = page.locator("#result-info")
-    expect(info).to_contain_text("Steps: 12")  # tiny-shapes' own defaults
+    expect(info).to_contain_text("Steps: 8")  # tiny-shapes' own defaults
+    expect(info).to_contain_text("Guidance end: 0.67")
     expect(info).to_contain_text("Size: 64x64")
     expect(info).to_contain_text("Model: tiny-shapes")
     # the random seed that was used is reported in the seed field and in the parameters
@@ -151,6 +152,17 @@ def test_bad_input_names_the_field(page: Page) -> None:
     expect(page.get_by_text(re.compile(r"width must be a multiple of 8"))).to_be_visible()
 
 
+def test_guidance_end_is_offered_only_where_the_model_can_end_guidance(page: Page) -> None:
+    slider = page.locator("#guidance-end input[type=number]")
+    expect(slider).to_have_value("0.67")  # tiny-shapes' default
+    page.locator("#model input").click()
+    page.get_by_role("option", name="z-image-turbo (not downloaded)").click()
+    expect(page.locator("#guidance-end")).to_be_hidden()
+    page.locator("#model input").click()
+    page.get_by_role("option", name="tiny-shapes", exact=True).click()
+    expect(slider).to_have_value("0.67")
+
+
 def test_missing_model_shows_the_pull_command(page: Page) -> None:
     page.locator("#model input").click()
     page.get_by_role("option", name="sd-turbo (not downloaded)").click()
@@ -201,7 +213,7 @@ def test_history_survives_a_restart(page: Page, ui_server: ServerProcess, artifa
     # click: its parameters (the newest image is the last prompt's)
     page.locator("#history img").first.click()
     expect(page.locator("#picked-info")).to_contain_text(MORE_PROMPTS[-1])
-    expect(page.locator("#picked-info")).to_contain_text("Steps: 12")
+    expect(page.locator("#picked-info")).to_contain_text("Steps: 8")
     expect(page.locator("#reuse")).to_be_enabled()
     page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=artifacts / "history.png")

@@ -120,6 +120,13 @@ def build_ui(services: Services) -> gr.Blocks:
                                 *form.guidance_range, value=form.guidance, step=0.1,
                                 label="Guidance",
                             )  # fmt: skip
+                            guidance_end = gr.Slider(
+                                0.05, 1, value=form.guidance_end, step=0.01,
+                                label="Guidance end",
+                                info="share of the steps that use guidance (1: all); "
+                                "unguided steps run faster",
+                                visible=form.ends_guidance_early, elem_id="guidance-end",
+                            )  # fmt: skip
                         with gr.Row():
                             seed = gr.Number(
                                 value=0, precision=0, minimum=0, label="Seed", elem_id="seed"
@@ -191,11 +198,12 @@ def build_ui(services: Services) -> gr.Blocks:
                         )
                 picked = gr.State(None)  # parameters of the clicked or dropped image
 
-        form_fields = [size, steps, guidance, scheduler, count, note, generate]
+        form_fields = [size, steps, guidance, guidance_end, scheduler, count, note, generate]
         model.input(ui.on_model, model, form_fields, api_visibility="private")
         generate.click(
             ui.generate,
-            [prompt, negative, model, size, steps, guidance, scheduler, seed, random_seed, count],
+            [prompt, negative, model, size, steps, guidance, scheduler, seed, random_seed, count]
+            + [guidance_end],  # last, so that API clients' positional calls keep working
             [gallery, seed, result_info, progress, preview, job],
             api_name="generate",
             concurrency_limit=None,  # every page waits on the Easel queue, not on Gradio's
@@ -286,6 +294,7 @@ class _Handlers:
         seed: float | None = None,
         random_seed: bool = True,
         count: float = 1,
+        guidance_end: float | None = None,
     ) -> AsyncIterator[tuple[Any, ...]]:
         """Submit a job and follow it: yields (gallery, seed, info, status, preview, job id).
 
@@ -300,6 +309,7 @@ class _Handlers:
                 negative_prompt=negative_prompt or "",
                 num_inference_steps=_int(steps),
                 guidance_scale=guidance,
+                guidance_end=guidance_end,
                 width=width,
                 height=height,
                 seed=None if random_seed else _int(seed),
@@ -453,6 +463,8 @@ class _Handlers:
                 maximum=form.guidance_range[1],
                 value=params.get("guidance_scale"),
             ),
+            # an image from before guidance_end existed used guidance on every step
+            _guidance_end_update(form, params.get("guidance_end", 1.0)),
             gr.update(choices=list(form.schedulers), value=params.get("scheduler")),
             gr.update(maximum=form.max_images, value=1),
             form.note,
@@ -462,18 +474,28 @@ class _Handlers:
 
 
 def _form_updates(form: ModelForm) -> tuple[Any, ...]:
-    """Updates for (size, steps, guidance, scheduler, count, note, generate) from a model's form."""
+    """Updates for (size, steps, guidance, guidance_end, scheduler, count, note, generate) from a
+    model's form."""
     return (
         gr.update(choices=form.sizes, value=form.size),
         gr.update(maximum=form.max_steps, value=form.steps),
         gr.update(
             minimum=form.guidance_range[0], maximum=form.guidance_range[1], value=form.guidance
         ),
+        _guidance_end_update(form, form.guidance_end),
         gr.update(choices=list(form.schedulers), value=form.scheduler),
         gr.update(maximum=form.max_images, value=1),
         form.note,
         gr.update(interactive=form.available),
     )
+
+
+def _guidance_end_update(form: ModelForm, value: float | None) -> Any:
+    """The guidance-end slider: shown only for families that can end guidance early; elsewhere
+    it stays at 1 (guidance on every step), the only value they accept."""
+    if not form.ends_guidance_early:
+        return gr.update(value=1.0, visible=False)
+    return gr.update(value=form.guidance_end if value is None else value, visible=True)
 
 
 @contextlib.contextmanager

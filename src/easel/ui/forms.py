@@ -53,6 +53,8 @@ class ModelForm:
     max_steps: int
     guidance: float
     guidance_range: tuple[float, float]
+    guidance_end: float  # share of the steps that use guidance (1: all)
+    ends_guidance_early: bool  # whether the family allows guidance_end < 1 (else no control)
     schedulers: tuple[str, ...]
     scheduler: str
     max_images: int
@@ -73,6 +75,8 @@ def model_form(info: ModelInfo) -> ModelForm:
         max_steps=family.max_steps,
         guidance=float(defaults["guidance_scale"]),
         guidance_range=family.guidance_range,
+        guidance_end=float(defaults["guidance_end"]),
+        ends_guidance_early=family.ends_guidance_early,
         schedulers=family.schedulers,
         scheduler=str(defaults["scheduler"]),
         max_images=family.max_images,
