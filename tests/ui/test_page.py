@@ -206,6 +206,8 @@ def test_history_survives_a_restart(page: Page, ui_server: ServerProcess, artifa
             wait_until_done(api, job_id)
     ui_server.restart()
     page.goto(ui_server.url + "/")
+    page.locator("#guidance-end input[type=number]").fill("0.3")  # Reuse must put it back
+    page.locator("#guidance-end input[type=number]").press("Enter")
     page.locator("#tab-history-button").click()
     expect(page.locator("#history-count")).to_contain_text("image")
     expect(page.locator("#history img").first).to_be_visible()
@@ -228,6 +230,7 @@ def test_history_survives_a_restart(page: Page, ui_server: ServerProcess, artifa
     page.locator("#reuse").click()
     expect(page.locator("#prompt textarea")).to_have_value(PROMPT)
     expect(page.locator("#random-seed input")).not_to_be_checked()
+    expect(page.locator("#guidance-end input[type=number]")).to_have_value("0.67")
 
     # a dropped PNG shows the parameters it carries
     stored = next((ui_server.home / "images").rglob("*.png"))
