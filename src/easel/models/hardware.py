@@ -3,9 +3,11 @@ so that `easel.training.base` also runs as a script on a bare GPU machine)."""
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 
+@cache
 def cpu_has_native_bf16() -> bool:
     """True when the CPU computes bf16 natively (Intel AMX or AVX512-BF16).
 

@@ -21,7 +21,6 @@ import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +97,6 @@ def pick_device(setting: str = "auto") -> str:
     return setting
 
 
-@cache
 def pick_dtype(device: str, setting: str = "auto") -> torch.dtype:
     """Weights dtype: explicit setting, else bf16 on CUDA (fp16 if unsupported), fp16 on mps,
     bf16 on CPUs with native bf16 and fp32 on other CPUs."""
