@@ -37,7 +37,7 @@ from easel.domain import (
     Progress,
     ProgressCallback,
 )
-from easel.engine.guidance import end_guidance
+from easel.engine import guidance
 from easel.engine.preview import latents_to_preview, rgb_factors, unpack_tokens
 from easel.engine.schedulers import make_scheduler
 from easel.models.families import get_family
@@ -157,7 +157,7 @@ def pipeline_args(params: GenerationParams) -> dict[str, Any]:
     }
     if params.guidance_end is not None and params.guidance_end < 1:
         # the callback swaps in the text embeddings without the unconditional half
-        args["callback_on_step_end_tensor_inputs"] = ["latents", "prompt_embeds"]
+        args["callback_on_step_end_tensor_inputs"] = list(guidance.TENSOR_INPUTS)
     return args
 
 
@@ -208,7 +208,7 @@ class _StepCallback:
     ) -> dict[str, Any]:
         if self.is_canceled is not None and self.is_canceled():
             raise Canceled()  # unwinds out of the pipeline call: no further step runs
-        replaced = end_guidance(pipe, step, self.params.guidance_end, tensors)
+        replaced = guidance.end_guidance(pipe, step, self.params.guidance_end, tensors)
         if self.on_progress is not None:
             per_image = pipe.num_timesteps
             done = step + 1

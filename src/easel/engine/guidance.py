@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+# the step-callback tensors of a pipeline call that applies `end_guidance`: diffusers' default
+# (latents, which previews read) and the text embeddings that it replaces
+TENSOR_INPUTS = ("latents", "prompt_embeds")
+
 
 def end_guidance(
     pipe: Any, step: int, guidance_end: float | None, tensors: dict[str, Any]
@@ -36,5 +40,5 @@ def end_guidance_args(guidance_end: float) -> dict[str, Any]:
         "callback_on_step_end": lambda pipe, step, timestep, tensors: end_guidance(
             pipe, step, guidance_end, tensors
         ),
-        "callback_on_step_end_tensor_inputs": ["latents", "prompt_embeds"],
+        "callback_on_step_end_tensor_inputs": list(TENSOR_INPUTS),
     }
