@@ -22,7 +22,7 @@ class BaseConfig:
     # -- stage 1: autoencoder (factor 4: 64x64x3 -> 16x16x4)
     vae_channels: tuple[int, ...] = (32, 64, 128)
     latent_channels: int = 4  # more keep finer detail (small stars), at almost no denoiser cost
-    vae_batch_size: int = 32
+    vae_batch_size: int = 16  # a CPU run is short of steps: small batches learn more per image
     vae_lr: float = 1e-3
     vae_max_steps: int = 100_000  # a cap; normally the time budget ends the stage
     vae_kl_weight: float = 1e-6  # tiny, yet the posterior stays wide (std ~0.2; docs/MODEL.md)
@@ -33,7 +33,7 @@ class BaseConfig:
     unet_attention: tuple[bool, ...] = (False, True, True)  # cross-attention per resolution
     text_width: int = 128
     text_layers: int = 4
-    batch_size: int = 48
+    batch_size: int = 24  # (docs/MODEL.md, "Smaller batches"); the GPU preset's are large
     lr: float = 5e-4
     max_steps: int = 1_000_000  # a cap; normally the time budget ends the stage
     warmup_steps: int = 200
