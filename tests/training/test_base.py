@@ -194,6 +194,22 @@ def test_train_command_refuses_bad_budgets(argv, message, tmp_path, monkeypatch,
 
 
 @pytest.mark.parametrize(
+    ("native", "vae_share", "decoder_share"), [(True, 0.35, 0.15), (False, 0.5, 0)]
+)
+def test_the_cpu_preset_gives_the_decoder_minutes_to_the_autoencoder_without_native_bf16(
+    native, vae_share, decoder_share, monkeypatch
+):
+    monkeypatch.setattr("easel.training.base_config.cpu_has_native_bf16", lambda: native)
+    config = preset("cpu")
+    assert (config.vae_share, config.decoder_share) == (vae_share, decoder_share)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    chosen = config_from_args(parser.parse_args(["--vae-share", "0.3", "--decoder-share", "0.1"]))
+    assert (chosen.vae_share, chosen.decoder_share) == (0.3, 0.1)  # the user's choice wins
+    assert preset("gpu").decoder_share == 0.2  # only the cpu preset depends on the CPU
+
+
+@pytest.mark.parametrize(
     ("device", "native", "bf16"),
     [("cpu", True, True), ("cpu", False, False), ("cuda", False, True)],
 )
