@@ -155,6 +155,8 @@ def test_latent_channels_reach_the_autoencoder_and_the_denoiser():
     assert config.latent_channels == 8 and preset("tiny").latent_channels == 4
     no_decoder = config_from_args(parser.parse_args(["--decoder-share", "0"]))
     assert no_decoder.decoder_share == 0 and preset("gpu").decoder_share > 0
+    small = config_from_args(parser.parse_args(["--vae-batch-size", "8"]))
+    assert small.vae_batch_size == 8 and preset("cpu").vae_batch_size == 16
     hard = config_from_args(parser.parse_args(["--hard-share", "0.3"]))
     assert hard.hard_share == 0.3 and preset("cpu").hard_share == 0
     with torch.no_grad():
@@ -176,6 +178,8 @@ def test_the_shipped_model_carries_the_recipes_sampling_settings(easel_home):
     [
         (["--max-minutes", "0"], "--max-minutes must be greater than 0 (got 0.0)"),
         (["--latent-channels", "0"], "--latent-channels must be at least 1 (got 0)"),
+        (["--batch-size", "0"], "--batch-size must be at least 1 (got 0)"),
+        (["--vae-batch-size", "-8"], "--vae-batch-size must be at least 1 (got -8)"),
         (["--vae-share", "1"], "--vae-share must be at least 0 and below 1 (got 1.0)"),
         (["--decoder-share", "-0.1"], "--decoder-share must be at least 0 and below 1 (got -0.1)"),
         (["--hard-share", "2"], "--hard-share must be between 0 and 1 (got 2.0)"),

@@ -121,7 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-minutes", type=float, help="wall-clock budget, all stages")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--batch-size", type=int, help="the denoiser's batch")
+    parser.add_argument("--vae-batch-size", type=int, help="the autoencoder's batch")
     parser.add_argument("--latent-channels", type=int, help="autoencoder latent channels (4)")
     parser.add_argument("--vae-share", type=float, help="share of the budget for the autoencoder")
     parser.add_argument(
@@ -142,6 +143,7 @@ def config_from_args(args: argparse.Namespace) -> BaseConfig:
         "device": args.device,
         "seed": args.seed,
         "batch_size": args.batch_size,
+        "vae_batch_size": args.vae_batch_size,
         "latent_channels": args.latent_channels,
         "vae_share": args.vae_share,
         "decoder_share": args.decoder_share,

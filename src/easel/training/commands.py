@@ -51,11 +51,12 @@ def cmd_train_base(args: argparse.Namespace) -> int:
             f"--max-minutes must be greater than 0 (got {args.max_minutes})", field="max_minutes"
         )
     config = config_from_args(args)
-    if config.latent_channels < 1:
-        raise InvalidParams(
-            f"--latent-channels must be at least 1 (got {config.latent_channels})",
-            field="latent_channels",
-        )
+    for name in ("latent_channels", "batch_size", "vae_batch_size"):
+        if getattr(config, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            raise InvalidParams(
+                f"{flag} must be at least 1 (got {getattr(config, name)})", field=name
+            )
     for name in ("vae_share", "decoder_share"):
         if not 0 <= getattr(config, name) < 1:
             flag = "--" + name.replace("_", "-")
