@@ -1,7 +1,7 @@
 """Where one stage of `easel train base` spends a step: torch.profiler over the real training loop.
 
     .venv/bin/python bench/training_profile.py [--preset gpu] [--stage unet] [--steps 20]
-        [--warmup 10] [--out DIR]
+        [--warmup 10] [--no-bf16] [--out DIR]
 
 Runs `train_base` in a temporary folder with the other stages cut short, records `--steps`
 optimisation steps of `--stage` after `--warmup` unrecorded ones, then cancels the run. Prints
@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps recorded")
     parser.add_argument("--warmup", type=int, default=10, help="steps run first, not recorded")
     parser.add_argument("--out", type=Path, default=Path("profile"), help="folder for the trace")
+    parser.add_argument("--no-bf16", action="store_true", help="train in float32")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -62,6 +63,7 @@ def main() -> None:
             max_minutes=30.0,
             vae_share=0.5 if args.stage == "vae" else 1 / 30,
             decoder_share=0.0,
+            bf16=not args.no_bf16,
         )
         with profiler:
             try:
@@ -76,7 +78,10 @@ def main() -> None:
     recorded = step_ends[args.warmup : args.warmup + args.steps + 1]
     wall = (recorded[-1] - recorded[0]) / args.steps
     events = profiler.key_averages()
-    print(f"{args.preset} preset, {args.stage} stage: {wall * 1000:.1f} ms per step (wall)")
+    precision = "float32" if args.no_bf16 else "bf16 where native"
+    print(
+        f"{args.preset} preset ({precision}), {args.stage} stage: {wall * 1000:.1f} ms per step (wall)"
+    )
     if cuda:
         kernels = [e for e in events if e.device_type == DeviceType.CUDA]
         device_us = sum(e.self_device_time_total for e in kernels) / args.steps
