@@ -63,7 +63,7 @@ def main() -> None:
             max_minutes=30.0,
             vae_share=0.5 if args.stage == "vae" else 1 / 30,
             decoder_share=0.0,
-            bf16=not args.no_bf16,
+            **({"bf16": False} if args.no_bf16 else {}),  # else the preset's, as `easel train base`
         )
         with profiler:
             try:
@@ -78,7 +78,7 @@ def main() -> None:
     recorded = step_ends[args.warmup : args.warmup + args.steps + 1]
     wall = (recorded[-1] - recorded[0]) / args.steps
     events = profiler.key_averages()
-    precision = "float32" if args.no_bf16 else "bf16 where native"
+    precision = "float32" if args.no_bf16 else "the preset's precision"
     print(
         f"{args.preset} preset ({precision}), {args.stage} stage: {wall * 1000:.1f} ms per step (wall)"
     )
