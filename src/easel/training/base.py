@@ -474,7 +474,7 @@ def train_vae(
     # 1. build or resume
     vae = build_vae(config).to(device)
     optimizer = torch.optim.AdamW(
-        vae.parameters(), lr=config.vae_lr, weight_decay=0.0, fused=device.type == "cuda"
+        vae.parameters(), lr=config.vae_lr, weight_decay=0.0, fused=device.type in ("cuda", "cpu")
     )
     parts = {"model": vae, "optimizer": optimizer}
     step, elapsed_before = checkpoints.resume("vae", parts, log)
@@ -546,7 +546,7 @@ def train_unet(
     ema_params = [*ema_unet.parameters(), *ema_text.parameters()]
     params = [*trained, *probe.parameters()]  # the probe is optimised too, but has no EMA copy
     optimizer = torch.optim.AdamW(
-        params, lr=config.lr, weight_decay=0.01, fused=device.type == "cuda"
+        params, lr=config.lr, weight_decay=0.01, fused=device.type in ("cuda", "cpu")
     )
     scheduler = noise_schedule()
     parts = {
