@@ -38,13 +38,13 @@ from easel.training.tokenizer import train_tokenizer
 
 
 def main() -> None:
+    config = preset("cpu")
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per set-up and repeat")
-    parser.add_argument("--batch", type=int, default=preset("cpu").batch_size)
+    parser.add_argument("--batch", type=int, default=config.batch_size)
     args = parser.parse_args()
 
-    config = preset("cpu")
     device = torch.device("cpu")
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = train_tokenizer(Path(folder))
