@@ -75,6 +75,14 @@ def test_info_round_trips_every_parameter(
         "num_images": 1,
         "scheduler": "euler_a",
         "strength": None,
+        "image": None,
+        "mask": None,
+        "mask_blur": None,
+        "only_masked": None,
+        "outpaint": None,
+        "style_image": None,
+        "style_strength": None,
+        "input_hashes": None,
     }
     code, out, _ = _run(["info", str(generated[1])], capsys)
     assert out.splitlines() == [

@@ -23,7 +23,18 @@ from typing import Any, NoReturn
 
 from easel.api.server import register as register_serve
 from easel.config import Settings
-from easel.domain import EaselError, GenerationParams, InvalidParams, Progress
+from easel.domain import (
+    IMAGE_FIELDS,
+    OUTPAINT_SIDES,
+    TASK_SPECS,
+    TASKS,
+    EaselError,
+    GenerationParams,
+    InputImages,
+    InvalidParams,
+    Progress,
+    infer_task,
+)
 from easel.models.catalog import ModelCatalog
 from easel.training.commands import register as register_training
 
@@ -61,6 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-n", "--count", type=int, help="number of images (default 1)")
     gen.add_argument("--scheduler", help="sampler by stable name, e.g. euler, dpmpp_2m")
     gen.add_argument("-o", "--output", type=Path, help="a .png file or a folder (default: .)")
+    edit = gen.add_argument_group("editing (the task follows from these; --task names it)")
+    edit.add_argument("--task", choices=TASKS, help="txt2img, img2img, inpaint, outpaint, style")
+    edit.add_argument("--image", type=Path, help="input image (PNG, JPEG or WebP) to edit")
+    edit.add_argument("--mask", type=Path, help="inpaint mask: white (or alpha 0) = repaint")
+    edit.add_argument("--strength", type=float, help="how much of the input is redrawn (0..1]")
+    edit.add_argument("--mask-blur", type=int, help="feather of the mask's edge in pixels")
+    edit.add_argument(
+        "--only-masked",
+        action="store_true",
+        default=None,
+        help="inpaint a crop around the mask at the model's resolution",
+    )
+    edit.add_argument(
+        "--outpaint", type=_sides, metavar="L,T,R,B", help="pixels to add on each side"
+    )
+    edit.add_argument("--style-image", type=Path, help="reference whose look to take")
+    edit.add_argument("--style-strength", type=float, help="how much of its colours (0..1)")
     gen.add_argument(
         "--from",
         dest="from_image",
@@ -131,15 +159,28 @@ def cmd_generate(args: argparse.Namespace) -> None:
         "seed": args.seed,
         "num_images": args.count,
         "scheduler": args.scheduler,
+        "strength": args.strength,
+        "mask_blur": args.mask_blur,
+        "only_masked": args.only_masked,
+        "outpaint": args.outpaint,
+        "style_strength": args.style_strength,
     }
+    files = {name: getattr(args, name) for name in IMAGE_FIELDS if getattr(args, name)}
+    overrides.update({name: str(path) for name, path in files.items()})
     if args.size is not None:
         overrides["width"], overrides["height"] = args.size
+    stored_hashes = params.input_hashes
     params = GenerationParams.from_dict(
         {**params.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
     )
+    if args.task is not None:
+        params.task = args.task
+    elif files or args.outpaint or not args.from_image:
+        params.task = infer_task(params)
 
-    # 2. check the model and the output folder before loading torch
+    # 2. read the input images, check the model and the output folder before loading torch
     settings = Settings()
+    inputs = _read_inputs(params, settings)
     catalog = ModelCatalog(settings)
     _check_default_model(catalog, settings, params)
     _make_output_folder(args.output)
@@ -159,7 +200,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         bar.update(progress.step - bar.n)
 
     try:
-        result = engine.generate(params, on_progress=on_progress)
+        result = engine.generate(params, inputs=inputs, on_progress=on_progress)
     finally:
         if bar is not None:
             bar.close()
@@ -167,6 +208,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(
             f"warning: the prompt is {result.dropped_tokens} tokens longer than the text "
             "encoder's limit; those tokens were ignored",
+            file=sys.stderr,
+        )
+    if stored_hashes and result.params.input_hashes != stored_hashes:
+        print(
+            "warning: the input images differ from those that made the --from image, so the "
+            "pixels will too",
             file=sys.stderr,
         )
 
@@ -180,6 +227,29 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 f"cannot write {exc.filename}: {exc.strerror}", field="output"
             ) from exc
         print(path)
+
+
+def _read_inputs(params: GenerationParams, settings: Settings) -> InputImages:
+    """Decode the files an editing request names, with the server's upload checks."""
+    from easel.imaging import decode_image  # PIL only
+
+    spec = TASK_SPECS.get(params.task)
+    images = {}
+    for name in spec.image_fields if spec else ():
+        path = getattr(params, name)
+        if path is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise EaselError(
+                f"{flag}: cannot read {path}: {exc.strerror} (with --from, give the input "
+                "images again)",
+                field=name,
+            ) from None
+        images[name] = decode_image(data, field=name, max_pixels=settings.max_upload_pixels)
+    return InputImages(**images)
 
 
 def _quiet_libraries() -> None:
@@ -224,6 +294,16 @@ def _output_path(output: Path | None, seed: int, *, multiple: bool) -> Path:
     while path.exists():  # never overwrite an earlier run's image
         path, copy = folder / f"easel-{seed}-{copy}.png", copy + 1
     return path
+
+
+def _sides(text: str) -> dict[str, int]:
+    parts = text.split(",")
+    if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
+        raise InvalidParams(
+            f"outpaint must be LEFT,TOP,RIGHT,BOTTOM pixels, e.g. 0,0,32,0 (got {text!r})",
+            field="outpaint",
+        )
+    return dict(zip(OUTPAINT_SIDES, (int(p) for p in parts), strict=True))
 
 
 def _size(text: str) -> tuple[int, int]:

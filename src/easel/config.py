@@ -62,6 +62,14 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         1_000_000, description="Largest accepted request body in bytes (larger gets 413)."
     )
+    max_upload_bytes: int = Field(
+        20_000_000, description="Largest accepted input image upload in bytes (larger gets 413)."
+    )
+    max_upload_pixels: int = Field(
+        4096 * 4096,
+        description="Most pixels (width × height) an uploaded input image may have; larger ones "
+        "are refused from their header, before decoding.",
+    )
     max_prompt_chars: int = Field(2000, description="Longest accepted prompt, in characters.")
     max_pixels_per_job: int = Field(
         4 * 1024 * 1024,

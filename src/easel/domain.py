@@ -13,8 +13,78 @@ from typing import Any, Literal
 
 from PIL import Image
 
-Task = Literal["txt2img", "img2img", "inpaint"]
-TASKS: tuple[str, ...] = ("txt2img", "img2img", "inpaint")
+Task = Literal["txt2img", "img2img", "inpaint", "outpaint", "style"]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One kind of work, as a row of :data:`TASK_SPECS`: the input images it takes, the request
+    fields only it uses, and the family pipelines (``Family.pipelines`` keys) it runs on.
+
+    Validation (``models.params``), the engine's runners (``engine.tasks``), the CLI and the UI
+    read this table instead of each testing ``task == ...``.
+    """
+
+    name: str
+    pipelines: tuple[str, ...]
+    inputs: tuple[str, ...] = ()  # image fields that must be given
+    optional_inputs: tuple[str, ...] = ()  # image fields that may be given
+    fields: tuple[str, ...] = ()  # other request fields only this task uses
+    description: str = ""
+
+    @property
+    def image_fields(self) -> tuple[str, ...]:
+        return self.inputs + self.optional_inputs
+
+
+TASK_SPECS: dict[str, TaskSpec] = {
+    "txt2img": TaskSpec("txt2img", ("txt2img",), description="an image from text"),
+    "img2img": TaskSpec(
+        "img2img",
+        ("img2img",),
+        inputs=("image",),
+        fields=("strength",),
+        description="redraw an image; strength 0..1 is how much may change",
+    ),
+    "inpaint": TaskSpec(
+        "inpaint",
+        ("inpaint",),
+        inputs=("image", "mask"),
+        fields=("strength", "mask_blur", "only_masked"),
+        description="repaint where the mask is white; the rest stays as it was",
+    ),
+    "outpaint": TaskSpec(
+        "outpaint",
+        ("inpaint",),
+        inputs=("image",),
+        fields=("outpaint", "strength", "mask_blur"),
+        description="grow the canvas and paint the new border",
+    ),
+    "style": TaskSpec(
+        "style",
+        ("txt2img", "img2img"),
+        inputs=("style_image",),
+        optional_inputs=("image",),
+        fields=("strength", "style_strength"),
+        description="the look of style_image: restyle image, or a new picture in that look",
+    ),
+}
+TASKS: tuple[str, ...] = tuple(TASK_SPECS)
+IMAGE_FIELDS = ("image", "mask", "style_image")  # request fields that name an input image
+OUTPAINT_SIDES = ("left", "top", "right", "bottom")
+
+
+def infer_task(params: GenerationParams) -> str:
+    """The task a request's inputs imply (the CLI's rule when ``--task`` is not given)."""
+    if params.style_image is not None:
+        return "style"
+    if params.outpaint is not None:
+        return "outpaint"
+    if params.mask is not None:
+        return "inpaint"
+    if params.image is not None:
+        return "img2img"
+    return "txt2img"
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -88,8 +158,20 @@ class GenerationParams:
     seed: int | None = None
     num_images: int = 1
     scheduler: str | None = None
-    # img2img/inpaint only; those tasks are refused until a request can carry an input image
+    # --- editing (see TASK_SPECS for which task uses which) ---
+    # how much of the input the model redraws (0 < x <= 1)
     strength: float | None = None
+    # input images by reference: an image id in the server's store (a file path on the CLI)
+    image: str | None = None
+    mask: str | None = None  # white (or alpha 0) = repaint
+    mask_blur: int | None = None  # feather, in pixels, of the mask's edge (both sides)
+    only_masked: bool | None = None  # inpaint a crop around the mask at the model's resolution
+    outpaint: dict[str, int] | None = None  # pixels to add: left, top, right, bottom
+    style_image: str | None = None
+    style_strength: float | None = None  # how much of style_image's colours (0..1)
+    # sha256 (first 16 hex digits) of each input's decoded pixels, set by the engine: a PNG
+    # records which inputs made it, so `generate --from` can tell when others are given
+    input_hashes: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -98,6 +180,21 @@ class GenerationParams:
     def from_dict(cls, data: dict[str, Any]) -> GenerationParams:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class InputImages:
+    """The decoded input images of an editing request (the worker reads them from the image
+    store by the ids in GenerationParams; the CLI from files). ``mask`` is as given: the engine
+    turns white or alpha 0 into "repaint"."""
+
+    image: Image.Image | None = None
+    mask: Image.Image | None = None
+    style_image: Image.Image | None = None
+
+    def get(self, name: str) -> Image.Image | None:
+        value: Image.Image | None = getattr(self, name)
+        return value
 
 
 @dataclass
@@ -170,14 +267,17 @@ class JobStatus(enum.StrEnum):
 
 @dataclass
 class ImageRecord:
+    """A stored image: made by a job (``kind`` "generated") or uploaded (``job_id`` None)."""
+
     id: str
-    job_id: str
-    seed: int
+    job_id: str | None
+    seed: int | None
     path: str  # relative to Settings.images_dir
     width: int
     height: int
     prompt: str
     created_at: datetime
+    kind: str = "generated"  # or "upload"
 
 
 @dataclass

@@ -24,6 +24,7 @@ from typing import IO, Any, Protocol
 
 from easel.config import Settings
 from easel.domain import (
+    TASK_SPECS,
     EaselError,
     GenerationParams,
     ImageRecord,
@@ -33,9 +34,10 @@ from easel.domain import (
     ModelNotAvailable,
     ModelRecord,
 )
+from easel.imaging import decode_image, pixel_hash, png_bytes
 from easel.jobs.db import Database
 from easel.jobs.events import EventBus, JobEvent
-from easel.jobs.images import DiskImageStore
+from easel.jobs.images import DiskImageStore, ImageNotFound
 from easel.jobs.queue import QueueSummary, SqliteJobQueue
 from easel.jobs.worker import Generator, Worker
 from easel.models.catalog import ModelCatalog
@@ -43,7 +45,6 @@ from easel.models.families import Family, get_family
 from easel.models.params import defaults_for, effective_family, resolve_params
 
 PRIORITY_RANGE = (-100, 100)
-SERVED_TASKS = ("txt2img",)  # the worker's engine runs text-to-image only for now
 
 
 class LoadedModels(Protocol):
@@ -152,7 +153,8 @@ class Services:
                 f"`easel models pull {record.id}`",
                 field="model",
             )
-        resolved = resolve_params(params, record, get_family(record.family))
+        sizes = self._input_sizes(params)
+        resolved = resolve_params(params, record, get_family(record.family), sizes)
         self._check_pixels(resolved)
         # 3. store the job and its first event together, then wake a worker
         with self.db.transaction():
@@ -210,9 +212,27 @@ class Services:
 
     # --- images ---------------------------------------------------------------------------------
 
-    def list_images(self, query: str | None = None, limit: int = 50) -> list[ImageRecord]:
-        """Stored images newest first; ``query`` filters by prompt text (any case)."""
-        return self.images.list(query, limit)
+    def list_images(
+        self, query: str | None = None, limit: int = 50, kind: str | None = None
+    ) -> list[ImageRecord]:
+        """Stored images newest first; ``query`` filters by prompt text (any case), ``kind``
+        ("generated" or "upload") by origin."""
+        return self.images.list(query, limit, kind)
+
+    def upload_image(self, data: bytes) -> ImageRecord:
+        """Check and store an input image (PNG, JPEG or WebP) for editing jobs.
+
+        The bytes are decoded, not trusted by name: a non-image, another format, more than
+        ``settings.max_upload_pixels`` pixels (refused from the header, before decoding) or a
+        truncated file raises InvalidParams(field="file") and stores nothing.
+        """
+        if len(data) > self.settings.max_upload_bytes:
+            raise InvalidParams(
+                f"file must be at most {self.settings.max_upload_bytes} bytes (got {len(data)})",
+                field="file",
+            )
+        image = decode_image(data, field="file", max_pixels=self.settings.max_upload_pixels)
+        return self.images.save_upload(image, png=png_bytes(image), sha256=pixel_hash(image))
 
     def get_image(self, image_id: str) -> ImageRecord:
         """One image's record; raises ImageNotFound (404)."""
@@ -260,13 +280,28 @@ class Services:
 
     # --- checks ---------------------------------------------------------------------------------
 
+    def _input_sizes(self, params: GenerationParams) -> dict[str, tuple[int, int]]:
+        """(width, height) of each stored image the request names; InvalidParams naming the
+        field for an id that is not a stored image."""
+        spec = TASK_SPECS.get(params.task)
+        sizes = {}
+        for name in spec.image_fields if spec else ():
+            image_id = getattr(params, name)
+            if not isinstance(image_id, str) or not image_id:
+                continue  # resolve_params names the missing or malformed field
+            try:
+                record = self.images.get(image_id)
+                self.images.path(image_id)  # its file, too
+            except ImageNotFound:
+                raise InvalidParams(
+                    f"{name}: no stored image with id {image_id!r}; upload it first with "
+                    "POST /api/v1/images",
+                    field=name,
+                ) from None
+            sizes[name] = (record.width, record.height)
+        return sizes
+
     def _check_limits(self, params: GenerationParams, priority: int) -> None:
-        if params.task not in SERVED_TASKS:
-            raise InvalidParams(
-                f"task must be {' or '.join(SERVED_TASKS)} (got {params.task!r}); "
-                "img2img and inpaint are not served yet",
-                field="task",
-            )
         limit = self.settings.max_prompt_chars
         for name in ("prompt", "negative_prompt"):
             text = getattr(params, name)

@@ -147,8 +147,8 @@ def test_priority_reorders_waiting_jobs(client: TestClient) -> None:
         ({"prompt": "x", "guidance_end": 0}, 422, "guidance_end"),
         ({"prompt": "x", "guidance_end": 2}, 422, "guidance_end"),
         ({"prompt": "x", "task": "paint"}, 422, "task"),
-        ({"prompt": "x", "task": "img2img"}, 422, "task"),  # txt2img only for now
-        ({"prompt": "x", "task": "inpaint", "strength": 0.5}, 422, "task"),
+        ({"prompt": "x", "task": "img2img"}, 422, "image"),  # needs an input image
+        ({"prompt": "x", "task": "inpaint", "image": "nope", "mask": "nope"}, 422, "image"),
         ({"prompt": "x", "strength": 0.5}, 422, "strength"),  # only img2img would use it
         ({"prompt": "x", "colour": "red"}, 422, "colour"),
         ({"prompt": ""}, 422, "prompt"),

@@ -207,9 +207,10 @@ def test_invalid_request_fails_before_loading(tmp_path: Path, tiny_sdxl_path: Pa
         engine.generate(_params(tiny_sdxl_path, width=100))
     assert err.value.field == "width"
     assert engine.models.loaded() == []
-    with pytest.raises(InvalidParams, match="task must be txt2img") as err:
+    with pytest.raises(InvalidParams, match="image is required for task img2img") as err:
         engine.generate(_params(tiny_sdxl_path, task="img2img"))
-    assert err.value.field == "task"
+    assert err.value.field == "image"
+    assert engine.models.loaded() == []
 
 
 def test_two_threads_never_share_a_pipeline(engine: Engine, tiny_sd_path: Path) -> None:

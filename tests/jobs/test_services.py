@@ -137,8 +137,8 @@ def test_failure_is_recorded_and_worker_continues(services: Services) -> None:
         ({"num_inference_steps": 0}, "num_inference_steps"),
         ({"scheduler": "nope"}, "scheduler"),
         ({"task": "paint"}, "task"),
-        ({"task": "img2img"}, "task"),  # the engine serves txt2img only for now
-        ({"task": "inpaint"}, "task"),
+        ({"task": "img2img"}, "image"),  # needs an input image
+        ({"task": "inpaint", "image": "no-such-id"}, "image"),  # not a stored image
         ({"priority": 1000}, "priority"),
     ],
 )

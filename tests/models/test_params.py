@@ -79,7 +79,7 @@ def test_missing_seed_is_drawn_and_kept_in_range() -> None:
 
 
 def test_img2img_gets_a_default_strength() -> None:
-    assert resolve(task="img2img").strength == 0.75
+    assert resolve(task="img2img", image="an-id").strength == 0.75
 
 
 def test_record_may_widen_size_limits() -> None:
@@ -130,8 +130,8 @@ def test_input_is_not_modified() -> None:
         ),
         ("flux-schnell", {"scheduler": "euler"}, "scheduler", "one of flow_euler"),
         ("sd15", {"task": "upscale"}, "task", "task must be one of txt2img, img2img, inpaint"),
-        ("sd15", {"task": "img2img", "strength": 0}, "strength", "strength must be above 0"),
-        ("sd15", {"task": "img2img", "strength": 1.5}, "strength", "between 0 and 1"),
+        ("sd15", {"task": "img2img", "image": "i", "strength": 0}, "strength", "above 0"),
+        ("sd15", {"task": "img2img", "image": "i", "strength": 1.5}, "strength", "0 and 1"),
         ("sd15", {"num_inference_steps": True}, "num_inference_steps", "whole number"),
         ("sd15", {"guidance_end": 0}, "guidance_end", "guidance_end must be above 0"),
         ("sd15", {"guidance_end": 1.5}, "guidance_end", "between 0 and 1 (got 1.5)"),

@@ -43,7 +43,13 @@ def create_app(services: Services, *, mount_ui: MountUI | None = None) -> FastAP
         lifespan=lifespan,
     )
     app.state.services = services
-    app.add_middleware(BodySizeLimit, max_bytes=services.settings.max_body_bytes)
+    settings = services.settings
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        # an upload's multipart framing adds a few hundred bytes to the file
+        paths={f"{API_PREFIX}/images": settings.max_upload_bytes + 65536},
+    )
     install_error_handlers(app, services)
     for router in (system.router, models.router, jobs.router, images.router):
         app.include_router(router, prefix=API_PREFIX)

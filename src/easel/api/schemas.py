@@ -27,8 +27,11 @@ class JobCreate(BaseModel):
         },
     )
 
-    task: Literal["txt2img"] = Field(
-        "txt2img", description="Only txt2img for now (img2img and inpaint are not served yet)."
+    task: Literal["txt2img", "img2img", "inpaint", "outpaint", "style"] = Field(
+        "txt2img",
+        description="txt2img; img2img (image, strength); inpaint (image, mask, strength, "
+        "mask_blur, only_masked); outpaint (image, outpaint, mask_blur); style (style_image, "
+        "optional image, style_strength, strength).",
     )
     model: str | None = Field(None, description="Catalog id or local path; default: the server's.")
     prompt: str
@@ -45,6 +48,29 @@ class JobCreate(BaseModel):
     seed: int | None = Field(None, description="Random when omitted; image i uses seed + i.")
     num_images: int = 1
     scheduler: str | None = None
+    image: str | None = Field(None, description="Input image id (POST /api/v1/images).")
+    mask: str | None = Field(
+        None, description="Mask image id, the image's size: white (or alpha 0) = repaint."
+    )
+    strength: float | None = Field(
+        None, description="How much of the input is redrawn (0 < x <= 1). Default per task."
+    )
+    mask_blur: int | None = Field(
+        None, description="Pixels over which the mask's edge is feathered (0..64; default 4)."
+    )
+    only_masked: bool | None = Field(
+        None,
+        description="Inpaint a crop around the mask at the model's resolution, then paste it "
+        "back (more detail for small masks).",
+    )
+    outpaint: dict[str, int] | None = Field(
+        None,
+        description='Pixels to add on each side: {"left", "top", "right", "bottom"}.',
+    )
+    style_image: str | None = Field(None, description="Reference image id whose look to take.")
+    style_strength: float | None = Field(
+        None, description="How much of the reference's colours (0..1; default 0.8)."
+    )
     priority: int = Field(0, description="Higher runs first (-100..100); FIFO within a priority.")
 
     def to_params(self) -> GenerationParams:
@@ -54,13 +80,23 @@ class JobCreate(BaseModel):
 class ImageRef(BaseModel):
     id: str
     url: str
-    seed: int
+    seed: int | None = Field(description="null for an uploaded image")
+    width: int
+    height: int
+
+
+class Upload(BaseModel):
+    """A stored input image: name it by ``id`` in an editing job."""
+
+    id: str
+    url: str
     width: int
     height: int
 
 
 class ImagePublic(ImageRef):
-    job_id: str
+    job_id: str | None = Field(description="the job that made it; null for an upload")
+    kind: str = Field(description='"generated" or "upload"')
     prompt: str
     created_at: datetime
 
@@ -73,6 +109,7 @@ class ImagePublic(ImageRef):
             width=image.width,
             height=image.height,
             job_id=image.job_id,
+            kind=image.kind,
             prompt=image.prompt,
             created_at=image.created_at,
         )

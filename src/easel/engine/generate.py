@@ -20,26 +20,32 @@ Reproducibility rules (tests hold the engine to them):
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import threading
 import time
 from typing import Any
 
 import torch
+from PIL import Image
 
 from easel.config import Settings
 from easel.domain import (
+    IMAGE_FIELDS,
+    TASK_SPECS,
     CancelCheck,
     Canceled,
     GenerationParams,
     GenerationResult,
-    InvalidParams,
+    InputImages,
     Progress,
     ProgressCallback,
 )
 from easel.engine import guidance
 from easel.engine.preview import latents_to_preview, rgb_factors, unpack_tokens
 from easel.engine.schedulers import make_scheduler
+from easel.engine.tasks import RUNNERS
+from easel.imaging import pixel_hash
 from easel.models.families import get_family
 from easel.models.loader import LoadedModel, ModelManager
 from easel.models.params import resolve_params
@@ -66,61 +72,51 @@ class Engine:
         self,
         params: GenerationParams,
         *,
+        inputs: InputImages | None = None,
         on_progress: ProgressCallback | None = None,
         is_canceled: CancelCheck | None = None,
     ) -> GenerationResult:
         """Make ``params.num_images`` images; image i uses seed ``params.seed + i``.
 
-        ``on_progress`` gets a Progress after every denoising step (steps count on across the
-        images; a preview every ``settings.preview_every`` steps). Raises ``Canceled`` at the
-        first step end after ``is_canceled()`` turns true, InvalidParams for a bad request,
-        ModelNotFound / ModelNotAvailable for a model that cannot be used.
+        ``inputs`` holds the decoded images an editing task names (``params.task``; see
+        ``domain.TASK_SPECS``). ``on_progress`` gets a Progress after every denoising step
+        (steps count on across the images; a preview every ``settings.preview_every`` steps).
+        Raises ``Canceled`` at the first step end after ``is_canceled()`` turns true,
+        InvalidParams for a bad request, ModelNotFound / ModelNotAvailable for a model that
+        cannot be used.
         """
         started = time.perf_counter()
-        # 1. resolve the request against its model's defaults and limits (before any loading)
+        inputs = inputs or InputImages()
+        # 1. resolve the request against its model's defaults and limits and its inputs' sizes
         record = self.models.catalog.get(params.model or self.settings.default_model)
         family = get_family(record.family)
-        params = resolve_params(params, record, family)
+        given = {n: image for n in IMAGE_FIELDS if (image := inputs.get(n)) is not None}
+        params = resolve_params(params, record, family, {n: i.size for n, i in given.items()})
+        hashes = {name: pixel_hash(image) for name, image in given.items()}
+        params = dataclasses.replace(params, input_hashes=hashes or None)
         assert params.seed is not None and params.scheduler is not None
-        if params.task != "txt2img":
-            raise InvalidParams(
-                f"task must be txt2img for now (got {params.task!r}): img2img and inpaint need "
-                "an input image, which a request cannot carry yet",
-                field="task",
-            )
+        runner = RUNNERS[params.task]
 
         # 2. take the model: never two calls on one pipeline (or its shared modules) at once
         with self._lock(record.id):
-            loaded = self.models.get_pipeline(record.id, params.task)
-            pipe: Any = loaded.pipeline  # a concrete pipeline class: callable, family-specific
+            pipes = {
+                name: self.models.get_pipeline(record.id, name)
+                for name in TASK_SPECS[params.task].pipelines
+            }
 
             # 3. count prompt tokens the text encoder will not see
-            dropped_tokens = count_dropped_tokens(pipe, family.name, params.prompt)
+            first: Any = next(iter(pipes.values())).pipeline
+            dropped_tokens = count_dropped_tokens(first, family.name, params.prompt)
 
-            # 4. set the scheduler by its stable name
-            pipe.scheduler = make_scheduler(
-                params.scheduler,
-                self._base_scheduler_config(loaded),
-                default_shift=family.flow_shift,
-            )
-
-            # 5. denoise and decode each image with its own seed
-            factors = rgb_factors(pipe.vae.config)
+            # 4. run the task for each image with its own seed
             images = []
             for index in range(params.num_images):
                 if is_canceled is not None and is_canceled():
                     raise Canceled()
-                callback = _StepCallback(
-                    factors, params, index, self.settings.preview_every, on_progress, is_canceled
-                )
-                output = pipe(
-                    **pipeline_args(params),
-                    generator=torch.Generator("cpu").manual_seed(params.seed + index),
-                    callback_on_step_end=callback,
-                )
-                images.append(output.images[0])
+                call = _ImageCall(self, pipes, params, index, on_progress, is_canceled)
+                images.append(runner(call, params, inputs))
 
-        # 6. report the images with the resolved request that made them
+        # 5. report the images with the resolved request that made them
         return GenerationResult(
             images=images,
             params=params,
@@ -141,7 +137,69 @@ class Engine:
         return self._scheduler_configs[key]
 
 
-def pipeline_args(params: GenerationParams) -> dict[str, Any]:
+class _ImageCall:
+    """The pipeline calls that make image ``index`` of a request (engine.tasks.Call): each
+    with the request's scheduler, the image's seed, and a step callback whose progress runs on
+    across the calls (a call's ``share`` of the image's steps)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        pipes: dict[str, LoadedModel],
+        params: GenerationParams,
+        index: int,
+        on_progress: ProgressCallback | None,
+        is_canceled: CancelCheck | None,
+    ) -> None:
+        self.engine = engine
+        self.pipes = pipes
+        self.params = params
+        self.index = index
+        self.on_progress = on_progress
+        self.is_canceled = is_canceled
+        self.done = 0.0  # share of this image's steps behind us
+
+    def pipe(self, pipeline: str) -> Any:
+        return self.pipes[pipeline].pipeline
+
+    def __call__(self, pipeline: str, share: float = 1.0, **args: Any) -> Image.Image:
+        params, loaded = self.params, self.pipes[pipeline]
+        assert params.seed is not None and params.scheduler is not None
+        pipe: Any = loaded.pipeline  # a concrete pipeline class: callable, family-specific
+        pipe.scheduler = make_scheduler(
+            params.scheduler,
+            self.engine._base_scheduler_config(loaded),
+            default_shift=loaded.family.flow_shift,
+        )
+        callback = _StepCallback(
+            rgb_factors(pipe.vae.config),
+            params,
+            self.index,
+            self.engine.settings.preview_every,
+            self.on_progress,
+            self.is_canceled,
+            start=self.done,
+            share=share,
+        )
+        output = pipe(
+            **accepted_args(pipe, {**pipeline_args(params, pipe), **args}),
+            generator=torch.Generator("cpu").manual_seed(params.seed + self.index),
+            callback_on_step_end=callback,
+        )
+        self.done += share
+        image: Image.Image = output.images[0]
+        return image
+
+
+def accepted_args(pipe: Any, args: dict[str, Any]) -> dict[str, Any]:
+    """``args`` less those ``pipe.__call__`` does not take (SD's img2img has no width)."""
+    parameters = inspect.signature(pipe.__call__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return args
+    return {k: v for k, v in args.items() if k in parameters}
+
+
+def pipeline_args(params: GenerationParams, pipe: Any = None) -> dict[str, Any]:
     """The diffusers ``__call__`` arguments for one image of resolved ``params``, but for the
     step callback, which must apply `end_guidance` when ``guidance_end`` is below 1."""
     args: dict[str, Any] = {
@@ -157,7 +215,7 @@ def pipeline_args(params: GenerationParams) -> dict[str, Any]:
     }
     if params.guidance_end is not None and params.guidance_end < 1:
         # the callback swaps in the text embeddings without the unconditional half
-        args["callback_on_step_end_tensor_inputs"] = list(guidance.TENSOR_INPUTS)
+        args["callback_on_step_end_tensor_inputs"] = guidance.tensor_inputs(pipe)
     return args
 
 
@@ -195,7 +253,12 @@ class _StepCallback:
         preview_every: int,
         on_progress: ProgressCallback | None,
         is_canceled: CancelCheck | None,
+        *,
+        start: float = 0.0,
+        share: float = 1.0,
     ) -> None:
+        self.start = start  # share of the image's steps done before this call
+        self.share = share  # this call's share
         self.preview_factors = preview_factors
         self.params = params
         self.index = index
@@ -210,14 +273,17 @@ class _StepCallback:
             raise Canceled()  # unwinds out of the pipeline call: no further step runs
         replaced = guidance.end_guidance(pipe, step, self.params.guidance_end, tensors)
         if self.on_progress is not None:
-            per_image = pipe.num_timesteps
+            # progress counts in the request's steps, whatever this call runs (an img2img
+            # call runs strength × steps of them; a style image makes two calls)
+            per_image = self.params.num_inference_steps or pipe.num_timesteps
             done = step + 1
+            within = self.start + self.share * done / max(pipe.num_timesteps, 1)
             preview = None
             if self.preview_every and done % self.preview_every == 0:
                 preview = self._preview(pipe, tensors["latents"])
             self.on_progress(
                 Progress(
-                    step=self.index * per_image + done,
+                    step=self.index * per_image + round(within * per_image),
                     total=self.params.num_images * per_image,
                     preview=preview,
                 )

@@ -11,6 +11,14 @@ from typing import Any
 # the step-callback tensors of a pipeline call that applies `end_guidance`: diffusers' default
 # (latents, which previews read) and the text embeddings that it replaces
 TENSOR_INPUTS = ("latents", "prompt_embeds")
+# inpainting pipelines also carry their mask inputs doubled for CFG: halved with the embeddings
+CFG_DOUBLED = ("prompt_embeds", "mask", "masked_image_latents")
+
+
+def tensor_inputs(pipe: Any) -> list[str]:
+    """The step-callback tensors `end_guidance` needs from ``pipe`` (a diffusers pipeline)."""
+    offered = getattr(pipe, "_callback_tensor_inputs", TENSOR_INPUTS)
+    return [*TENSOR_INPUTS, *(n for n in CFG_DOUBLED[1:] if n in offered)]
 
 
 def end_guidance(
@@ -31,7 +39,8 @@ def end_guidance(
     if step + 1 < max(1, round(pipe.num_timesteps * guidance_end)):
         return {}
     pipe._guidance_scale = 0.0
-    return {"prompt_embeds": tensors["prompt_embeds"].chunk(2)[-1]}  # (uncond, cond) -> cond
+    # (uncond, cond) -> cond; an inpainting pipeline's mask inputs are doubled likewise
+    return {name: tensors[name].chunk(2)[-1] for name in CFG_DOUBLED if name in tensors}
 
 
 def end_guidance_args(guidance_end: float) -> dict[str, Any]:

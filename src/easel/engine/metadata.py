@@ -78,6 +78,10 @@ def format_a1111(params: GenerationParams) -> str:
         items["Task"] = params.task
     if params.strength is not None:
         items["Denoising strength"] = params.strength
+    if params.mask_blur is not None:
+        items["Mask blur"] = params.mask_blur
+    if params.style_strength is not None:
+        items["Style strength"] = params.style_strength  # Easel's own key
     items["Version"] = f"easel {__version__}"
     settings = ", ".join(f"{key}: {_quote(value)}" for key, value in items.items())
     lines = [params.prompt]
@@ -92,7 +96,8 @@ def parse_a1111(text: str) -> dict[str, Any]:
 
     Returns ``prompt`` and ``negative_prompt`` plus whatever settings are present
     (``num_inference_steps``, ``scheduler``, ``guidance_scale``, ``guidance_end``, ``seed``,
-    ``width``, ``height``, ``model``, ``task``, ``strength``); keys Easel does not know are kept
+    ``width``, ``height``, ``model``, ``task``, ``strength``, ``mask_blur``,
+    ``style_strength``); keys Easel does not know are kept
     under ``extra``.
     """
     lines = text.split("\n")
@@ -119,6 +124,8 @@ def parse_a1111(text: str) -> dict[str, Any]:
         "Model": ("model", str),
         "Task": ("task", str),
         "Denoising strength": ("strength", float),
+        "Mask blur": ("mask_blur", int),
+        "Style strength": ("style_strength", float),
     }
     extra: dict[str, str] = {}
     for key, value in settings.items():

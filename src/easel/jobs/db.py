@@ -80,6 +80,32 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (model, width, height, device)
     );
     """,
+    # 2: uploaded images share the images table (and its id space) with generated ones: job_id
+    # becomes optional, `kind` tells them apart, uploads record their pixel hash. SQLite cannot
+    # relax NOT NULL in place, so the table is rebuilt with every row kept.
+    """
+    CREATE TABLE images_v2 (
+        id TEXT PRIMARY KEY,
+        job_id TEXT REFERENCES jobs (id) ON DELETE CASCADE,  -- NULL for uploads
+        kind TEXT NOT NULL DEFAULT 'generated' CHECK (kind IN ('generated', 'upload')),
+        idx INTEGER NOT NULL DEFAULT 0,
+        seed INTEGER,                            -- NULL for uploads
+        path TEXT NOT NULL,
+        width INTEGER NOT NULL,
+        height INTEGER NOT NULL,
+        prompt TEXT NOT NULL,
+        sha256 TEXT,                             -- imaging.pixel_hash of an upload
+        created_at TEXT NOT NULL,
+        UNIQUE (job_id, idx)
+    );
+    INSERT INTO images_v2 (id, job_id, kind, idx, seed, path, width, height, prompt, created_at)
+        SELECT id, job_id, 'generated', idx, seed, path, width, height, prompt, created_at
+        FROM images;
+    DROP TABLE images;
+    ALTER TABLE images_v2 RENAME TO images;
+    CREATE INDEX images_created ON images (created_at);
+    CREATE INDEX images_kind ON images (kind, created_at)
+    """,
 ]
 
 

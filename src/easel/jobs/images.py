@@ -1,15 +1,20 @@
-"""Generated images: PNG files under ``Settings.images_dir``, one row each in SQLite.
+"""Stored images: PNG files under ``Settings.images_dir``, one row each in SQLite.
 
-An image's id is ``<job id>-<index>``, so storing a job's images again (after a crash between
-writing them and finishing the job) overwrites the same files and rows instead of duplicating.
+Generated and uploaded images share one id space, so a job names its inputs by id whichever
+they are. A generated image's id is ``<job id>-<index>``, so storing a job's images again (after
+a crash between writing them and finishing the job) overwrites the same files and rows instead
+of duplicating; an upload's id is a fresh random one, its file a PNG of the decoded pixels.
 """
 
 from __future__ import annotations
 
 import builtins
 import os
+import uuid
 from pathlib import Path
 from typing import Protocol
+
+from PIL import Image
 
 from easel.domain import EaselError, ImageRecord
 from easel.jobs.db import Database
@@ -37,6 +42,8 @@ class ImageStore(Protocol):
 
     def discard(self, job_id: str) -> None: ...
 
+    def load(self, image_id: str) -> Image.Image: ...
+
 
 class DiskImageStore:
     """PNG files in ``root/<YYYY-MM-DD>/<id>.png`` with their rows in the database."""
@@ -60,15 +67,7 @@ class DiskImageStore:
         image_id = f"{job_id}-{index}"
         created = utcnow()
         relative = f"{created[:10]}/{image_id}.png"
-        target = self.root / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temp = target.with_suffix(".tmp")
-        try:
-            temp.write_bytes(png)
-            os.replace(temp, target)
-        except BaseException:
-            temp.unlink(missing_ok=True)  # a full disk must not also collect half files
-            raise
+        self._write(relative, png)
         with self.db.transaction() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO images (id, job_id, idx, seed, path, width, height, prompt,"
@@ -76,6 +75,37 @@ class DiskImageStore:
                 (image_id, job_id, index, seed, relative, width, height, prompt, created),
             )
         return self.get(image_id)
+
+    def save_upload(self, image: Image.Image, *, png: bytes, sha256: str) -> ImageRecord:
+        """Store a checked, decoded input image (``imaging.decode_image``) as ``png``."""
+        image_id = uuid.uuid4().hex
+        created = utcnow()
+        relative = f"uploads/{created[:10]}/{image_id}.png"
+        self._write(relative, png)
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO images (id, job_id, kind, path, width, height, prompt, sha256,"
+                " created_at) VALUES (?, NULL, 'upload', ?, ?, ?, '', ?, ?)",
+                (image_id, relative, image.width, image.height, sha256, created),
+            )
+        return self.get(image_id)
+
+    def load(self, image_id: str) -> Image.Image:
+        """The decoded pixels of a stored image (RGB, or RGBA for an upload with alpha)."""
+        with Image.open(self.path(image_id)) as image:
+            image.load()
+            return image.convert("RGBA" if "A" in image.getbands() else "RGB")
+
+    def _write(self, relative: str, data: bytes) -> None:
+        target = self.root / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = target.with_suffix(".tmp")
+        try:
+            temp.write_bytes(data)
+            os.replace(temp, target)
+        except BaseException:
+            temp.unlink(missing_ok=True)  # a full disk must not also collect half files
+            raise
 
     def discard(self, job_id: str) -> None:
         """Delete a job's images, rows and files: a job that failed partway (image 2 of 3 could
@@ -100,19 +130,19 @@ class DiskImageStore:
             raise ImageNotFound(f"the file of image {image_id!r} is missing", field="image_id")
         return path
 
-    def list(self, query: str | None = None, limit: int = 50) -> builtins.list[ImageRecord]:
-        """Images newest first; ``query`` keeps those whose prompt contains it (any case)."""
+    def list(
+        self, query: str | None = None, limit: int = 50, kind: str | None = None
+    ) -> builtins.list[ImageRecord]:
+        """Images newest first; ``query`` keeps those whose prompt contains it (any case),
+        ``kind`` ("generated" or "upload") those of one kind."""
+        where, args = [], []
         if query:
-            pattern = (
-                "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            )
-            rows = self.db.query(
-                "SELECT * FROM images WHERE prompt LIKE ? ESCAPE '\\'"
-                " ORDER BY created_at DESC, idx LIMIT ?",
-                (pattern, limit),
-            )
-        else:
-            rows = self.db.query(
-                "SELECT * FROM images ORDER BY created_at DESC, idx LIMIT ?", (limit,)
-            )
+            escaped = query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            where.append("prompt LIKE ? ESCAPE '\\'")
+            args.append(f"%{escaped}%")
+        if kind:
+            where.append("kind = ?")
+            args.append(kind)
+        sql = "SELECT * FROM images" + (" WHERE " + " AND ".join(where) if where else "")
+        rows = self.db.query(sql + " ORDER BY created_at DESC, idx LIMIT ?", (*args, limit))
         return [image_record(r) for r in rows]

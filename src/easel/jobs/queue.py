@@ -337,4 +337,5 @@ def image_record(row: sqlite3.Row) -> ImageRecord:
         height=row["height"],
         prompt=row["prompt"],
         created_at=datetime.fromisoformat(row["created_at"]),
+        kind=row["kind"],
     )

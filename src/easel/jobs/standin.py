@@ -19,6 +19,7 @@ from easel.domain import (
     Canceled,
     GenerationParams,
     GenerationResult,
+    InputImages,
     Progress,
     ProgressCallback,
 )
@@ -32,17 +33,20 @@ class StandInGenerator:
         self.seconds_per_step = seconds_per_step
         self.fail_word = fail_word
         self.calls = 0
+        self.last_inputs: InputImages | None = None  # what the worker passed, for tests
 
     def generate(
         self,
         params: GenerationParams,
         *,
+        inputs: InputImages | None = None,
         on_progress: ProgressCallback | None = None,
         is_canceled: CancelCheck | None = None,
     ) -> GenerationResult:
         assert params.seed is not None and params.width and params.height
         assert params.num_inference_steps is not None
         self.calls += 1
+        self.last_inputs = inputs
         started = time.perf_counter()
         if self.fail_word in params.prompt:
             raise RuntimeError("stand-in failure requested by the prompt")

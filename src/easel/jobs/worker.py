@@ -19,11 +19,13 @@ from typing import Protocol
 from PIL import Image
 
 from easel.domain import (
+    TASK_SPECS,
     CancelCheck,
     Canceled,
     EaselError,
     GenerationParams,
     GenerationResult,
+    InputImages,
     JobRecord,
     JobStatus,
     Progress,
@@ -54,6 +56,7 @@ class Generator(Protocol):
         self,
         params: GenerationParams,
         *,
+        inputs: InputImages | None = None,
         on_progress: ProgressCallback | None = None,
         is_canceled: CancelCheck | None = None,
     ) -> GenerationResult: ...
@@ -145,9 +148,10 @@ class Worker:
         self.events.publish(job.id, "started", {"attempt": job.attempts, "worker": self.name})
         started = time.perf_counter()
         try:
-            # 3. generate, reporting steps and honouring cancel
+            # 3. read the input images, then generate, reporting steps and honouring cancel
             result = self.generator.generate(
                 job.params,
+                inputs=self._inputs(job.params),
                 on_progress=lambda progress: self._report_progress(job, progress),
                 is_canceled=lambda: self._abort.is_set() or self.queue.cancel_requested(job.id),
             )
@@ -187,6 +191,11 @@ class Worker:
             },
         )
         self.queue.record_speed(job, self.device, seconds)
+
+    def _inputs(self, params: GenerationParams) -> InputImages:
+        names = TASK_SPECS[params.task].image_fields
+        ids = {name: getattr(params, name) for name in names if getattr(params, name)}
+        return InputImages(**{name: self.images.load(i) for name, i in ids.items()})
 
     def _report_progress(self, job: JobRecord, progress: Progress) -> None:
         self.queue.set_progress(job.id, progress.step, progress.total)

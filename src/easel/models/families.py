@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from easel.domain import ModelNotFound
+from easel.domain import TASK_SPECS, ModelNotFound
 
 # Stable scheduler names (the engine maps them to diffusers schedulers).
 EPS_SCHEDULERS = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim")
@@ -49,7 +49,12 @@ class Family:
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        return tuple(self.pipelines)
+        """The tasks whose pipelines this family has (``domain.TASK_SPECS``)."""
+        return tuple(
+            name
+            for name, spec in TASK_SPECS.items()
+            if all(p in self.pipelines for p in spec.pipelines)
+        )
 
 
 FAMILIES: dict[str, Family] = {

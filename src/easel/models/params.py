@@ -12,9 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Mapping
 from typing import Any
 
-from easel.domain import GenerationParams, InvalidParams, ModelRecord
+from easel.domain import (
+    IMAGE_FIELDS,
+    OUTPAINT_SIDES,
+    TASK_SPECS,
+    GenerationParams,
+    InvalidParams,
+    ModelRecord,
+)
 from easel.models.families import LIMIT_FIELDS, Family
 
 MAX_SEED = 2**32 - 1
@@ -28,6 +36,12 @@ PARAM_DEFAULTS = (
     "scheduler",
     "strength",
 )
+# editing fields' defaults where neither the family nor the model sets one
+TASK_DEFAULTS: dict[str, Any] = {"mask_blur": 4, "only_masked": False, "style_strength": 0.8}
+# per task: a default strength in place of the model's (which is img2img's). Inpainting with an
+# ordinary UNet repaints from pure noise in the mask (1.0); style keeps the content's layout.
+TASK_STRENGTH = {"inpaint": 1.0, "outpaint": 1.0, "style": 0.6}
+MAX_MASK_BLUR = 64
 
 
 def effective_family(record: ModelRecord, family: Family) -> Family:
@@ -44,27 +58,38 @@ def defaults_for(record: ModelRecord, family: Family) -> dict[str, Any]:
 
 
 def resolve_params(
-    params: GenerationParams, record: ModelRecord, family: Family
+    params: GenerationParams,
+    record: ModelRecord,
+    family: Family,
+    input_sizes: Mapping[str, tuple[int, int]] | None = None,
 ) -> GenerationParams:
     """A copy of ``params`` with every field concrete and checked against the family's limits.
 
     ``None`` fields take the model's defaults, a missing seed is drawn at random, and
-    ``model`` becomes the record's id. Raises InvalidParams(field=...) on the first bad field.
+    ``model`` becomes the record's id. Fields the task does not use must be unset (see
+    ``domain.TASK_SPECS``). ``input_sizes`` (image field -> (width, height)) lets an edit's
+    size default to its input's and checks that a mask matches its image. Raises
+    InvalidParams(field=...) on the first bad field.
     """
     family = effective_family(record, family)
-    defaults = defaults_for(record, family)
     values = params.to_dict()
+    _check_task(values["task"], family)
+    spec = TASK_SPECS[values["task"]]
+    _check_unused_fields(values, spec)
+    defaults = {**TASK_DEFAULTS, **defaults_for(record, family)}
+    if spec.name in TASK_STRENGTH:
+        defaults["strength"] = TASK_STRENGTH[spec.name]
     for key, default in defaults.items():
-        if values.get(key) is None:
+        used = key in spec.fields or key not in (*TASK_DEFAULTS, "strength")
+        if used and values.get(key) is None:
             values[key] = default
     values["model"] = record.id
     if values["seed"] is None:
         values["seed"] = random.randint(0, MAX_SEED)
-    if values["task"] == "txt2img":
-        values["strength"] = None  # only image-to-image tasks use it
+    size_given = params.width is not None or params.height is not None
+    _check_inputs(values, spec, family, input_sizes or {}, size_given)
 
     _check_prompt(values)
-    _check_task(values["task"], family)
     for name in ("width", "height"):
         _check_size(name, values[name], family)
     _check_int("num_inference_steps", values["num_inference_steps"], 1, family.max_steps)
@@ -82,9 +107,105 @@ def resolve_params(
         _check_number("strength", values["strength"], 0.0, 1.0)
         if values["strength"] == 0:
             raise InvalidParams("strength must be above 0 and at most 1 (got 0)", field="strength")
+    if values["style_strength"] is not None:
+        _check_number("style_strength", values["style_strength"], 0.0, 1.0)
+    if values["mask_blur"] is not None:
+        _check_int("mask_blur", values["mask_blur"], 0, MAX_MASK_BLUR)
+    if values["only_masked"] is not None and not isinstance(values["only_masked"], bool):
+        raise InvalidParams(
+            f"only_masked must be true or false (got {values['only_masked']!r})",
+            field="only_masked",
+        )
     values["guidance_scale"] = float(values["guidance_scale"])
     values["guidance_end"] = float(values["guidance_end"])
     return GenerationParams.from_dict(values)
+
+
+def fit_size(width: int, height: int, family: Family) -> tuple[int, int]:
+    """The size a model works at for an input of ``width`` × ``height``: the same aspect,
+    scaled into the family's limits, each side a multiple of ``family.size_multiple``."""
+    step = family.size_multiple
+    scale = min(1.0, family.max_size / max(width, height))
+    scale = max(scale, family.min_size / min(width, height))
+    scale = min(scale, family.max_size / max(width, height))  # the max wins for odd shapes
+
+    def side(value: int) -> int:
+        snapped = round(value * scale / step) * step
+        return min(max(snapped, family.min_size), family.max_size)
+
+    return side(width), side(height)
+
+
+def canvas_size(size: tuple[int, int], outpaint: Mapping[str, int] | None) -> tuple[int, int]:
+    """The image's size after outpainting adds ``outpaint`` pixels on each side."""
+    sides = outpaint or {}
+    return (
+        size[0] + sides.get("left", 0) + sides.get("right", 0),
+        size[1] + sides.get("top", 0) + sides.get("bottom", 0),
+    )
+
+
+def _check_unused_fields(values: dict[str, Any], spec: Any) -> None:
+    editing = (*IMAGE_FIELDS, "strength", "mask_blur", "only_masked", "outpaint", "style_strength")
+    for name in editing:
+        if values.get(name) is not None and name not in (*spec.image_fields, *spec.fields):
+            users = [t for t, s in TASK_SPECS.items() if name in (*s.image_fields, *s.fields)]
+            raise InvalidParams(
+                f"{name} is not used by task {spec.name}; it is used by {', '.join(users)}",
+                field=name,
+            )
+
+
+def _check_inputs(
+    values: dict[str, Any],
+    spec: Any,
+    family: Family,
+    sizes: Mapping[str, tuple[int, int]],
+    size_given: bool,
+) -> None:
+    """Input image references, outpaint sides, and the size an edit works at: the input's
+    (grown by outpaint), fitted to the family's limits, unless the request gave one."""
+    for name in spec.inputs:
+        if not values.get(name):
+            raise InvalidParams(f"{name} is required for task {spec.name}", field=name)
+    for name in spec.image_fields:
+        if values.get(name) is not None and not isinstance(values[name], str):
+            raise InvalidParams(f"{name} must be an image id (got {values[name]!r})", field=name)
+    if spec.name == "outpaint":
+        values["outpaint"] = _check_outpaint(values["outpaint"], family)
+    size = sizes.get("image")
+    if size is None:
+        return
+    if "mask" in sizes and sizes["mask"] != size:
+        raise InvalidParams(
+            f"mask must be the size of image ({size[0]}×{size[1]}; got "
+            f"{sizes['mask'][0]}×{sizes['mask'][1]})",
+            field="mask",
+        )
+    canvas = canvas_size(size, values.get("outpaint"))
+    if spec.name == "outpaint" and max(canvas) > family.max_size:
+        raise InvalidParams(
+            f"outpaint grows the {size[0]}×{size[1]} image to {canvas[0]}×{canvas[1]}; each "
+            f"side must stay at most {family.max_size} for {family.name} models",
+            field="outpaint",
+        )
+    if not size_given:
+        values["width"], values["height"] = fit_size(*canvas, family)
+
+
+def _check_outpaint(value: Any, family: Family) -> dict[str, int]:
+    allowed = ", ".join(OUTPAINT_SIDES)
+    if not isinstance(value, dict) or not set(value) <= set(OUTPAINT_SIDES):
+        raise InvalidParams(
+            f"outpaint must be an object with pixels to add on any of {allowed} (got {value!r})",
+            field="outpaint",
+        )
+    sides = {side: value.get(side, 0) for side in OUTPAINT_SIDES}
+    for side, pixels in sides.items():
+        _check_int(f"outpaint.{side}", pixels, 0, family.max_size)
+    if not any(sides.values()):
+        raise InvalidParams("outpaint must add pixels on at least one side", field="outpaint")
+    return sides
 
 
 def _check_prompt(values: dict[str, Any]) -> None:

@@ -1,14 +1,15 @@
-"""/api/v1/images: the stored PNGs (with their metadata chunks) and a searchable list."""
+"""/api/v1/images: the stored PNGs (with their metadata chunks), a searchable list, and
+uploads of input images for editing jobs."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, File, Query, Response, UploadFile
 from fastapi.responses import FileResponse
 
 from easel.api.deps import ServicesDep
-from easel.api.schemas import ErrorBody, ImagePublic
+from easel.api.schemas import ErrorBody, ImagePublic, Upload, image_url
 
 router = APIRouter(prefix="/images", tags=["images"])
 
@@ -18,9 +19,36 @@ def list_images(
     services: ServicesDep,
     q: Annotated[str | None, Query(description="Keep images whose prompt contains this")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    kind: Annotated[
+        Literal["generated", "upload"] | None, Query(description="Only generated or uploaded")
+    ] = None,
 ) -> list[ImagePublic]:
     """Stored images, newest first; ``q`` searches prompts (case-insensitive substring)."""
-    return [ImagePublic.of(i) for i in services.list_images(q, limit)]
+    return [ImagePublic.of(i) for i in services.list_images(q, limit, kind)]
+
+
+@router.post(
+    "",
+    status_code=201,
+    responses={
+        413: {"model": ErrorBody, "description": "File larger than max_upload_bytes"},
+        422: {
+            "model": ErrorBody,
+            "description": "Not a PNG/JPEG/WebP, damaged, or too many pixels",
+        },
+    },
+)
+def upload_image(
+    file: Annotated[UploadFile, File(description="A PNG, JPEG or WebP image")],
+    services: ServicesDep,
+    response: Response,
+) -> Upload:
+    """Store an input image for editing jobs (``image``, ``mask``, ``style_image``). It is
+    decoded and checked first (format by content, not name; pixel budget read from the header,
+    so a decompression bomb is refused without decoding it); nothing is stored on error."""
+    record = services.upload_image(file.file.read(services.settings.max_upload_bytes + 1))
+    response.headers["Location"] = image_url(record.id)
+    return Upload(id=record.id, url=image_url(record.id), width=record.width, height=record.height)
 
 
 @router.get(
