@@ -255,3 +255,78 @@ def test_real_entry_point_prints_no_traceback(easel_home: Path, tmp_path: Path) 
         assert done.returncode == 2, done.stderr
         assert "Traceback" not in done.stderr
         assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
+
+
+# --- editing ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> dict[str, Path]:
+    """An input picture, a mask of its right half, a wrong-size mask and a fake PNG."""
+    files = {name: tmp_path / f"{name}.png" for name in ("image", "mask", "small", "fake")}
+    Image.new("RGB", (64, 64), (220, 30, 30)).save(files["image"])
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (32, 0, 64, 64))
+    mask.save(files["mask"])
+    Image.new("L", (32, 32), 255).save(files["small"])
+    files["fake"].write_text("not an image")
+    return files
+
+
+def test_inpaint_from_the_command_line_and_again_with_from(
+    easel_home: Path,
+    tiny_sd_path: Path,
+    inputs: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["generate", "a blue square", "-m", str(tiny_sd_path), "--steps", "3", "--seed", "9"]
+    argv += ["--image", str(inputs["image"]), "--mask", str(inputs["mask"]), "--mask-blur", "2"]
+    code, out, err = _run([*argv, "-o", str(tmp_path / "a.png")], capsys)
+    assert code == 0, err
+    meta = read_metadata(out.strip())
+    assert meta["easel"]["task"] == "inpaint" and set(meta["easel"]["input_hashes"]) == {
+        "image",
+        "mask",
+    }
+    assert "Task: inpaint" in meta["parameters"] and "Mask blur: 2" in meta["parameters"]
+    left = _pixels(out.strip())[:, :30]
+    assert np.array_equal(left, _pixels(inputs["image"])[:, :30]), "kept beyond the band"
+    # --from finds the same input files again and makes the same pixels
+    code, again, err = _run(
+        ["generate", "--from", out.strip(), "-o", str(tmp_path / "b.png")], capsys
+    )
+    assert code == 0 and "differ" not in err, err
+    assert np.array_equal(_pixels(again.strip()), _pixels(out.strip()))
+    # other inputs: a warning, since the pixels cannot be the same
+    argv = ["generate", "--from", out.strip(), "--image", str(inputs["mask"])]
+    code, _, err = _run([*argv, "-o", str(tmp_path / "c.png")], capsys)
+    assert code == 0 and "input images differ" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        (["--image", "{fake}"], "image"),
+        (["--image", "{image}", "--mask", "{small}"], "mask"),
+        (["--image", "{image}", "--strength", "0"], "strength"),
+        (["--image", "{image}", "--strength", "1.5"], "strength"),
+        (["--image", "{image}", "--outpaint", "0,0,200,0"], "outpaint"),
+        (["--image", "{image}", "--outpaint", "1,2"], "outpaint"),
+        (["--image", "{tmp}/missing.png"], "image"),
+    ],
+)
+def test_bad_edit_options_exit_2_naming_the_field(
+    easel_home: Path,
+    inputs: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    field: str,
+) -> None:
+    names = {**{k: str(v) for k, v in inputs.items()}, "tmp": str(tmp_path)}
+    argv = ["generate", "a cat", *[a.format(**names) for a in extra], "-o", str(tmp_path / "o")]
+    code, out, err = _run(argv, capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and field in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

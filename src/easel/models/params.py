@@ -107,6 +107,13 @@ def resolve_params(
         _check_number("strength", values["strength"], 0.0, 1.0)
         if values["strength"] == 0:
             raise InvalidParams("strength must be above 0 and at most 1 (got 0)", field="strength")
+        # diffusers runs int(steps × strength) of the steps; none would return the input
+        if int(values["num_inference_steps"] * values["strength"]) < 1:
+            raise InvalidParams(
+                f"strength × num_inference_steps must reach one step (got {values['strength']!r}"
+                f" × {values['num_inference_steps']}); raise either",
+                field="strength",
+            )
     if values["style_strength"] is not None:
         _check_number("style_strength", values["style_strength"], 0.0, 1.0)
     if values["mask_blur"] is not None:
