@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import threading
 from pathlib import Path
@@ -35,6 +36,39 @@ def test_migrations_run_once_and_pragmas_hold(tmp_path: Path) -> None:
             conn.execute(
                 "INSERT INTO events (job_id, type, data, created_at) VALUES ('none', 'x', '{}', '')"
             )
+
+
+def test_a_version_1_database_keeps_every_job_and_image_after_migrating(tmp_path: Path) -> None:
+    # a database as the first release wrote it: one job with an image, at schema version 1
+    path = tmp_path / "easel.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(MIGRATIONS[0] + "; PRAGMA user_version = 1;")
+    old = params(3).to_dict()
+    del old["image"], old["input_hashes"]  # fields the first release did not have
+    conn.execute(
+        "INSERT INTO jobs (id, task, model, params, width, height, status, created_at)"
+        " VALUES ('j1', 'txt2img', 'm', ?, 64, 64, 'succeeded', '2026-11-26T00:00:00+00:00')",
+        (json.dumps(old),),
+    )
+    conn.execute(
+        "INSERT INTO images VALUES ('j1-0', 'j1', 0, 3, '2026-11-26/j1-0.png', 64, 64, 'job 3',"
+        " '2026-11-26T00:00:01+00:00')"
+    )
+    conn.commit()
+    conn.close()
+
+    db = Database(path)
+    assert db.version == len(MIGRATIONS)
+    job = SqliteJobQueue(db, max_queued=10, max_attempts=3).get("j1")
+    assert job.params.prompt == "job 3" and job.params.image is None
+    assert [(i.id, i.seed, i.kind, i.path) for i in job.images] == [
+        ("j1-0", 3, "generated", "2026-11-26/j1-0.png")
+    ]
+    with db.transaction() as conn:  # uploads (no job) fit the rebuilt table
+        conn.execute(
+            "INSERT INTO images (id, kind, path, width, height, prompt, created_at)"
+            " VALUES ('u1', 'upload', 'uploads/u1.png', 8, 8, '', '2026-12-06')"
+        )
 
 
 def test_transaction_rolls_back_on_error(tmp_path: Path) -> None:
