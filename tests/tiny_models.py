@@ -22,6 +22,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -127,14 +128,16 @@ def _tiny_vae(latent_channels: int, **extra: object) -> AutoencoderKL:
 # --- pipelines ----------------------------------------------------------------------------------
 
 
-def make_tiny_sd(path: Path | str) -> Path:
-    """A StableDiffusionPipeline whose default output is 64x64 (UNet sample_size 32, VAE 2x)."""
+def make_tiny_sd(path: Path | str, *, inpainting: bool = False) -> Path:
+    """A StableDiffusionPipeline whose default output is 64x64 (UNet sample_size 32, VAE 2x).
+    ``inpainting``: a dedicated inpainting checkpoint instead (a 9-channel UNet: latents, mask
+    and masked-image latents, saved as a StableDiffusionInpaintPipeline)."""
     torch.manual_seed(SEED)
     unet = UNet2DConditionModel(
         block_out_channels=(8, 16),
         layers_per_block=1,
         sample_size=32,
-        in_channels=4,
+        in_channels=9 if inpainting else 4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -147,7 +150,8 @@ def make_tiny_sd(path: Path | str) -> Path:
     tokenizer = _clip_tokenizer()
     torch.manual_seed(SEED)
     text_encoder = CLIPTextModel(_clip_config(len(tokenizer)))
-    pipe = StableDiffusionPipeline(
+    cls = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    pipe = cls(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,

@@ -15,6 +15,7 @@ from easel.imaging import band, pixel_hash
 from easel.models.catalog import ModelCatalog
 from easel.models.loader import ModelManager
 from tests.engine.test_generate import FAMILY_FIXTURES
+from tests.tiny_models import make_tiny_sd
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +179,21 @@ def test_inpaint_with_guidance_ending_early_keeps_one_image(
         inputs=InputImages(image=_picture(), mask=_mask()),
     )
     assert len(result.images) == 1 and result.images[0].size == (64, 64)
+
+
+def test_a_dedicated_inpainting_checkpoint_inpaints_and_refuses_txt2img(
+    engine: Engine, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    model = make_tiny_sd(tmp_path_factory.mktemp("inpainting") / "sd-inpaint", inpainting=True)
+    image, mask = _picture(), _mask()
+    result = engine.generate(
+        _params(model, task="inpaint", image="i", mask="m", guidance_end=0.5),
+        inputs=InputImages(image=image, mask=mask),
+    )
+    outside = np.asarray(band(mask, 4)) == 0
+    assert np.array_equal(np.asarray(result.images[0])[outside], np.asarray(image)[outside])
+    unet = engine.models.get_pipeline(str(model), "inpaint").pipeline.unet
+    assert unet.config.in_channels == 9
+    with pytest.raises(InvalidParams, match="inpainting checkpoint") as err:
+        engine.generate(_params(model))
+    assert err.value.field == "task"

@@ -38,6 +38,7 @@ from easel.domain import (
     GenerationParams,
     GenerationResult,
     InputImages,
+    InvalidParams,
     Progress,
     ProgressCallback,
 )
@@ -104,8 +105,10 @@ class Engine:
                 for name in TASK_SPECS[params.task].pipelines
             }
 
-            # 3. count prompt tokens the text encoder will not see
             first: Any = next(iter(pipes.values())).pipeline
+            _check_denoiser_serves(first, record.id, params.task)
+
+            # 3. count prompt tokens the text encoder will not see
             dropped_tokens = count_dropped_tokens(first, family.name, params.prompt)
 
             # 4. run the task for each image with its own seed
@@ -189,6 +192,19 @@ class _ImageCall:
         self.done += share
         image: Image.Image = output.images[0]
         return image
+
+
+def _check_denoiser_serves(pipe: Any, model: str, task: str) -> None:
+    """A dedicated inpainting checkpoint's UNet takes the mask and the masked image beside the
+    latents (9 channels): it can only run the tasks that give it those."""
+    unet = getattr(pipe, "unet", None)
+    inpainting = unet is not None and unet.config.in_channels == 9
+    if inpainting and "inpaint" not in TASK_SPECS[task].pipelines:
+        raise InvalidParams(
+            f"model {model} is an inpainting checkpoint (its UNet takes a mask): it serves "
+            f"inpaint and outpaint, not {task}",
+            field="task",
+        )
 
 
 def accepted_args(pipe: Any, args: dict[str, Any]) -> dict[str, Any]:
