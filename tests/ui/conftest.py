@@ -9,6 +9,7 @@ so the screenshots show real pictures.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -31,6 +32,7 @@ CHROMIUM_ARGS = [
 ]
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts" / "ui"
+DOC_IMAGES = ROOT / "docs" / "img"
 START_TIMEOUT_S = 90
 
 
@@ -104,6 +106,23 @@ class ServerProcess:
         raise RuntimeError(
             f"server not ready in {START_TIMEOUT_S} s; log:\n{self.log_path.read_text()}"
         )
+
+
+def save_doc_screenshot(shot: Path) -> None:
+    """Copy a screenshot into docs/img/ when it is missing there or EASEL_UPDATE_SCREENSHOTS=1."""
+    target = DOC_IMAGES / shot.name
+    if os.environ.get("EASEL_UPDATE_SCREENSHOTS") == "1" or not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, target)
+
+
+def wait_until_done(api: httpx.Client, job_id: str, timeout_s: float = 60) -> None:
+    """Poll the REST API until the job ends; it must have succeeded."""
+    deadline = time.monotonic() + timeout_s
+    while (job := api.get(f"/jobs/{job_id}").json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+    assert job["status"] == "succeeded", job
 
 
 def _free_port() -> int:

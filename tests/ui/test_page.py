@@ -5,21 +5,16 @@ Tests run in file order and share one server (the restart test comes last).
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.ui.conftest import ROOT, ServerProcess
+from tests.ui.conftest import ServerProcess, save_doc_screenshot, wait_until_done
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-DOC_IMAGES = ROOT / "docs" / "img"
 PROMPT = "a red circle and a blue square on a white background"
 # Long enough to still run when the test acts on it (128×128 is tiny-shapes' largest size).
 LONG_JOB = {"num_inference_steps": 150, "width": 128, "height": 128, "num_images": 4}
@@ -48,22 +43,6 @@ RECORD_STATUSES = """() => {
 
 def status(page: Page):  # type: ignore[no-untyped-def]
     return page.locator("#status .easel-status-text")
-
-
-def save_doc_screenshot(shot: Path) -> None:
-    """Copy a screenshot into docs/img/ when it is missing there or EASEL_UPDATE_SCREENSHOTS=1."""
-    target = DOC_IMAGES / shot.name
-    if os.environ.get("EASEL_UPDATE_SCREENSHOTS") == "1" or not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, target)
-
-
-def wait_until_done(api: httpx.Client, job_id: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while (job := api.get(f"/jobs/{job_id}").json())["status"] in ("queued", "running"):
-        assert time.monotonic() < deadline, job
-        time.sleep(0.2)
-    assert job["status"] == "succeeded", job
 
 
 def set_number(page: Page, elem_id: str, value: int) -> None:

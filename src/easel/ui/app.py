@@ -1,8 +1,10 @@
 """The web page: a Gradio Blocks app that is a client of ``services``, like the REST API.
 
-Every Generate click becomes a job in the Easel queue (the source of truth); Gradio's own queue
-only carries the page's events. The generate handler submits the job, then follows the job's
-events (position and ETA while it waits, steps and previews while it runs, images at the end).
+Every Generate or Edit click becomes a job in the Easel queue (the source of truth); Gradio's own
+queue only carries the page's events. The generate and edit handlers submit the job, then follow
+the job's events alike (position and ETA while it waits, steps and previews while it runs,
+images at the end). Edit stores its input pictures (and the mask painted on the picture) with
+``services.upload_image`` and names them by id in the job.
 
     app = create_app(services)           # the REST API
     mount_ui(app, services)              # the page at "/" on the same FastAPI app
@@ -18,15 +20,32 @@ import base64
 import contextlib
 import io
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 from fastapi import FastAPI
 from PIL import Image
 
-from easel.domain import EaselError, GenerationParams, JobRecord
+from easel.domain import OUTPAINT_SIDES, EaselError, GenerationParams, InvalidParams, JobRecord
+from easel.imaging import png_bytes
+from easel.models.params import MAX_MASK_BLUR
 from easel.services import ModelInfo, Services
 from easel.ui import status
+from easel.ui.editing import (
+    EDIT_TASKS,
+    MIN_BRUSH,
+    EditForm,
+    brush_size,
+    default_strength,
+    default_value,
+    edit_spec,
+    mask_from_layers,
+    opaque,
+    task_controls,
+    task_note,
+)
 from easel.ui.forms import ModelForm, format_size, model_choices, model_form, parse_size
 
 if TYPE_CHECKING:
@@ -35,6 +54,8 @@ if TYPE_CHECKING:
 # While a job waits no event of its own arrives, yet its position moves: refresh this often.
 REFRESH_S = 0.5
 HISTORY_LIMIT = 200  # images shown in the History tab (newest first)
+EDIT_TASK = "inpaint"  # the Edit tab's task when the page opens
+BRUSH_COLOR = ("#ff2a8a", 0.6)  # what the mask is painted with: any paint marks it
 OWNER = "web"  # jobs submitted from the page
 # Gradio serves what the page shows (copies of stored PNGs, every live preview) from its own file
 # cache: every 10 minutes drop the files older than an hour, so a long-running server does not
@@ -45,9 +66,10 @@ CSS = """
 .easel-status { display: flex; flex-wrap: wrap; gap: .5rem; align-items: center; min-height: 1.6rem; }
 .easel-status progress { flex: 1 1 12rem; height: .8rem; }
 .easel-status[data-state="failed"] { color: var(--error-text-color); }
-#result-info pre, #result-info code, #picked-info pre, #picked-info code {
+#result-info pre, #result-info code, #picked-info pre, #picked-info code,
+#edit-result-info pre, #edit-result-info code {
   white-space: pre-wrap !important; overflow-wrap: anywhere; }
-#preview img { width: 100%; height: 100%; object-fit: contain; }
+#preview img, #edit-preview img { width: 100%; height: 100%; object-fit: contain; }
 img.easel-upscaled { image-rendering: pixelated; }
 @media (max-width: 640px) {  /* Gradio's grid keeps >= 100 px columns: too wide for 400 px */
   #history .grid-container { grid-template-columns: repeat(3, minmax(0, 1fr)); } }
@@ -159,10 +181,15 @@ def build_ui(services: Services) -> gr.Blocks:
                             columns=2,  # one image spans the column; 2 or more two abreast
                             height="fit-content",  # every image whole, none cropped or scrolled
                             object_fit="contain",
+                            interactive=False,  # an input of Send to Edit, not an upload box
                             elem_id="result",
                         )
                         result_info = gr.Markdown(elem_id="result-info")
+                        send_result = gr.Button("Send to Edit", size="sm", elem_id="send-to-edit")
                 job = gr.State(None)  # id of this page's current job, for Cancel
+                shown = gr.State(0)  # index of the result opened in the gallery
+            with gr.Tab("Edit", id="edit", elem_id="tab-edit"):
+                edit = _edit_tab(ui, form)
             with gr.Tab("History", id="history", elem_id="tab-history"):
                 with gr.Row():
                     search = gr.Textbox(
@@ -186,9 +213,13 @@ def build_ui(services: Services) -> gr.Blocks:
                             "Click an image, or drop a PNG below, to see its parameters.",
                             elem_id="picked-info",
                         )
-                        reuse = gr.Button(
-                            "Reuse", variant="primary", interactive=False, elem_id="reuse"
-                        )
+                        with gr.Row():
+                            reuse = gr.Button(
+                                "Reuse", variant="primary", interactive=False, elem_id="reuse"
+                            )
+                            send_picked = gr.Button(
+                                "Send to Edit", interactive=False, elem_id="history-send-to-edit"
+                            )
                     with gr.Column(scale=2, min_width=300):
                         png = gr.File(
                             label="Drop a PNG to read its parameters",
@@ -197,6 +228,7 @@ def build_ui(services: Services) -> gr.Blocks:
                             elem_id="png-info",
                         )
                 picked = gr.State(None)  # parameters of the clicked or dropped image
+                picked_path = gr.State(None)  # the clicked image's PNG, for Send to Edit
 
         form_fields = [size, steps, guidance, guidance_end, scheduler, count, note, generate]
         model.input(ui.on_model, model, form_fields, api_visibility="private")
@@ -215,8 +247,9 @@ def build_ui(services: Services) -> gr.Blocks:
         search.submit(ui.history, search, history_outputs, api_visibility="private")
         refresh.click(ui.history, search, history_outputs, api_visibility="private")
         tabs.select(ui.history, search, history_outputs, api_visibility="private")
-        history.select(ui.pick, history_ids, [picked_info, picked, reuse], api_visibility="private")
-        png.upload(ui.read_png, png, [picked_info, picked, reuse], api_visibility="private")
+        picked_outputs = [picked_info, picked, reuse, picked_path, send_picked]
+        history.select(ui.pick, history_ids, picked_outputs, api_visibility="private")
+        png.upload(ui.read_png, png, picked_outputs, api_visibility="private")
         reuse.click(
             ui.reuse,
             picked,
@@ -225,7 +258,244 @@ def build_ui(services: Services) -> gr.Blocks:
         )
         demo.load(ui.history, search, history_outputs, api_visibility="private")
         demo.load(ui.model_list, None, model, api_visibility="private")  # pulled since start
+
+        _wire_edit(ui, edit)
+        # Send to Edit: open the tab first, then load the picture (an image editor that gets
+        # its picture while its tab is hidden may stay blank)
+        to_edit = gr.State(None)  # the PNG on its way to the Edit tab
+        loaded = [edit.editor, edit.prompt, edit.negative]
+        for button, inputs, handler in (
+            (send_result, [gallery, shown], ui.send_result),
+            (edit.again, [edit.gallery, edit.shown], ui.send_result),
+            (send_picked, [picked_path], ui.send_picked),
+        ):
+            button.click(handler, inputs, [to_edit, tabs], api_visibility="private").success(
+                ui.load_into_editor, to_edit, loaded, api_visibility="private"
+            )
+        for results, index in ((gallery, shown), (edit.gallery, edit.shown)):
+            results.select(_selected, None, index, api_visibility="private", queue=False)
+            results.change(lambda: 0, None, index, api_visibility="private", queue=False)
+        demo.load(ui.model_list, None, edit.model, api_visibility="private")
     return demo
+
+
+@dataclass
+class _EditTab:
+    """The Edit tab's components, for wiring."""
+
+    editor: gr.ImageEditor
+    task: gr.Radio
+    task_note: gr.Markdown
+    prompt: gr.Textbox
+    negative: gr.Textbox
+    model: gr.Dropdown
+    note: gr.Markdown
+    strength: gr.Slider
+    mask_blur: gr.Slider
+    only_masked: gr.Checkbox
+    outpaint: gr.Row
+    sides: list[gr.Number]  # left, top, right, bottom
+    style_image: gr.Image
+    style_strength: gr.Slider
+    seed: gr.Number
+    random_seed: gr.Checkbox
+    run: gr.Button
+    cancel: gr.Button
+    progress: gr.HTML
+    preview: gr.Image
+    gallery: gr.Gallery
+    info: gr.Markdown
+    again: gr.Button
+    job: gr.State
+    shown: gr.State
+
+
+def _edit_tab(ui: _Handlers, form: ModelForm) -> _EditTab:
+    """The Edit tab's layout (inside its ``gr.Tab``): the picture with its painted mask and the
+    task's controls on the left, the job's status and results on the right."""
+    task = EDIT_TASK
+    shown = task_controls(task)
+    strength = default_strength(task, ui.services.model_info(form.model).defaults)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3, min_width=300):
+            editor = gr.ImageEditor(
+                label="Picture (for inpaint: paint over what to repaint)",
+                type="pil",
+                image_mode="RGBA",  # the layers' alpha is the mask
+                sources=["upload", "clipboard"],
+                transforms=(),  # no crop or resize: the mask must match the picture
+                layers=False,  # one paint layer: the mask
+                format="png",
+                height=420,
+                elem_id="edit-image",
+                **_editor_tools(None),
+            )
+            task_choice = gr.Radio(
+                choices=list(EDIT_TASKS), value=task, label="Task", elem_id="edit-task"
+            )
+            note_for_task = gr.Markdown(task_note(task), elem_id="edit-task-note")
+            prompt = gr.Textbox(
+                label="Prompt",
+                lines=2,
+                placeholder="what the painted area (or the whole picture) should show",
+                elem_id="edit-prompt",
+            )
+            negative = gr.Textbox("", label="Negative prompt", elem_id="edit-negative")
+            model = gr.Dropdown(
+                choices=model_choices(ui.models()),
+                value=form.model,
+                label="Model",
+                elem_id="edit-model",
+            )
+            note = gr.Markdown(form.note, elem_id="edit-model-note")
+            strength_slider = gr.Slider(
+                0.01, 1, value=strength, step=0.01, label="Strength",
+                info="how much may change (1: the painted area is drawn afresh)",
+                visible=shown["strength"], elem_id="edit-strength",
+            )  # fmt: skip
+            with gr.Row():
+                mask_blur = gr.Slider(
+                    0, MAX_MASK_BLUR, value=default_value("mask_blur"), step=1,
+                    label="Mask blur (px)", visible=shown["mask_blur"], elem_id="edit-mask-blur",
+                )  # fmt: skip
+                only_masked = gr.Checkbox(
+                    value=False,
+                    label="Only masked",
+                    info="repaint a crop around the mask at the model's size",
+                    visible=shown["only_masked"],
+                    elem_id="edit-only-masked",
+                )
+            with gr.Row(visible=shown["outpaint"], elem_id="edit-outpaint") as outpaint:
+                sides = [
+                    gr.Number(
+                        value=0,
+                        precision=0,
+                        minimum=0,
+                        label=f"{side.title()} (px)",
+                        min_width=80,
+                        elem_id=f"edit-outpaint-{side}",
+                    )
+                    for side in OUTPAINT_SIDES
+                ]
+            with gr.Row():
+                style_image = gr.Image(
+                    label="Style reference",
+                    type="filepath",
+                    sources=["upload", "clipboard"],
+                    height=160,
+                    visible=shown["style_image"],
+                    elem_id="edit-style-image",
+                )
+                style_strength = gr.Slider(
+                    0, 1, value=default_value("style_strength"), step=0.01,
+                    label="Style strength", info="how much of the reference's colours",
+                    visible=shown["style_strength"], elem_id="edit-style-strength",
+                )  # fmt: skip
+            with gr.Row():
+                seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="edit-seed")
+                random_seed = gr.Checkbox(
+                    value=True, label="Random seed", elem_id="edit-random-seed"
+                )
+            with gr.Row():
+                run = gr.Button(
+                    "Edit", variant="primary", interactive=form.available, elem_id="edit-run"
+                )
+                cancel = gr.Button("Cancel", variant="stop", elem_id="edit-cancel")
+        with gr.Column(scale=2, min_width=300):
+            progress = gr.HTML(status.idle_html(), elem_id="edit-status")
+            preview = gr.Image(
+                label="Preview",
+                interactive=False,
+                height=256,
+                visible=False,  # shown while a job runs
+                elem_id="edit-preview",
+            )
+            gallery = gr.Gallery(
+                label="Result",
+                columns=1,
+                height="fit-content",
+                object_fit="contain",
+                interactive=False,
+                elem_id="edit-result",
+            )
+            info = gr.Markdown(elem_id="edit-result-info")
+            again = gr.Button("Edit this result", size="sm", elem_id="edit-again")
+    return _EditTab(
+        editor=editor,
+        task=task_choice,
+        task_note=note_for_task,
+        prompt=prompt,
+        negative=negative,
+        model=model,
+        note=note,
+        strength=strength_slider,
+        mask_blur=mask_blur,
+        only_masked=only_masked,
+        outpaint=outpaint,
+        sides=sides,
+        style_image=style_image,
+        style_strength=style_strength,
+        seed=seed,
+        random_seed=random_seed,
+        run=run,
+        cancel=cancel,
+        progress=progress,
+        preview=preview,
+        gallery=gallery,
+        info=info,
+        again=again,
+        job=gr.State(None),
+        shown=gr.State(0),
+    )
+
+
+def _wire_edit(ui: _Handlers, tab: _EditTab) -> None:
+    """The Edit tab's own events (Send to Edit is wired with the other tabs' buttons)."""
+    task_outputs = [
+        tab.task_note,
+        tab.strength,
+        tab.mask_blur,
+        tab.only_masked,
+        tab.outpaint,
+        tab.style_image,
+        tab.style_strength,
+    ]
+    tab.task.input(ui.on_edit_task, [tab.task, tab.model], task_outputs, api_visibility="private")
+    tab.model.input(
+        ui.on_edit_model, [tab.model, tab.task], [tab.note, tab.run, tab.strength],
+        api_visibility="private",
+    )  # fmt: skip
+    # (hidden progress: a "processing" veil over the canvas would swallow the first strokes)
+    tab.editor.upload(
+        ui.on_edit_upload, tab.editor, tab.editor, api_visibility="private",
+        queue=False, show_progress="hidden",
+    )  # fmt: skip
+    tab.run.click(
+        ui.edit,
+        [tab.editor, tab.task, tab.prompt, tab.negative, tab.model, tab.strength, tab.mask_blur]
+        + [tab.only_masked, *tab.sides, tab.style_image, tab.style_strength, tab.seed]
+        + [tab.random_seed],
+        [tab.gallery, tab.seed, tab.info, tab.progress, tab.preview, tab.job],
+        api_visibility="private",
+        concurrency_limit=None,  # every page waits on the Easel queue, not on Gradio's
+        show_progress="hidden",
+    )
+    tab.cancel.click(ui.cancel, tab.job, None, api_visibility="private", queue=False)
+
+
+def _editor_tools(size: tuple[int, int] | None) -> dict[str, Any]:
+    """The editor's brush and eraser, sized for a picture of ``size`` (the smallest before one
+    is loaded). Any colour marks the mask; a see-through one keeps the picture visible under
+    the paint."""
+    radius = brush_size(*size) if size else MIN_BRUSH
+    return {
+        "brush": gr.Brush(colors=[BRUSH_COLOR], color_mode="fixed", default_size=radius),
+        "eraser": gr.Eraser(default_size=radius),
+    }
+
+
+def _selected(evt: gr.SelectData) -> int:
+    return int(evt.index)
 
 
 def mount_ui(app: FastAPI, services: Services, path: str = "/") -> FastAPI:
@@ -317,9 +587,17 @@ class _Handlers:
                 scheduler=scheduler or None,
             )
             job = await asyncio.to_thread(self.services.submit_job, params, owner=OWNER)
-        # 2. show the seed it will use and where it waits
+        # 2. follow it until it ends
+        async for update in self._show_job(job, failed_title="Generation failed"):
+            yield update
+
+    async def _show_job(self, job: JobRecord, failed_title: str) -> AsyncIterator[tuple[Any, ...]]:
+        """Follow a submitted job for the page (Generate and Edit alike): yields (gallery, seed,
+        info, status, preview, job id), ending with a complete update; a failed job ends with
+        an error pop-up titled ``failed_title``."""
+        # 1. show the seed it will use and where it waits
         yield [], job.params.seed, "", await self._queued_html(job.id), gr.skip(), job.id
-        # 3. follow its events until it ends
+        # 2. follow its events until it ends
         skip, no_preview = gr.skip(), gr.update(value=None, visible=False)
         waiting = True  # until "started"; a drained server puts the job back ("requeued")
         async for event in self._follow(job.id):
@@ -344,9 +622,9 @@ class _Handlers:
             elif event.type == "failed":
                 html = status.failed_html(event.data["error"])
                 yield [], job.params.seed, "", html, no_preview, None
-                raise gr.Error(event.data["error"], title="Generation failed")
+                raise gr.Error(event.data["error"], title=failed_title)
             elif event.type == "succeeded":
-                # 4. show the stored images with their parameters
+                # 3. show the stored images with their parameters
                 done = await asyncio.to_thread(self.services.get_job, job.id)
                 items, info = await asyncio.to_thread(self._results, done)
                 html = status.done_html(len(items), event.data.get("seconds"))
@@ -397,11 +675,145 @@ class _Handlers:
         seeds = ", ".join(str(i.seed) for i in job.images)
         return items, f"**Seeds:** {seeds}\n\n```text\n{info['parameters']}\n```"
 
+    # --- edit -----------------------------------------------------------------------------------
+
+    async def edit(
+        self,
+        editor: dict[str, Any] | None,
+        task: str,
+        prompt: str,
+        negative_prompt: str = "",
+        model: str | None = None,
+        strength: float | None = None,
+        mask_blur: float | None = None,
+        only_masked: bool = False,
+        left: float | None = 0,
+        top: float | None = 0,
+        right: float | None = 0,
+        bottom: float | None = 0,
+        style_image: str | None = None,
+        style_strength: float | None = None,
+        seed: float | None = None,
+        random_seed: bool = True,
+    ) -> AsyncIterator[tuple[Any, ...]]:
+        """Store the inputs, submit the edit and follow it: yields what ``generate`` yields."""
+        # 1. check the request, store its input images by id and queue it
+        with _user_errors("Cannot edit"):
+            form = EditForm(
+                task=task,
+                prompt=prompt,
+                negative_prompt=negative_prompt or "",
+                model=model or None,
+                strength=strength,
+                mask_blur=_int(mask_blur),
+                only_masked=bool(only_masked),
+                outpaint={
+                    side: _int(value) or 0
+                    for side, value in zip(OUTPAINT_SIDES, (left, top, right, bottom), strict=True)
+                },
+                style_strength=style_strength,
+                seed=None if random_seed else _int(seed),
+            )
+            params = await asyncio.to_thread(self._edit_params, form, editor, style_image)
+            job = await asyncio.to_thread(self.services.submit_job, params, owner=OWNER)
+        # 2. follow it until it ends
+        async for update in self._show_job(job, failed_title="Edit failed"):
+            yield update
+
+    def _edit_params(
+        self, form: EditForm, editor: dict[str, Any] | None, style_path: str | None
+    ) -> GenerationParams:
+        """The job's request: the editor's picture (and, for inpaint, the mask painted on it)
+        and the style reference stored through ``upload_image`` and named by id."""
+        spec = edit_spec(form.task)
+        editor = editor or {}
+        background: Image.Image | None = editor.get("background")
+        if background is None and "image" in spec.inputs:
+            raise InvalidParams(
+                "image: upload a picture to edit, or send one here from Generate or History",
+                field="image",
+            )
+        images: dict[str, Image.Image] = {}
+        if background is not None:  # every edit task takes it (style: optional content)
+            images["image"] = opaque(background)
+            if "mask" in spec.image_fields:  # checked before anything is stored
+                images["mask"] = mask_from_layers(background.size, editor.get("layers") or [])
+        ids = {name: self.services.upload_image(png_bytes(im)).id for name, im in images.items()}
+        if "style_image" in spec.image_fields and style_path:
+            data = Path(style_path).read_bytes()
+            ids["style_image"] = self.services.upload_image(data).id
+        return form.params(ids)
+
+    def on_edit_task(self, task: str, model_id: str | None) -> tuple[Any, ...]:
+        """Show the controls the task uses, with its default strength: updates for (task note,
+        strength, mask blur, only masked, outpaint sides, style image, style strength)."""
+        with _user_errors():
+            shown = task_controls(task)
+            info = self.services.model_info(model_id or self.services.settings.default_model)
+        return (
+            task_note(task),
+            gr.update(visible=shown["strength"], value=default_strength(task, info.defaults)),
+            gr.update(visible=shown["mask_blur"]),
+            gr.update(visible=shown["only_masked"]),
+            gr.update(visible=shown["outpaint"]),
+            gr.update(visible=shown["style_image"]),
+            gr.update(visible=shown["style_strength"]),
+        )
+
+    def on_edit_model(self, model_id: str, task: str) -> tuple[Any, ...]:
+        """The picked model's note, whether Edit can run, and its strength for the task."""
+        with _user_errors():
+            info = self.services.model_info(model_id)
+        form = model_form(info)
+        return (
+            form.note,
+            gr.update(interactive=form.available),
+            gr.update(value=default_strength(task, info.defaults)),
+        )
+
+    def on_edit_upload(self, editor: dict[str, Any] | None) -> Any:
+        """A brush sized for the uploaded picture (Gradio's default is a fixed 25 px)."""
+        background = (editor or {}).get("background")
+        return gr.update(**_editor_tools(background.size)) if background is not None else gr.skip()
+
+    def send_result(
+        self, items: list[tuple[str, str | None]] | None, index: int
+    ) -> tuple[str, Any]:
+        """Send the shown result (the one opened in the gallery, else the first) to Edit:
+        (its PNG, the Edit tab opened); ``load_into_editor`` follows."""
+        if not items:
+            raise gr.Error("There is no result to edit yet.")
+        return items[min(index, len(items) - 1)][0], gr.Tabs(selected="edit")
+
+    def send_picked(self, path: str | None) -> tuple[str, Any]:
+        """Send the History image that was clicked to Edit (as ``send_result``)."""
+        if not path:
+            raise gr.Error("Pick an image first.")
+        return path, gr.Tabs(selected="edit")
+
+    def load_into_editor(self, path: str) -> tuple[Any, ...]:
+        """Updates for (editor, edit prompt, edit negative prompt): the picture as the editor's
+        background with nothing painted, a brush sized for it, and its prompts when its PNG
+        carries Easel's parameters."""
+        png = Path(path).read_bytes()
+        with Image.open(io.BytesIO(png)) as image:
+            size = image.size
+        params: dict[str, Any] = {}
+        with contextlib.suppress(EaselError):
+            params = self.services.read_image_info(png).get("easel") or {}
+        editor = {"background": path, "layers": [], "composite": path}
+        return (
+            gr.update(value=editor, **_editor_tools(size)),
+            params.get("prompt", gr.skip()),
+            params.get("negative_prompt", gr.skip()),
+        )
+
     # --- history --------------------------------------------------------------------------------
 
     def history(self, query: str | None) -> tuple[list[tuple[str, str]], list[str], str]:
         """Stored images newest first (optionally only prompts containing ``query``)."""
-        records = self.services.list_images(query or None, limit=HISTORY_LIMIT)
+        # what jobs made; an edit's uploaded inputs and masks are no pictures to browse
+        records = self.services.list_images(query or None, limit=HISTORY_LIMIT, kind="generated")
         items, ids = [], []
         for record in records:
             with contextlib.suppress(EaselError):  # a file deleted by hand: leave it out
@@ -412,17 +824,20 @@ class _Handlers:
             found += f" matching “{query}”"
         return items, ids, found
 
-    def pick(self, ids: list[str], evt: gr.SelectData) -> tuple[str, dict | None, Any]:
-        """Parameters of the clicked History image."""
+    def pick(self, ids: list[str], evt: gr.SelectData) -> tuple[Any, ...]:
+        """Parameters of the clicked History image, and its file for Send to Edit: updates for
+        (info, parameters, Reuse, path, Send to Edit)."""
         with _user_errors():
-            png = self.services.image_bytes(ids[evt.index])
-        return self._describe(png)
+            path = self.services.image_path(ids[evt.index])
+            png = path.read_bytes()
+        return *self._describe(png), str(path), gr.update(interactive=True)
 
-    def read_png(self, data: bytes | None) -> tuple[str, dict | None, Any]:
+    def read_png(self, data: bytes | None) -> tuple[Any, ...]:
         """Parameters stored in a dropped PNG (A1111 ``parameters`` and Easel's exact JSON)."""
+        nothing_to_send = (None, gr.update(interactive=False))
         if not data:
-            return "", None, gr.update(interactive=False)
-        return self._describe(data)
+            return "", None, gr.update(interactive=False), *nothing_to_send
+        return *self._describe(data), *nothing_to_send
 
     def _describe(self, png: bytes) -> tuple[str, dict | None, Any]:
         try:
