@@ -349,3 +349,46 @@ def _save(pipe: object, path: Path | str) -> Path:
     path = Path(path)
     pipe.save_pretrained(path)  # type: ignore[attr-defined]
     return path
+
+
+def make_tiny_ip_adapter(folder: Path | str, pipeline: Path | str) -> Path:
+    """An IP-Adapter for the UNet of the pipeline folder ``pipeline``, in h94/IP-Adapter's
+    layout: ``folder/ip-adapter.safetensors`` (the image projection and a key/value projection
+    per cross-attention layer, numbered 1, 3, 5, ... as the original checkpoints are) and a tiny
+    CLIP image encoder in ``folder/image_encoder``. Returns the weights file."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    folder = Path(folder)
+    unet = UNet2DConditionModel.from_pretrained(Path(pipeline) / "unet")
+    embed_dim, tokens = 16, 4
+    torch.manual_seed(SEED)
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            projection_dim=embed_dim,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        )
+    )
+    encoder.save_pretrained(folder / "image_encoder")
+    cross = unet.config.cross_attention_dim
+    weights = {
+        "image_proj.proj.weight": torch.randn(tokens * cross, embed_dim) * 0.1,
+        "image_proj.proj.bias": torch.zeros(tokens * cross),
+        "image_proj.norm.weight": torch.ones(cross),
+        "image_proj.norm.bias": torch.zeros(cross),
+    }
+    key_id = 1
+    for name, module in unet.named_modules():
+        if name.endswith("attn2"):  # cross-attention, in attn_processors order
+            shape = module.to_k.weight.shape
+            weights[f"ip_adapter.{key_id}.to_k_ip.weight"] = torch.randn(shape) * 0.1
+            weights[f"ip_adapter.{key_id}.to_v_ip.weight"] = torch.randn(shape) * 0.1
+            key_id += 2
+    path = folder / "ip-adapter.safetensors"
+    save_file(weights, path)
+    return path

@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         help="for a .safetensors file: a diffusers folder or cached hub id with its configs",
     )
+    add.add_argument(
+        "--ip-adapter",
+        metavar="FILE",
+        help="an IP-Adapter .safetensors (image_encoder/ beside it) for the style task",
+    )
     add.set_defaults(func=cmd_models_add)
     pull = models_commands.add_parser("pull", help="download a model's weights")
     pull.add_argument("id")
@@ -348,6 +353,7 @@ def cmd_models_add(args: argparse.Namespace) -> None:
         family=args.family,
         description=args.description,
         config=args.config,
+        ip_adapter=args.ip_adapter,
     )
     state = (
         "available" if record.available else "not downloaded yet: easel models pull " + record.id

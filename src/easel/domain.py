@@ -248,6 +248,9 @@ class ModelRecord:
     builtin: bool = True
     # for a .safetensors source: a diffusers folder or hub id holding the pipeline's configs
     config: str | None = None
+    # an IP-Adapter .safetensors file (SD, SDXL) with its CLIP image encoder in an
+    # `image_encoder` folder beside it (h94/IP-Adapter's layout): the `style` task uses it
+    ip_adapter: str | None = None
 
 
 # --- jobs ---------------------------------------------------------------------------------------

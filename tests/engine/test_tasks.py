@@ -15,7 +15,7 @@ from easel.imaging import band, pixel_hash
 from easel.models.catalog import ModelCatalog
 from easel.models.loader import ModelManager
 from tests.engine.test_generate import FAMILY_FIXTURES
-from tests.tiny_models import make_tiny_sd
+from tests.tiny_models import make_tiny_ip_adapter, make_tiny_sd
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +197,44 @@ def test_a_dedicated_inpainting_checkpoint_inpaints_and_refuses_txt2img(
     with pytest.raises(InvalidParams, match="inpainting checkpoint") as err:
         engine.generate(_params(model))
     assert err.value.field == "task"
+
+
+def test_style_uses_a_configured_ip_adapter_and_takes_it_out_after(
+    tiny_sd_path: Path, tmp_path: Path
+) -> None:
+    settings = Settings(home=tmp_path / "home", preview_every=0)
+    catalog = ModelCatalog(settings)
+    adapter = make_tiny_ip_adapter(tmp_path / "ip-adapter", tiny_sd_path)
+    catalog.add("ip", str(tiny_sd_path), ip_adapter=str(adapter), defaults={"width": 64})
+    engine = Engine(ModelManager(settings, catalog), settings)
+    plain = _params("ip", height=64)  # type: ignore[arg-type]
+    before = np.asarray(engine.generate(plain).images[0])
+
+    def style(colour: str, **fields: object) -> np.ndarray:
+        reference = Image.new("RGB", (64, 64), colour)
+        params = _params("ip", height=64, task="style", style_image="r", **fields)  # type: ignore[arg-type]
+        image = engine.generate(params, inputs=InputImages(style_image=reference)).images[0]
+        return np.asarray(image, dtype=float)
+
+    red, blue = style("red"), style("blue")
+    assert np.abs(red - blue).mean() > 0.5, "the reference steers the image"
+    assert np.array_equal(red, style("red")), "deterministic"
+    unet = engine.models.get_pipeline("ip", "txt2img").pipeline.unet
+    assert unet.encoder_hid_proj is not None  # loaded while styles run
+    assert np.array_equal(np.asarray(engine.generate(plain).images[0]), before)
+    assert unet.encoder_hid_proj is None, "taken out for other tasks"
+
+
+def test_an_ip_adapter_is_checked_when_added(tiny_sd_path: Path, tmp_path: Path) -> None:
+    catalog = ModelCatalog(Settings(home=tmp_path / "home"))
+    adapter = make_tiny_ip_adapter(tmp_path / "ip-adapter", tiny_sd_path)
+    lone = tmp_path / "lone.safetensors"
+    lone.write_bytes(adapter.read_bytes())  # no image_encoder beside it
+    for source, family, path, message in [
+        (tiny_sd_path, "flux", adapter, "supported for sd and sdxl"),
+        (tiny_sd_path, None, lone, "image encoder"),
+        (tiny_sd_path, None, tmp_path / "missing.safetensors", "must be a .safetensors file"),
+    ]:
+        with pytest.raises(InvalidParams, match=message) as err:
+            catalog.add("x", str(source), family=family, ip_adapter=str(path))
+        assert err.value.field == "ip_adapter"

@@ -107,6 +107,8 @@ class Engine:
 
             first: Any = next(iter(pipes.values())).pipeline
             _check_denoiser_serves(first, record.id, params.task)
+            adapter = params.task == "style" and record.ip_adapter is not None
+            self.models.use_ip_adapter(record.id, params.style_strength if adapter else None)
 
             # 3. count prompt tokens the text encoder will not see
             dropped_tokens = count_dropped_tokens(first, family.name, params.prompt)
@@ -116,7 +118,7 @@ class Engine:
             for index in range(params.num_images):
                 if is_canceled is not None and is_canceled():
                     raise Canceled()
-                call = _ImageCall(self, pipes, params, index, on_progress, is_canceled)
+                call = _ImageCall(self, pipes, params, index, on_progress, is_canceled, adapter)
                 images.append(runner(call, params, inputs))
 
         # 5. report the images with the resolved request that made them
@@ -153,9 +155,11 @@ class _ImageCall:
         index: int,
         on_progress: ProgressCallback | None,
         is_canceled: CancelCheck | None,
+        ip_adapter: bool = False,
     ) -> None:
         self.engine = engine
         self.pipes = pipes
+        self.ip_adapter = ip_adapter
         self.params = params
         self.index = index
         self.on_progress = on_progress

@@ -24,6 +24,9 @@ class Call(Protocol):
     """Runs the pipeline of one family task (``txt2img``, ``img2img``, ``inpaint``) for the
     current image; ``share`` is this call's part of the image's progress bar (0..1]."""
 
+    # the model's IP-Adapter is loaded (at the request's style_strength) for this request
+    ip_adapter: bool
+
     def __call__(self, pipeline: str, share: float = 1.0, **args: Any) -> Image.Image: ...
 
     def pipe(self, pipeline: str) -> Any: ...
@@ -56,8 +59,16 @@ def run_outpaint(call: Call, params: GenerationParams, inputs: InputImages) -> I
 def run_style(call: Call, params: GenerationParams, inputs: InputImages) -> Image.Image:
     """The reference's look on the content (``image``, or a first text-to-image pass): its
     colours moved region by region in latent space (engine.style), then an img2img pass at
-    ``strength`` that redraws the result as a coherent picture."""
+    ``strength`` that redraws the result as a coherent picture. A model with an IP-Adapter
+    configured takes the reference as an image prompt instead (``style_strength`` is the
+    adapter's scale): img2img from the content, or text-to-image without one."""
     assert inputs.style_image is not None
+    if call.ip_adapter:
+        reference = inputs.style_image.convert("RGB")
+        if inputs.image is None:
+            return call("txt2img", ip_adapter_image=reference)
+        content = _at_work_size(inputs.image, params)
+        return call("img2img", image=content, strength=params.strength, ip_adapter_image=reference)
     first = 0.0 if inputs.image is not None else 0.5
     content = inputs.image if inputs.image is not None else call("txt2img", share=first)
     moved = transfer_look(

@@ -192,6 +192,30 @@ def safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
+IP_ADAPTER_FAMILIES = ("sd", "sdxl")  # whose pipelines load IP-Adapters the same way
+
+
+def check_ip_adapter(path: Path, family: str) -> Path:
+    """The resolved IP-Adapter file for a ``family`` model; InvalidParams(field="ip_adapter")
+    unless it is a .safetensors file with an ``image_encoder`` folder beside it."""
+    if family not in IP_ADAPTER_FAMILIES:
+        raise InvalidParams(
+            f"ip_adapter is supported for {' and '.join(IP_ADAPTER_FAMILIES)} models "
+            f"(got a {family} model)",
+            field="ip_adapter",
+        )
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise InvalidParams(
+            f"ip_adapter must be a .safetensors file (got {path})", field="ip_adapter"
+        )
+    if not (path.parent / "image_encoder" / "config.json").is_file():
+        raise InvalidParams(
+            f"ip_adapter needs its CLIP image encoder in {path.parent / 'image_encoder'}",
+            field="ip_adapter",
+        )
+    return path.resolve()
+
+
 def is_hub_id(text: str) -> bool:
     """True for an ``org/name`` Hugging Face repo id that is not an existing local path."""
     return bool(_HUB_ID_RE.match(text)) and not Path(text).expanduser().exists()
@@ -256,6 +280,7 @@ class ModelCatalog:
         description: str = "",
         config: str | None = None,
         defaults: dict[str, Any] | None = None,
+        ip_adapter: str | None = None,
     ) -> ModelRecord:
         """Add (or replace) a user entry in models.toml and return it.
 
@@ -281,6 +306,8 @@ class ModelCatalog:
                 f"family is required for {source} (one of {', '.join(FAMILIES)})", field="family"
             )
         get_family(family)
+        if ip_adapter is not None:
+            ip_adapter = str(check_ip_adapter(Path(ip_adapter).expanduser(), family))
         record = ModelRecord(
             id=model_id,
             family=family,
@@ -289,6 +316,7 @@ class ModelCatalog:
             defaults=dict(defaults or {}),
             builtin=False,
             config=config,
+            ip_adapter=ip_adapter,
         )
         entries = self._read_user_entries()
         entries[model_id] = record
@@ -357,6 +385,7 @@ class ModelCatalog:
                 defaults=dict(entry.get("defaults", {})),
                 builtin=False,
                 config=entry.get("config"),
+                ip_adapter=entry.get("ip_adapter"),
             )
         return entries
 
@@ -374,6 +403,8 @@ class ModelCatalog:
                 lines.append(f"description = {_toml_value(record.description)}")
             if record.config:
                 lines.append(f"config = {_toml_value(record.config)}")
+            if record.ip_adapter:
+                lines.append(f"ip_adapter = {_toml_value(record.ip_adapter)}")
             if record.defaults:
                 body = ", ".join(f"{k} = {_toml_value(v)}" for k, v in record.defaults.items())
                 lines.append(f"defaults = {{ {body} }}")

@@ -37,7 +37,7 @@ from easel.models.catalog import (
     is_hub_id,
     safetensors_header,
 )
-from easel.models.cpu_graph import capture_unet
+from easel.models.cpu_graph import capture_unet, release_unet
 from easel.models.download import pull
 from easel.models.families import Family, get_family
 from easel.models.hardware import cpu_has_native_bf16
@@ -133,6 +133,7 @@ class _Entry:
     family: Family
     pipelines: dict[str, DiffusionPipeline] = field(default_factory=dict)  # task -> pipeline
     nbytes: int = 0
+    ip_adapter: bool = False  # the record's IP-Adapter is in the (shared) UNet now
 
 
 def pipeline_bytes(pipeline: DiffusionPipeline) -> int:
@@ -193,6 +194,48 @@ class ModelManager:
                 entry.pipelines[task].set_progress_bar_config(disable=True)
             self._entries.move_to_end(record.id)
             return LoadedModel(entry.pipelines[task], entry.record, family, self.device, self.dtype)
+
+    def use_ip_adapter(self, model: str, scale: float | None) -> None:
+        """Put the model's IP-Adapter (``record.ip_adapter``) into its UNet at ``scale``, or
+        take it out (``scale`` None). Every task pipeline of the model shares the UNet, so
+        this is model-wide: the engine calls it before each request (a no-op when nothing
+        changes), since a UNet holding an adapter requires an image prompt on every call."""
+        with self._lock:
+            record = self.catalog.get(model)
+            entry = self._entries.get(record.id)
+            if entry is None or (scale is None and not entry.ip_adapter):
+                return
+            base = next(iter(entry.pipelines.values()))
+            unet = base.unet
+            release_unet(unet)  # graphs traced without the adapter must not replay with it
+            if scale is None:
+                base.unload_ip_adapter()
+                encoder = None
+            else:
+                if not entry.ip_adapter:
+                    if record.ip_adapter is None:
+                        raise InvalidParams(
+                            f"model {record.id} has no ip_adapter configured", field="model"
+                        )
+                    path = Path(record.ip_adapter)
+                    base.load_ip_adapter(
+                        str(path.parent),
+                        subfolder="",
+                        weight_name=path.name,
+                        image_encoder_folder="image_encoder",
+                    )
+                    # diffusers casts the whole pipeline to the encoder's float32 here
+                    base.to(self.device, self.dtype)
+                base.set_ip_adapter_scale(scale)
+                encoder = base.image_encoder
+            for pipe in entry.pipelines.values():  # siblings made with from_pipe see it too
+                if pipe is not base:
+                    pipe.register_modules(
+                        image_encoder=encoder, feature_extractor=base.feature_extractor
+                    )
+            entry.ip_adapter = scale is not None
+            if scale is None and self.device == "cpu" and self.settings.cpu_graphs:
+                capture_unet(unet)
 
     def loaded(self) -> list[str]:
         """Ids of the loaded models, least recently used first."""
