@@ -39,8 +39,16 @@ def _mask(width: int = 64, height: int = 64, box: tuple[int, ...] = (40, 8, 60, 
 
 
 def _params(model: Path, **overrides: object) -> GenerationParams:
+    # 64x64 work size: an edit's default is the family's default area (512² for the tiny SD's
+    # family, 1024² for Flux), too slow for tests (tests/models/test_params.py checks it)
     values: dict[str, object] = dict(
-        prompt="a blue square", model=str(model), num_inference_steps=3, guidance_scale=5.0, seed=5
+        prompt="a blue square",
+        model=str(model),
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        seed=5,
+        width=64,
+        height=64,
     )
     values.update(overrides)
     return GenerationParams(**values)  # type: ignore[arg-type]
@@ -96,7 +104,7 @@ def test_only_masked_works_on_a_crop_and_keeps_the_rest(engine: Engine, tiny_sd_
 def test_outpaint_grows_the_canvas_and_keeps_the_original(engine: Engine, model: Path) -> None:
     image = _picture(48, 64)
     sides = {"left": 16, "top": 0, "right": 0, "bottom": 16}
-    params = _params(model, task="outpaint", image="in", outpaint=sides, mask_blur=2)
+    params = _params(model, task="outpaint", image="in", outpaint=sides, mask_blur=2, height=80)
     result = engine.generate(params, inputs=InputImages(image=image))
     out = np.asarray(result.images[0])
     assert result.images[0].size == (64, 80)
@@ -112,7 +120,7 @@ def test_img2img_strength_sets_how_much_the_input_matters(engine: Engine, model:
     first, second = _picture(), _picture().transpose(Image.Transpose.ROTATE_180)
 
     def gap(strength: float) -> float:
-        params = _params(model, task="img2img", image="in", strength=strength, width=64, height=64)
+        params = _params(model, task="img2img", image="in", strength=strength)
         a, b = (
             engine.generate(params, inputs=InputImages(image=i)).images[0] for i in (first, second)
         )
@@ -133,11 +141,11 @@ def test_a_strength_that_makes_no_step_is_refused(engine: Engine, tiny_sd_path: 
 def test_style_with_and_without_content(engine: Engine, model: Path) -> None:
     content, reference = _picture(), Image.new("RGB", (64, 64), (20, 200, 40))
     restyled = engine.generate(
-        _params(model, task="style", image="c", style_image="r", width=64, height=64),
+        _params(model, task="style", image="c", style_image="r"),
         inputs=InputImages(image=content, style_image=reference),
     )
     fresh = engine.generate(
-        _params(model, task="style", style_image="r", width=64, height=64),
+        _params(model, task="style", style_image="r"),
         inputs=InputImages(style_image=reference),
         on_progress=(steps := []).append,
     )

@@ -189,3 +189,22 @@ def test_every_family_default_passes_its_own_limits() -> None:
     for name, family in FAMILIES.items():
         record = ModelRecord(id=f"x-{name}", family=name, source="org/x", tasks=family.tasks)
         resolve_params(GenerationParams(prompt="a"), record, family)
+
+
+def test_an_edit_works_at_the_inputs_aspect_near_the_models_default_size() -> None:
+    family = get_family("sd")  # default 512x512, 64..2048, multiples of 8
+
+    def edit(size: tuple[int, int], **fields: object) -> tuple[object, object]:
+        p = resolve_params(
+            GenerationParams(prompt="a cat", task="img2img", image="i", **fields),  # type: ignore[arg-type]
+            RECORDS["sd15"],
+            family,
+            {"image": size},
+        )
+        return p.width, p.height
+
+    assert edit((1024, 1024)) == (512, 512)  # large inputs are worked on at the trained size
+    assert edit((256, 256)) == (512, 512)  # and small ones larger
+    assert edit((1600, 900)) == (680, 384)  # the aspect kept, sides snapped to 8
+    assert edit((4000, 60)) == (2048, 64)  # the limits win over the aspect
+    assert edit((1024, 1024), width=256, height=320) == (256, 320)  # a given size is kept

@@ -128,11 +128,13 @@ def resolve_params(
     return GenerationParams.from_dict(values)
 
 
-def fit_size(width: int, height: int, family: Family) -> tuple[int, int]:
-    """The size a model works at for an input of ``width`` × ``height``: the same aspect,
-    scaled into the family's limits, each side a multiple of ``family.size_multiple``."""
+def fit_size(width: int, height: int, family: Family, area: int) -> tuple[int, int]:
+    """The size a model works at for an input of ``width`` × ``height``: the input's aspect at
+    ``area`` pixels (the model's default size: a model draws best near what it was trained
+    at, so a larger input is worked on smaller and a smaller one larger), within the family's
+    limits, each side a multiple of ``family.size_multiple``."""
     step = family.size_multiple
-    scale = min(1.0, family.max_size / max(width, height))
+    scale = (area / (width * height)) ** 0.5
     scale = max(scale, family.min_size / min(width, height))
     scale = min(scale, family.max_size / max(width, height))  # the max wins for odd shapes
 
@@ -196,8 +198,9 @@ def _check_inputs(
             f"side must stay at most {family.max_size} for {family.name} models",
             field="outpaint",
         )
-    if not size_given:
-        values["width"], values["height"] = fit_size(*canvas, family)
+    if not size_given:  # width and height hold the model's defaults
+        area = values["width"] * values["height"]
+        values["width"], values["height"] = fit_size(*canvas, family, area)
 
 
 def _check_outpaint(value: Any, family: Family) -> dict[str, int]:

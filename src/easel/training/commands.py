@@ -2,6 +2,7 @@
 
     easel eval                       # the default model (tiny-shapes), report in ./eval/tiny-shapes
     easel eval path/to/checkpoint --limit 8 --steps 10 --out /tmp/ev
+    easel eval tiny-shapes --editing  # inpaint, outpaint, img2img, style: ./eval/tiny-shapes/editing
 
 `register(subparsers)` adds them; each handler returns the exit code, and user errors are
 `EaselError`s, which the CLI prints as one line (exit 2).
@@ -86,7 +87,9 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
         "eval",
         help="score how well a tiny-shapes style model follows prompts",
         description="Render held-out and seen prompts, judge the pixels for colour, shape, size, "
-        "position and background, and write report.json, report.md and grid.png.",
+        "position and background, and write report.json, report.md and grid.png. With "
+        "--editing, edit held-out pictures instead (inpaint, outpaint, img2img, style) and judge "
+        "the edits.",
     )
     parser.add_argument("model", nargs="?", help="catalog id or diffusers folder (default model)")
     parser.add_argument(
@@ -96,7 +99,17 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
         help="judge this caption-grammar prompt instead of the default set (repeatable)",
     )
     parser.add_argument("--out", type=Path, help="report folder (default: ./eval/<model name>)")
-    parser.add_argument("--limit", type=int, help="at most N prompts per group (4 groups)")
+    parser.add_argument(
+        "--editing",
+        action="store_true",
+        help="score edits (inpaint, outpaint, img2img, style) on held-out pictures instead "
+        "(report: ./eval/<model name>/editing unless --out is given)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        help="at most N prompts per group (4 groups); with --editing, N cases per measure",
+    )
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     parser.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
     parser.add_argument(
@@ -119,8 +132,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InvalidParams(f"--{name} must be at least 1 (got {value})", field=name)
+    if args.editing and args.prompts:
+        raise InvalidParams(
+            "--prompt cannot be used with --editing (the editing cases make their own prompts)",
+            field="prompts",
+        )
     model = args.model or Settings().default_model
-    out = args.out or Path("eval") / Path(model).name
+    out = args.out or Path("eval") / Path(model).name / ("editing" if args.editing else "")
     # 2. render, judge, write (the progress bar appears once the model has loaded)
     bar: tqdm | None = None
 
@@ -129,23 +147,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
         bar = bar or tqdm(desc="eval", total=total, unit="img", file=sys.stderr)
         bar.update(done - bar.n)
 
+    common = {
+        "limit": args.limit,
+        "steps": args.steps,
+        "guidance_scale": args.guidance,
+        "guidance_end": args.guidance_end,
+        "seed": args.seed,
+        "device": args.device,
+        "out": out,
+        "on_progress": on_progress,
+    }
     try:
-        report = evaluate(
-            model,
-            prompts=args.prompts,
-            limit=args.limit,
-            steps=args.steps,
-            guidance_scale=args.guidance,
-            guidance_end=args.guidance_end,
-            seed=args.seed,
-            device=args.device,
-            out=out,
-            on_progress=on_progress,
-        )
+        if args.editing:
+            from easel.training.evaluate_editing import evaluate_editing
+            from easel.training.evaluate_editing import format_markdown as format_editing
+
+            summary = format_editing(evaluate_editing(model, **common), list_wrong=False)
+        else:
+            summary = format_markdown(
+                evaluate(model, prompts=args.prompts, **common), list_wrong=False
+            )
     finally:
         if bar is not None:
             bar.close()
     # 3. summary
-    print(format_markdown(report, list_wrong=False))
+    print(summary)
     print(f"report: {out / 'report.md'}  grid: {out / 'grid.png'}")
     return 0
