@@ -208,3 +208,12 @@ def test_an_edit_works_at_the_inputs_aspect_near_the_models_default_size() -> No
     assert edit((1600, 900)) == (680, 384)  # the aspect kept, sides snapped to 8
     assert edit((4000, 60)) == (2048, 64)  # the limits win over the aspect
     assert edit((1024, 1024), width=256, height=320) == (256, 320)  # a given size is kept
+
+
+def test_a_default_strength_rises_to_one_step_and_a_given_one_is_checked() -> None:
+    style = {"task": "style", "style_image": "r"}
+    assert resolve(**style, num_inference_steps=20).strength == 0.3
+    assert resolve(**style, num_inference_steps=2).strength == 0.5  # 0.3 × 2 steps: none
+    assert int(3 * resolve(**style, num_inference_steps=3).strength) == 1
+    with pytest.raises(InvalidParams, match="must reach one step"):
+        resolve(**style, num_inference_steps=2, strength=0.3)

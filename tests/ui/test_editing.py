@@ -117,7 +117,7 @@ def test_the_tasks_and_their_controls_come_from_the_task_table() -> None:
 def test_defaults_follow_the_task_and_the_model(services: Services) -> None:
     defaults = services.model_info("tiny-shapes").defaults
     assert default_strength("inpaint", defaults) == 1.0
-    assert default_strength("style", defaults) == 0.6
+    assert default_strength("style", defaults) == 0.3
     assert default_strength("img2img", defaults) == defaults["strength"] == 0.75
     assert brush_size(64, 64) == 3 and brush_size(1024, 768) == 38 and brush_size(8, 8) == 2
 

@@ -69,7 +69,7 @@ class JobCreate(BaseModel):
     )
     style_image: str | None = Field(None, description="Reference image id whose look to take.")
     style_strength: float | None = Field(
-        None, description="How much of the reference's colours (0..1; default 0.8)."
+        None, description="How much of the reference's colours (0..1; default 1)."
     )
     priority: int = Field(0, description="Higher runs first (-100..100); FIFO within a priority.")
 

@@ -166,9 +166,6 @@ class _ImageCall:
         self.is_canceled = is_canceled
         self.done = 0.0  # share of this image's steps behind us
 
-    def pipe(self, pipeline: str) -> Any:
-        return self.pipes[pipeline].pipeline
-
     def __call__(self, pipeline: str, share: float = 1.0, **args: Any) -> Image.Image:
         params, loaded = self.params, self.pipes[pipeline]
         assert params.seed is not None and params.scheduler is not None

@@ -29,8 +29,6 @@ class Call(Protocol):
 
     def __call__(self, pipeline: str, share: float = 1.0, **args: Any) -> Image.Image: ...
 
-    def pipe(self, pipeline: str) -> Any: ...
-
 
 Runner = Callable[[Call, GenerationParams, InputImages], Image.Image]
 
@@ -58,8 +56,9 @@ def run_outpaint(call: Call, params: GenerationParams, inputs: InputImages) -> I
 
 def run_style(call: Call, params: GenerationParams, inputs: InputImages) -> Image.Image:
     """The reference's look on the content (``image``, or a first text-to-image pass): its
-    colours moved region by region in latent space (engine.style), then an img2img pass at
-    ``strength`` that redraws the result as a coherent picture. A model with an IP-Adapter
+    colours moved onto the reference's, background to background and subject to subject
+    (engine.style), then an img2img pass at ``strength`` that redraws the result as a coherent
+    picture. A model with an IP-Adapter
     configured takes the reference as an image prompt instead (``style_strength`` is the
     adapter's scale): img2img from the content, or text-to-image without one."""
     assert inputs.style_image is not None
@@ -72,9 +71,8 @@ def run_style(call: Call, params: GenerationParams, inputs: InputImages) -> Imag
     first = 0.0 if inputs.image is not None else 0.5
     content = inputs.image if inputs.image is not None else call("txt2img", share=first)
     moved = transfer_look(
-        call.pipe("img2img").vae,
         _at_work_size(content, params),
-        _at_work_size(inputs.style_image, params),
+        inputs.style_image,
         params.style_strength if params.style_strength is not None else 1.0,
     )
     return call("img2img", share=1 - first, image=moved, strength=params.strength)

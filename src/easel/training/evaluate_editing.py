@@ -90,6 +90,9 @@ class EditCase:
     mask: Image.Image | None = None
     style_image: Image.Image | None = None
     region: tuple[float, float, float, float] | None = None  # the mask's box, fractions of a side
+    # False: the edit is given no ``image`` (style from the prompt alone); ``image`` still shows
+    # the scene asked for, in the grids
+    use_image: bool = True
 
 
 @dataclass(frozen=True)
@@ -243,13 +246,19 @@ def img2img_cases(
 
 
 def style_cases(
-    per_combo: int, seed: int, *, prompt: str = "shape", task: str = "style"
+    per_combo: int,
+    seed: int,
+    *,
+    prompt: str = "shape",
+    task: str = "style",
+    with_content: bool = True,
 ) -> list[EditCase]:
     """Restyle a held-out picture (the content) after a reference of another shape, colours and
     layout: wanted is the content's object in the reference's object and background colours.
     ``prompt``: "shape" names only the content's shape ("a circle": the colours must come from
     the reference), "wanted" captions the wanted scene, "content" the content as it is. With
-    ``task`` "img2img" the reference is left out (what the style transfer adds)."""
+    ``task`` "img2img" the reference is left out (what the style transfer adds); with
+    ``with_content`` False the content picture is not given (a new picture from the prompt)."""
     rng = random.Random(seed)
     cases = []
     for index, (colour, shape, background) in enumerate(HELD_OUT):
@@ -279,6 +288,7 @@ def style_cases(
                     image=_picture(content),
                     style_image=_picture(reference) if styled else None,
                     params={} if styled else {"strength": TASK_STRENGTH["style"]},
+                    use_image=with_content,
                 )
             )
     return cases
@@ -421,7 +431,8 @@ MEASURES: tuple[Measure, ...] = (
         partial(inpaint_cases, side=128),
         judge_inpaint,
         {OBJECT_IN_MASK: 0.8, UNCHANGED: 1.0},
-        "the 128-px pictures at the size an edit defaults to, the input's (128 px)",
+        "the 128-px pictures at the size an edit defaults to: their aspect at the model's "
+        "default area (64 px here)",
     ),
     Measure(
         "outpaint",
@@ -465,6 +476,15 @@ MEASURES: tuple[Measure, ...] = (
         {STYLED: 0.7},
         "held-out content, a reference of another shape, colours and layout; the prompt names "
         "only the content's shape (\"a circle\"); the engine's strengths",
+    ),
+    Measure(
+        "style, no content image",
+        "style",
+        partial(style_cases, with_content=False),
+        judge_styled,
+        {STYLED: None},
+        "the same prompts and references without the content picture: a new picture of the "
+        "named shape in the reference's colours (size and place not asked)",
     ),
     Measure(
         "style, wanted caption",
@@ -558,12 +578,16 @@ def evaluate_editing(
                 num_inference_steps=steps,
                 guidance_scale=guidance_scale,
                 guidance_end=guidance_end,
-                image="image.png",
+                image="image.png" if case.use_image else None,
                 mask="mask.png" if case.mask is not None else None,
                 style_image="style.png" if case.style_image is not None else None,
                 **case.params,
             )
-            inputs = InputImages(image=case.image, mask=case.mask, style_image=case.style_image)
+            inputs = InputImages(
+                image=case.image if case.use_image else None,
+                mask=case.mask,
+                style_image=case.style_image,
+            )
             generated = engine.generate(params, inputs=inputs)
             resolved = generated.params
             image = generated.images[0]
@@ -704,7 +728,9 @@ def input_view(case: EditCase) -> list[Image.Image]:
         border = (np.asarray(mask) > 0)[..., None]
         shown = np.where(border, np.repeat(checker, 3, axis=2), np.asarray(canvas))
         return [_tile(Image.fromarray(shown.astype(np.uint8)))]
-    views = [_tile(case.image)]
+    # a style case without a content picture shows a blank where the content would be
+    content = case.image if case.use_image else Image.new("RGB", case.image.size, (128,) * 3)
+    views = [_tile(content)]
     if case.style_image is not None:
         views.append(_tile(case.style_image))
     return views

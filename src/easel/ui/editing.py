@@ -119,7 +119,7 @@ def task_controls(task: str) -> dict[str, bool]:
 
 def default_strength(task: str, model_defaults: Mapping[str, Any]) -> float:
     """The strength the queue would pick for ``task`` on a model with these request defaults
-    (``ModelInfo.defaults``): the task's own (inpaint and outpaint 1, style 0.6), else the
+    (``ModelInfo.defaults``): the task's own (inpaint and outpaint 1, style 0.3), else the
     model's img2img strength."""
     if task in TASK_STRENGTH:
         return TASK_STRENGTH[task]
