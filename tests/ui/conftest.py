@@ -108,6 +108,25 @@ class ServerProcess:
         )
 
 
+def record_statuses(page, selector: str) -> None:  # type: ignore[no-untyped-def]
+    """Start keeping every text the status line at ``selector`` shows, in order, in
+    ``window.easelStatuses`` (a MutationObserver misses no quick change)."""
+    page.evaluate(
+        """(selector) => {
+  window.easelStatuses = [];
+  const record = () => {
+    const el = document.querySelector(selector);
+    const text = el ? el.textContent : null;
+    if (text && window.easelStatuses.at(-1) !== text) window.easelStatuses.push(text);
+  };
+  new MutationObserver(record).observe(document.body,
+    {subtree: true, childList: true, characterData: true});
+  record();
+}""",
+        selector,
+    )
+
+
 def save_doc_screenshot(shot: Path) -> None:
     """Copy a screenshot into docs/img/ when it is missing there or EASEL_UPDATE_SCREENSHOTS=1."""
     target = DOC_IMAGES / shot.name

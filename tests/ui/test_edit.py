@@ -20,7 +20,12 @@ from PIL import Image, ImageDraw
 from playwright.sync_api import Page, expect
 
 from easel.imaging import band
-from tests.ui.conftest import ServerProcess, save_doc_screenshot, wait_until_done
+from tests.ui.conftest import (
+    ServerProcess,
+    record_statuses,
+    save_doc_screenshot,
+    wait_until_done,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -29,18 +34,6 @@ EDIT_PROMPT = "a green triangle on a white background"
 # a stroke across the picture's middle, in screen pixels from the canvas centre (a 64×64
 # picture is drawn about 5.6× enlarged: this is about 21×6 picture pixels)
 STROKE = [(-60 + 10 * i, -20 + 3 * i) for i in range(13)]
-
-RECORD_STATUSES = """() => {
-  window.easelStatuses = [];
-  const record = () => {
-    const el = document.querySelector('#edit-status .easel-status-text');
-    const text = el ? el.textContent : null;
-    if (text && window.easelStatuses.at(-1) !== text) window.easelStatuses.push(text);
-  };
-  new MutationObserver(record).observe(document.body,
-    {subtree: true, childList: true, characterData: true});
-  record();
-}"""
 
 
 def edit_status(page: Page):  # type: ignore[no-untyped-def]
@@ -106,7 +99,7 @@ def test_inpaint_repaints_the_painted_stroke(
     # 2. paint a stroke and repaint it: status line, progress, then the result
     paint(page, STROKE)
     page.locator("#edit-prompt textarea").fill(EDIT_PROMPT)
-    page.evaluate(RECORD_STATUSES)
+    record_statuses(page, "#edit-status .easel-status-text")
     page.locator("#edit-run").click()
     expect(edit_status(page)).to_contain_text("Done: 1 image", timeout=30_000)
     expect(page.locator("#edit-result img").first).to_be_visible()

@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.ui.conftest import ServerProcess, save_doc_screenshot, wait_until_done
+from tests.ui.conftest import (
+    ServerProcess,
+    record_statuses,
+    save_doc_screenshot,
+    wait_until_done,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -27,19 +32,6 @@ MORE_PROMPTS = (
     "a black square and a yellow circle on a pink background",
 )
 
-# Every text the status line shows, in order (a MutationObserver misses no quick change).
-RECORD_STATUSES = """() => {
-  window.easelStatuses = [];
-  const record = () => {
-    const el = document.querySelector('#status .easel-status-text');
-    const text = el ? el.textContent : null;
-    if (text && window.easelStatuses.at(-1) !== text) window.easelStatuses.push(text);
-  };
-  new MutationObserver(record).observe(document.body,
-    {subtree: true, childList: true, characterData: true});
-  record();
-}"""
-
 
 def status(page: Page):  # type: ignore[no-untyped-def]
     return page.locator("#status .easel-status-text")
@@ -54,7 +46,7 @@ def set_number(page: Page, elem_id: str, value: int) -> None:
 def test_generate_shows_queue_position_progress_and_the_image(
     page: Page, ui_server: ServerProcess, artifacts: Path
 ) -> None:
-    page.evaluate(RECORD_STATUSES)
+    record_statuses(page, "#status .easel-status-text")
     with ui_server.api() as api:
         # a long job ahead of ours, so ours waits in the queue first
         blocker = api.post("/jobs", json=LONG_JOB | {"prompt": "a big black star"})
