@@ -281,6 +281,7 @@ def test_inpaint_from_the_command_line_and_again_with_from(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     argv = ["generate", "a blue square", "-m", str(tiny_sd_path), "--steps", "3", "--seed", "9"]
+    argv += ["--size", "64x64"]  # the family's default (512²) would be slow
     argv += ["--image", str(inputs["image"]), "--mask", str(inputs["mask"]), "--mask-blur", "2"]
     code, out, err = _run([*argv, "-o", str(tmp_path / "a.png")], capsys)
     assert code == 0, err

@@ -28,6 +28,15 @@ def random_shapes_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pipe.register_modules(tokenizer=tokenizer, text_encoder=CLIPTextModel(config))
     pipe.save_pretrained(root / "model")
     # a trained folder's own defaults (training writes them), so eval need not be told
-    defaults = {"num_inference_steps": 2, "guidance_scale": 3.0, "guidance_end": 0.5}
+    defaults = {
+        "num_inference_steps": 2,
+        "guidance_scale": 3.0,
+        "guidance_end": 0.5,
+        # tiny-shapes' size, as its easel.json has it (edits work at the model's default size)
+        "width": 64,
+        "height": 64,
+        "min_size": 32,
+        "max_size": 128,
+    }
     (root / "model" / "easel.json").write_text(json.dumps({"defaults": defaults}))
     return root / "model"
