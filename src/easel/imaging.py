@@ -20,7 +20,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageFilter, ImageOps, UnidentifiedImageError
 
 from easel.domain import OUTPAINT_SIDES, InvalidParams
 
@@ -91,15 +91,20 @@ def repaint_mask(mask: Image.Image) -> Image.Image:
 
 
 def feather(mask: Image.Image, blur: int) -> Image.Image:
-    """``mask`` (binary "L") with its edge softened over ``blur`` pixels on both sides: exactly
-    0 more than ``blur`` pixels (Chebyshev distance) from the mask, so compositing with it
-    leaves every pixel beyond that band untouched."""
-    return mask.filter(ImageFilter.BoxBlur(blur)) if blur > 0 else mask.copy()
+    """``mask`` (binary "L") faded out over ``blur`` pixels around it: 255 on the mask (a thin
+    brush stroke is repainted fully, not blended away), falling to exactly 0 more than
+    ``blur`` pixels (Chebyshev distance) from it, so compositing with it leaves every pixel
+    beyond that band untouched."""
+    if blur <= 0:
+        return mask.copy()
+    return ImageChops.lighter(mask, mask.filter(ImageFilter.BoxBlur(blur)))
 
 
 def band(mask: Image.Image, blur: int) -> Image.Image:
-    """The pixels an edit with this mask and blur may change: the mask grown by ``blur``."""
-    return mask.filter(ImageFilter.MaxFilter(2 * blur + 1)) if blur > 0 else mask.copy()
+    """The pixels an edit with this mask and blur may change (255): the mask grown by at most
+    ``blur`` pixels, exactly where :func:`feather` is above 0. (A box blur costs the same at
+    any radius; a max filter of side 2 × blur + 1 took a second for 16 px at 1024².)"""
+    return feather(mask, blur).point(lambda value: 255 if value else 0)
 
 
 def paste_back(
