@@ -108,7 +108,7 @@ class Engine:
             first: Any = next(iter(pipes.values())).pipeline
             _check_denoiser_serves(first, record.id, params.task)
             adapter = params.task == "style" and record.ip_adapter is not None
-            self.models.use_ip_adapter(record.id, params.style_strength if adapter else None)
+            self.models.use_ip_adapter(record, params.style_strength if adapter else None)
 
             # 3. count prompt tokens the text encoder will not see
             dropped_tokens = count_dropped_tokens(first, family.name, params.prompt)
@@ -216,7 +216,7 @@ def accepted_args(pipe: Any, args: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in args.items() if k in parameters}
 
 
-def pipeline_args(params: GenerationParams, pipe: Any = None) -> dict[str, Any]:
+def pipeline_args(params: GenerationParams, pipe: Any) -> dict[str, Any]:
     """The diffusers ``__call__`` arguments for one image of resolved ``params``, but for the
     step callback, which must apply `end_guidance` when ``guidance_end`` is below 1."""
     args: dict[str, Any] = {

@@ -195,13 +195,12 @@ class ModelManager:
             self._entries.move_to_end(record.id)
             return LoadedModel(entry.pipelines[task], entry.record, family, self.device, self.dtype)
 
-    def use_ip_adapter(self, model: str, scale: float | None) -> None:
+    def use_ip_adapter(self, record: ModelRecord, scale: float | None) -> None:
         """Put the model's IP-Adapter (``record.ip_adapter``) into its UNet at ``scale``, or
         take it out (``scale`` None). Every task pipeline of the model shares the UNet, so
         this is model-wide: the engine calls it before each request (a no-op when nothing
         changes), since a UNet holding an adapter requires an image prompt on every call."""
         with self._lock:
-            record = self.catalog.get(model)
             entry = self._entries.get(record.id)
             if entry is None or (scale is None and not entry.ip_adapter):
                 return

@@ -23,6 +23,7 @@ from easel.domain import (
     GenerationParams,
     InvalidParams,
     ModelRecord,
+    TaskSpec,
 )
 from easel.models.families import LIMIT_FIELDS, Family
 
@@ -161,7 +162,7 @@ def canvas_size(size: tuple[int, int], outpaint: Mapping[str, int] | None) -> tu
     )
 
 
-def _check_unused_fields(values: dict[str, Any], spec: Any) -> None:
+def _check_unused_fields(values: dict[str, Any], spec: TaskSpec) -> None:
     editing = (*IMAGE_FIELDS, "strength", "mask_blur", "only_masked", "outpaint", "style_strength")
     for name in editing:
         if values.get(name) is not None and name not in (*spec.image_fields, *spec.fields):
@@ -174,7 +175,7 @@ def _check_unused_fields(values: dict[str, Any], spec: Any) -> None:
 
 def _check_inputs(
     values: dict[str, Any],
-    spec: Any,
+    spec: TaskSpec,
     family: Family,
     sizes: Mapping[str, tuple[int, int]],
     size_given: bool,
