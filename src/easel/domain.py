@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
-Task = Literal["txt2img", "img2img", "inpaint", "outpaint", "style"]
+Task = Literal["txt2img", "img2img", "inpaint", "outpaint", "style", "train_lora"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,9 @@ class TaskSpec:
     optional_inputs: tuple[str, ...] = ()  # image fields that may be given
     fields: tuple[str, ...] = ()  # other request fields only this task uses
     description: str = ""
+    # "generate": the engine makes images; "train": the trainer fits a LoRA (its samples are
+    # the job's images)
+    kind: Literal["generate", "train"] = "generate"
 
     @property
     def image_fields(self) -> tuple[str, ...]:
@@ -67,6 +70,13 @@ TASK_SPECS: dict[str, TaskSpec] = {
         optional_inputs=("image",),
         fields=("strength", "style_strength"),
         description="the look of style_image: restyle image, or a new picture in that look",
+    ),
+    "train_lora": TaskSpec(
+        "train_lora",
+        ("txt2img",),
+        fields=("dataset", "name", "trigger", "steps", "rank", "learning_rate"),
+        description="fit a LoRA on a dataset of captioned images; samples show its progress",
+        kind="train",
     ),
 }
 TASKS: tuple[str, ...] = tuple(TASK_SPECS)
@@ -172,6 +182,15 @@ class GenerationParams:
     # sha256 (first 16 hex digits) of each input's decoded pixels, set by the engine: a PNG
     # records which inputs made it, so `generate --from` can tell when others are given
     input_hashes: dict[str, str] | None = None
+    # LoRAs applied to the model, in order: [{"id": NAME, "weight": 0.8}, ...]
+    loras: list[dict[str, Any]] | None = None
+    # --- fine-tuning (task train_lora) ---
+    dataset: str | None = None  # a dataset id (a folder or .zip on the CLI)
+    name: str | None = None  # the LoRA's name: EASEL_HOME/loras/NAME.safetensors
+    trigger: str | None = None  # the word that calls up what the LoRA learnt
+    steps: int | None = None  # optimisation steps
+    rank: int | None = None  # LoRA rank
+    learning_rate: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -251,6 +270,24 @@ class ModelRecord:
     # an IP-Adapter .safetensors file (SD, SDXL) with its CLIP image encoder in an
     # `image_encoder` folder beside it (h94/IP-Adapter's layout): the `style` task uses it
     ip_adapter: str | None = None
+
+
+@dataclass
+class LoraRecord:
+    """A LoRA in EASEL_HOME/loras: ``NAME.safetensors`` (diffusers' LoRA format) and ``NAME.json``
+    with what is known about it. Trained ones know their base model, trigger word and run."""
+
+    id: str  # NAME
+    path: str
+    family: str  # the model family it fits ("sd", "sdxl", "z-image", "flux")
+    base_model: str | None = None  # the catalog id it was trained on
+    trigger: str | None = None
+    rank: int | None = None
+    steps: int | None = None
+    source: str = "trained"  # or "added" (a file from elsewhere)
+    job_id: str | None = None  # the train_lora job that made it
+    created_at: datetime | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # loss, best step, dataset, ...
 
 
 # --- jobs ---------------------------------------------------------------------------------------

@@ -218,7 +218,7 @@ def test_the_cpu_preset_gives_the_decoder_minutes_to_the_autoencoder_without_nat
     [("cpu", True, True), ("cpu", False, False), ("cuda", False, True)],
 )
 def test_bf16_only_where_the_device_computes_it_natively(device, native, bf16, monkeypatch):
-    monkeypatch.setattr("easel.training.base.cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr("easel.training.loop.cpu_has_native_bf16", lambda: native)
     config = preset("cpu")
     assert with_native_precision(config, torch.device(device)).bf16 is bf16
     assert not with_native_precision(preset("cpu", bf16=False), torch.device(device)).bf16
