@@ -9,7 +9,7 @@ the wall time per recorded step, how busy the device was (the kernels' own time 
 time: far below 100 % means the host cannot feed it), the operators with the most host time and,
 on a GPU, the kernels with the most device time; writes a Chrome trace (DIR/trace.json, open it
 in chrome://tracing or Perfetto). Made for the 2026-11-27 finding that the UNet stage ran at
-2,906 images/s alone on an H200, under half the first GPU run's 6,600 (docs/MODEL.md): one short
+2,906 images/s alone on an H200, under half the first GPU run's 6,600 (docs/TRAINING-LOG.md): one short
 device call with this script says where the step goes.
 """
 
@@ -25,8 +25,9 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from easel.domain import Canceled
-from easel.training.base import TrainStep, train_base
-from easel.training.base_config import preset
+from easel.training.loop import TrainStep
+from easel.training.tinyshapes.config import preset
+from easel.training.tinyshapes.recipe import train_base
 
 
 def main() -> None:

@@ -23,18 +23,11 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from easel.training.base import (
-    adamw,
-    autocast,
-    build_text_encoder,
-    build_unet,
-    latent_size,
-    tokenize,
-    training_attention,
-)
-from easel.training.base_config import preset
-from easel.training.data import SceneStream
-from easel.training.tokenizer import train_tokenizer
+from easel.training.loop import adamw, autocast, training_attention
+from easel.training.tinyshapes.config import preset
+from easel.training.tinyshapes.data import SceneStream
+from easel.training.tinyshapes.recipe import build_text_encoder, build_unet, latent_size, tokenize
+from easel.training.tinyshapes.tokenizer import train_tokenizer
 
 
 def main() -> None:

@@ -2,9 +2,10 @@
 #
 #     OUT=/some/dir [NAME=tiny-shapes] bash scripts/device_train.sh [MINUTES=7.5] [options]
 #
-# options are those of easel.training.base (e.g. --latent-channels 8). Needs diffusers importable
-# (on a lent machine: the wheels carried in .whl/, installed with PYTHONPATH=/tmp/site:src first).
-# Two runs may share one GPU (each with its own NAME and RUN folder); docs/MODEL.md says how the
+# options are those of easel.training.tinyshapes.recipe (e.g. --latent-channels 8). Needs
+# diffusers importable (on a lent machine: the wheels carried in .whl/, installed with
+# PYTHONPATH=/tmp/site:src first).
+# Two runs may share one GPU (each with its own NAME and RUN folder); docs/TRAINING-LOG.md says how the
 # 2026-11-27 pair was run. Writes one archive into $OUT, in 15 MB parts since a lent machine sends
 # back files of at most 16 MiB (`cat NAME.tar.gz.part-* | tar -xz`): NAME/pipeline (the
 # StableDiffusionPipeline folder), samples.png, loss.png, summary.json (final losses, throughput,
@@ -25,7 +26,7 @@ import torch, diffusers, transformers
 print(f"torch {torch.__version__} diffusers {diffusers.__version__} ({diffusers.__file__}) transformers {transformers.__version__}")
 print("device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
 PY
-python3 -m easel.training.base --preset gpu --out "$RUN" --max-minutes "$MINUTES" "$@" 2>&1 \
+python3 -m easel.training.tinyshapes.recipe --preset gpu --out "$RUN" --max-minutes "$MINUTES" "$@" 2>&1 \
     | tee -a "$RUN/$NAME/train.log"
 mv "$RUN/pipeline" "$RUN/samples.png" "$RUN/loss.png" "$RUN/summary.json" "$RUN/$NAME/"
 tar -czf - -C "$RUN" "$NAME" | split -b 15m - "$OUT/$NAME.tar.gz.part-"

@@ -21,8 +21,9 @@ HEAVY = (
 )
 
 
-# What a bare GPU machine lacks (scripts/device_train.sh runs `python -m easel.training.base`
-# with only diffusers carried there); once, an import of the engine for one helper pulled them in.
+# What a bare GPU machine lacks (scripts/device_train.sh runs
+# `python -m easel.training.tinyshapes.recipe` with only diffusers carried there); once, an import
+# of the engine for one helper pulled them in.
 SERVER_SIDE = (
     "easel.config",
     "platformdirs",
@@ -48,5 +49,10 @@ def test_api_and_ui_load_no_torch_engine_or_training() -> None:
     assert _loaded_after("easel.api.app, easel.ui.app, easel.services", HEAVY) == []
 
 
+def test_the_training_settings_load_no_torch() -> None:
+    # `easel --help` and `easel train base` read them before anything needs torch
+    assert _loaded_after("easel.training.tinyshapes.config", HEAVY[:3]) == []
+
+
 def test_the_training_script_loads_no_server_side_package() -> None:
-    assert _loaded_after("easel.training.base", SERVER_SIDE) == []
+    assert _loaded_after("easel.training.tinyshapes.recipe", SERVER_SIDE) == []

@@ -1,7 +1,7 @@
 """Ending classifier-free guidance early (`guidance_end`), for the SD pipelines' step callbacks.
 
-Free of Easel's server-side imports, so that training (`easel.training.base`, which also runs as
-a script on a bare GPU machine) and the evaluator apply it exactly as the engine does.
+Free of Easel's server-side imports, so that training (`easel.training.tinyshapes.recipe`, which
+also runs as a script on a bare GPU machine) and the evaluator apply it exactly as the engine does.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def end_guidance(
     (at least one), denoise without classifier-free guidance, from the conditional half only.
 
     Guidance matters while the layout forms; in the last, low-noise steps it adds little, and
-    the bundled model drew small shapes right more often without it there (docs/MODEL.md,
+    the bundled model drew small shapes right more often without it there (docs/TRAINING-LOG.md,
     "Results"; Kynkäänniemi et al. 2024 found late guidance unnecessary for large models too).
     Each step after the end costs one batch instead of two. This is diffusers' own switch
     (``do_classifier_free_guidance`` reads ``_guidance_scale``), for the SD pipelines whose

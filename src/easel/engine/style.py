@@ -20,7 +20,7 @@ coherent picture in the model's hand.
 Why pixels and not the VAE's latents: the same transfer on latent region means (tried first)
 decodes to smeared colours and halos with the bundled model's autoencoder, whose latent space is
 far from linear in colour: at equal settings 5 of 24 held-out cases came out in the reference's
-colours against 20 of 48 with colours (docs/MODEL.md, "Editing").
+colours against 20 of 48 with colours (docs/TRAINING-LOG.md, "Editing").
 
     restyled = transfer_look(content, reference, amount=1.0)   # a PIL image, content's size
 """

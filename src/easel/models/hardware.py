@@ -1,5 +1,5 @@
 """Facts about the machine that choose how models run (kept free of Easel's server-side imports,
-so that `easel.training.base` also runs as a script on a bare GPU machine)."""
+so that `easel.training.tinyshapes.recipe` also runs as a script on a bare GPU machine)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""`easel eval` (and `easel train`): training-side commands for the `easel` command line.
+"""`easel eval` and `easel train`: training-side commands for the `easel` command line.
 
+    easel train lora photos/ --name hexagon --trigger zq   # a LoRA, EASEL_HOME/loras/hexagon
     easel eval                       # the default model (tiny-shapes), report in ./eval/tiny-shapes
     easel eval path/to/checkpoint --limit 8 --steps 10 --out /tmp/ev
     easel eval tiny-shapes --editing  # inpaint, outpaint, img2img, style: ./eval/tiny-shapes/editing
@@ -28,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _register_train(subparsers: argparse._SubParsersAction) -> None:
-    from easel.training.base_config import add_arguments
+    from easel.training.tinyshapes.config import add_arguments  # torch-free: a fast `easel --help`
 
     train = subparsers.add_parser("train", help="train models")
     kinds = train.add_subparsers(dest="train_command", required=True)
@@ -41,41 +42,129 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     )
     add_arguments(base)
     base.set_defaults(func=cmd_train_base)
+    _register_train_lora(kinds)
 
 
 def cmd_train_base(args: argparse.Namespace) -> int:
-    from easel.training.base import train_base
-    from easel.training.base_config import config_from_args
+    from easel.training.tinyshapes.config import config_from_args
 
-    if args.max_minutes is not None and args.max_minutes <= 0:
-        raise InvalidParams(
-            f"--max-minutes must be greater than 0 (got {args.max_minutes})", field="max_minutes"
-        )
-    config = config_from_args(args)
-    for name in ("latent_channels", "batch_size", "vae_batch_size"):
-        if getattr(config, name) < 1:
-            flag = "--" + name.replace("_", "-")
-            raise InvalidParams(
-                f"{flag} must be at least 1 (got {getattr(config, name)})", field=name
-            )
-    for name in ("vae_share", "decoder_share"):
-        if not 0 <= getattr(config, name) < 1:
-            flag = "--" + name.replace("_", "-")
-            raise InvalidParams(
-                f"{flag} must be at least 0 and below 1 (got {getattr(config, name)})", field=name
-            )
-    if not 0 <= config.hard_share <= 1:
-        raise InvalidParams(
-            f"--hard-share must be between 0 and 1 (got {config.hard_share})", field="hard_share"
-        )
-    if config.vae_share + config.decoder_share > 0.9:
-        raise InvalidParams(
-            "--vae-share + --decoder-share must be at most 0.9, so the denoiser keeps a tenth of "
-            f"the budget (got {config.vae_share} + {config.decoder_share})",
-            field="decoder_share",
-        )
+    config = config_from_args(args)  # raises InvalidParams, before torch loads or a file is written
+    from easel.training.tinyshapes.recipe import train_base
+
     folder = train_base(config)
     print(f"saved {folder}")
+    return 0
+
+
+# --- easel train lora -----------------------------------------------------------------------------
+
+
+def _register_train_lora(kinds: argparse._SubParsersAction) -> None:
+    from easel.training.lora_config import LoraConfig  # torch-free
+
+    defaults = LoraConfig(model="-", dataset="-", out_dir="-", name="n", trigger="t")
+    lora = kinds.add_parser(
+        "lora",
+        help="fine-tune a model with LoRA on your own captioned images",
+        description="Teach a model something new from a folder of images with same-name .txt "
+        "captions (or a metadata.jsonl), or a .zip of one. Writes EASEL_HOME/loras/NAME."
+        "safetensors (diffusers' LoRA format), with NAME.loss.png and NAME.samples.png beside "
+        "it. The run folder (default EASEL_HOME/training/NAME) keeps checkpoints: the same "
+        "command run again goes on from the last one.",
+    )
+    lora.add_argument("dataset", type=Path, help="folder of images + captions, or a .zip")
+    lora.add_argument("--name", required=True, help="the LoRA's name (its file name)")
+    lora.add_argument(
+        "--trigger",
+        required=True,
+        help="the word that calls up what the LoRA learns; put in front of captions lacking it",
+    )
+    lora.add_argument("-m", "--model", help="catalog id or model folder (default: the default)")
+    lora.add_argument("--steps", type=int, default=defaults.steps, help="(default %(default)s)")
+    lora.add_argument("--rank", type=int, default=defaults.rank, help="(default %(default)s)")
+    lora.add_argument(
+        "--learning-rate", type=float, default=defaults.learning_rate, help="(default %(default)s)"
+    )
+    lora.add_argument(
+        "--batch-size", type=int, default=defaults.batch_size, help="(default %(default)s)"
+    )
+    lora.add_argument(
+        "--train-text-encoder", action="store_true", help="LoRA on the CLIP text encoder(s) too"
+    )
+    lora.add_argument(
+        "--prior-prompt",
+        help="prior preservation: the class prompt (e.g. 'a shape'); images of it are made by "
+        "the model first and trained alongside",
+    )
+    lora.add_argument(
+        "--sample-every",
+        type=int,
+        default=defaults.sample_every,
+        help="steps between sample grids and held-out losses (default %(default)s; 0: never)",
+    )
+    lora.add_argument(
+        "--allow-missing-captions",
+        action="store_true",
+        help="train images without a caption on the trigger word alone (else they are refused)",
+    )
+    lora.add_argument("--out", type=Path, help="run folder (default EASEL_HOME/training/NAME)")
+    lora.add_argument("--seed", type=int, default=0)
+    lora.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
+    lora.set_defaults(func=cmd_train_lora)
+
+
+def cmd_train_lora(args: argparse.Namespace) -> int:
+    from easel.datasets import DatasetLimits, prepare_dataset, read_summary
+    from easel.models.loras import LoraCatalog
+    from easel.training.lora_config import LoraConfig
+
+    # 1. check the settings and the name before anything is read or written
+    settings = Settings()
+    run_dir = args.out or settings.home / "training" / args.name
+    config = LoraConfig(
+        model=args.model or settings.default_model,
+        dataset=str(run_dir / "dataset"),
+        out_dir=str(run_dir),
+        name=args.name,
+        trigger=args.trigger,
+        steps=args.steps,
+        rank=args.rank,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        train_text_encoder=args.train_text_encoder,
+        prior_prompt=args.prior_prompt,
+        sample_every=args.sample_every,
+        seed=args.seed,
+        device=args.device,
+    )
+    loras = LoraCatalog(settings)
+    if loras.path_for(args.name).exists():
+        raise InvalidParams(
+            f"a LoRA named {args.name!r} exists already ({loras.path_for(args.name)}); pick "
+            "another --name",
+            field="name",
+        )
+    # 2. the dataset: checked and copied into the run folder (kept there for a resumed run)
+    dataset = Path(config.dataset)
+    if not (dataset / "dataset.json").exists():
+        limits = DatasetLimits.from_settings(
+            settings, allow_missing_captions=args.allow_missing_captions
+        )
+        prepare_dataset(args.dataset, dataset, limits)
+    summary = read_summary(dataset)
+    print(
+        f"dataset: {summary.images} images, {summary.captions} with captions -> {run_dir}",
+        file=sys.stderr,
+    )
+    # 3. train (a progress bar per step), then publish into EASEL_HOME/loras
+    from easel.training.job import publish_lora
+    from easel.training.lora import train_lora
+
+    result = train_lora(config, settings=settings)
+    record = publish_lora(result, config, loras)
+    heldout = f", held-out loss {result.heldout[-1][1]:.4f}" if result.heldout else ""
+    print(f"saved {record.path} ({result.steps} steps, {result.seconds:.0f} s{heldout})")
+    print(f'use it: easel generate "a {config.trigger}" --lora {config.name}')
     return 0
 
 
@@ -125,7 +214,7 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from easel.training.evaluate import evaluate, format_markdown
+    from easel.training.tinyshapes.evaluate import evaluate, format_markdown
 
     # 1. check inputs
     for name in ("limit", "steps"):
@@ -159,8 +248,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     }
     try:
         if args.editing:
-            from easel.training.evaluate_editing import evaluate_editing
-            from easel.training.evaluate_editing import format_markdown as format_editing
+            from easel.training.tinyshapes.evaluate_editing import evaluate_editing
+            from easel.training.tinyshapes.evaluate_editing import format_markdown as format_editing
 
             summary = format_editing(evaluate_editing(model, **common), list_wrong=False)
         else:

@@ -76,7 +76,7 @@ def prefetched(make: Callable[[], object], device: torch.device) -> Iterator:
     """Yield make() results endlessly. On CUDA the next one is prepared in a thread while the
     caller works; on the CPU one after the other, since a second thread of torch ops competes
     for the cores (a batch renders in 5 ms, yet the UNet stage on 2 cores ran at 1.05 it/s with
-    the thread and 1.37 without; docs/MODEL.md)."""
+    the thread and 1.37 without; docs/TRAINING-LOG.md)."""
     if device.type != "cuda":
         while True:
             yield make()
@@ -150,7 +150,13 @@ def training_attention(device: torch.device) -> contextlib.AbstractContextManage
     return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else contextlib.nullcontext()
 
 
-def save_loss_plot(logs: dict[str, StageLog], path: Path) -> None:
+def save_loss_plot(
+    logs: dict[str, StageLog],
+    path: Path,
+    extra: dict[str, list[tuple[int, float]]] | None = None,
+) -> None:
+    """One panel per stage: the loss per step, faint, and a moving average over it; ``extra``
+    series (e.g. held-out losses) are drawn as points on the first panel, with a legend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,6 +177,11 @@ def save_loss_plot(logs: dict[str, StageLog], path: Path) -> None:
         else:
             axis.text(0.5, 0.5, "no steps yet", ha="center", va="center", transform=axis.transAxes)
         axis.set(title=f"{stage} loss", xlabel="step", yscale="log")
+    first = axes[0] if len(logs) > 1 else axes
+    for label, points in (extra or {}).items():
+        if points:
+            first.plot(*zip(*points, strict=True), "o-", color="tab:orange", label=label)
+            first.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -195,15 +206,22 @@ class StageRun:
         log: StageLog,
         on_step: Callable[[TrainStep], None] | None,
         is_canceled: Callable[[], bool] | None,
+        checkpoint_every_steps: int | None = None,
     ):
         self.stage, self.config, self.log = stage, config, log
+        self.checkpoint_every_steps = checkpoint_every_steps
         self.budget_s, self.max_steps, self.batch_size = budget_s, max_steps, batch_size
         self.on_step, self.is_canceled = on_step, is_canceled
         self.elapsed_before, self.first_step = elapsed_before, step
         self.start = self.last_log = self.last_checkpoint = time.monotonic()
         self.fraction = max(elapsed_before / budget_s, step / max_steps)
         self.progress = tqdm(
-            desc=stage, unit="step", initial=step, disable=self.done, mininterval=2.0
+            desc=stage,
+            unit="step",
+            initial=step,
+            total=max_steps if math.isinf(budget_s) else None,
+            disable=self.done,
+            mininterval=2.0,
         )
 
     @property
@@ -223,9 +241,10 @@ class StageRun:
         self.log.steps.append(step)
         self.log.losses.append(loss)
         self.progress.update()
-        self.progress.set_postfix(
-            loss=f"{loss:.4f}", left=f"{max(0, self.budget_s - elapsed):.0f}s"
-        )
+        postfix = {"loss": f"{loss:.4f}"}
+        if not math.isinf(self.budget_s):  # a step budget shows its own ETA in the bar
+            postfix["left"] = f"{max(0, self.budget_s - elapsed):.0f}s"
+        self.progress.set_postfix(postfix)
         if self.on_step:
             self.on_step(TrainStep(self.stage, step, loss, lr, elapsed, self.fraction))
         if now - self.last_log >= self.config.log_every_seconds or self.done:
@@ -233,7 +252,12 @@ class StageRun:
                 self.stage, step - self.first_step, now - self.start, self.batch_size, self.log
             )
             self.last_log = now
-        if now - self.last_checkpoint >= self.config.checkpoint_every_minutes * 60 or self.done:
+        every = self.checkpoint_every_steps
+        if (
+            now - self.last_checkpoint >= self.config.checkpoint_every_minutes * 60
+            or (every and step % every == 0)
+            or self.done
+        ):
             save()
             self.last_checkpoint = now
         if self.is_canceled and self.is_canceled():

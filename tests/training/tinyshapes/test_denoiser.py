@@ -9,10 +9,11 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from easel.domain import InvalidParams
 from easel.models.catalog import TINY_SHAPES_DIR
-from easel.training.base import denoiser_loss, noise_schedule, scaled_latents, tokenize
-from easel.training.data import SceneStream
-from easel.training.denoiser import main, tune_denoiser
+from easel.training.tinyshapes.data import SceneStream
+from easel.training.tinyshapes.denoiser import main, tune_denoiser
+from easel.training.tinyshapes.recipe import denoiser_loss, noise_schedule, scaled_latents, tokenize
 
 
 def _shifted_vae(path: Path) -> Path:
@@ -73,11 +74,11 @@ def test_the_tune_teaches_the_unet_the_new_latents_and_writes_a_whole_pipeline(
 @pytest.mark.parametrize(
     ("flags", "named"),
     [
-        (["--minutes", "0"], "--minutes must be greater than 0"),
+        (["--minutes", "0"], "minutes (--minutes) must be greater than 0"),
         (["--vae", "{tmp}/nothing"], "is not a VAE folder"),
-        (["--out", str(TINY_SHAPES_DIR)], "--out must differ from the pipeline folder"),
+        (["--out", str(TINY_SHAPES_DIR)], "out_dir (--out) must differ from the pipeline folder"),
         (["--out", "{tmp}/kept"], "already exists and is not empty"),
-        (["--hard-share", "1.5"], "--hard-share must be between 0 and 1 (got 1.5)"),
+        (["--hard-share", "1.5"], "hard_share (--hard-share) must be between 0 and 1 (got 1.5)"),
     ],
 )
 def test_the_command_refuses_bad_arguments(
@@ -104,3 +105,14 @@ def test_the_command_refuses_a_denoiser_that_does_not_predict_velocity(
         main(argv)
     assert exit_info.value.code == 2
     assert "predicts 'epsilon'" in capsys.readouterr().err
+
+
+def test_a_library_call_is_refused_like_the_command(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(InvalidParams) as refused:  # the BaseConfig it builds checks hard_share
+        tune_denoiser(TINY_SHAPES_DIR, TINY_SHAPES_DIR / "vae", out, hard_share=2.0)
+    assert refused.value.field == "hard_share"
+    with pytest.raises(InvalidParams) as refused:
+        tune_denoiser(TINY_SHAPES_DIR, TINY_SHAPES_DIR / "vae", TINY_SHAPES_DIR)
+    assert refused.value.field == "out_dir"
+    assert not out.exists()

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from easel.training.data import COLOURS, POSITIONS, SHAPES, SIZES
+from easel.training.tinyshapes.data import COLOURS, POSITIONS, SHAPES, SIZES
 
 UNKNOWN = "unknown"
 
@@ -131,7 +131,11 @@ TEMPLATES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "cross": lambda x, y: (
         ((np.abs(x) <= 1.0) & (np.abs(y) <= 0.34)) | ((np.abs(x) <= 0.34) & (np.abs(y) <= 1.0))
     ),
+    # not in the base model's world: the shape a LoRA is taught (tinyshapes.evaluate_lora),
+    # judged only when asked for (analyse(image, shapes=...)); flat top, corners left and right
+    "hexagon": _polygon_inside(_regular_polygon(6, 1.0, rotation=math.pi / 6)),
 }
+EXTRA_SHAPES = ("hexagon",)
 
 
 # The convex corners of each shape (unit radius), where rounding or blunting shows, and their angle.
@@ -140,6 +144,7 @@ CORNERS: dict[str, np.ndarray] = {
     "square": np.array([[sx * 0.85, sy * 0.85] for sx in (-1, 1) for sy in (-1, 1)]),
     "triangle": np.array([[0.0, -_H], [1.0, _H], [-1.0, _H]]),
     "star": _star_vertices()[::2],
+    "hexagon": _regular_polygon(6, 1.0, rotation=math.pi / 6),
     "cross": np.array(
         [
             [sx * a, sy * b]
@@ -155,6 +160,7 @@ CORNER_ANGLES = {
     "triangle": math.pi / 3,
     "star": math.pi / 5,
     "cross": math.pi / 2,
+    "hexagon": 2 * math.pi / 3,
 }
 
 # Each template sampled once on a fine grid over [-1, 1]^2; rendering looks points up in it,
@@ -415,7 +421,11 @@ def _nearest_position(centre: tuple[float, float], side: int) -> str:
 
 
 def _analyse_object(
-    image: np.ndarray, component: np.ndarray, background: np.ndarray, background_name: str
+    image: np.ndarray,
+    component: np.ndarray,
+    background: np.ndarray,
+    background_name: str,
+    shapes: tuple[str, ...],
 ) -> DetectedObject | None:
     # 1. colour: the median of the pixels farthest from the background (the object's inside, not
     #    its anti-aliased rim, which mixes in the background)
@@ -450,7 +460,7 @@ def _analyse_object(
         (rows >= IGNORED_FRAME) & (rows < h - IGNORED_FRAME),
         (cols >= IGNORED_FRAME) & (cols < w - IGNORED_FRAME),
     ).astype(np.float32)
-    fits = {shape: _fit_template(shape, crop, weight, box, area, centroid) for shape in SHAPES}
+    fits = {shape: _fit_template(shape, crop, weight, box, area, centroid) for shape in shapes}
     best_shape = max(fits, key=lambda s: fits[s].iou)
     best = fits[best_shape]
     accepted = (
@@ -474,8 +484,9 @@ def _analyse_object(
     )
 
 
-def analyse(image: Image.Image | np.ndarray) -> Analysis:
-    """Find the background and every object in ``image`` and judge each object's attributes."""
+def analyse(image: Image.Image | np.ndarray, shapes: tuple[str, ...] = SHAPES) -> Analysis:
+    """Find the background and every object in ``image`` and judge each object's attributes;
+    an object's shape is the best of ``shapes`` (the base model's five unless told more)."""
     pixels = to_array(image)
     background = _background(pixels)
     name, distance = nearest_colour(background)
@@ -487,7 +498,7 @@ def analyse(image: Image.Image | np.ndarray) -> Analysis:
     objects = [
         found
         for component in components
-        if (found := _analyse_object(pixels, component, background, name)) is not None
+        if (found := _analyse_object(pixels, component, background, name, shapes)) is not None
     ]
     objects.sort(key=lambda o: o.centre[0] + o.centre[1])  # left before right, top before bottom
     bg = (float(background[0]), float(background[1]), float(background[2]))

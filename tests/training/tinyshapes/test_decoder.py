@@ -8,8 +8,9 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
-from easel.training.data import Scene, SceneStream, ShapeObject, render
-from easel.training.decoder import (
+from easel.domain import InvalidParams
+from easel.training.tinyshapes.data import Scene, SceneStream, ShapeObject, render
+from easel.training.tinyshapes.decoder import (
     edge_weights,
     finetune_decoder,
     focused_loss,
@@ -90,10 +91,10 @@ def test_an_anchored_tune_trains_the_encoder_and_the_anchor_holds_its_latents(
 @pytest.mark.parametrize(
     ("flags", "named"),
     [
-        (["--minutes", "0"], "--minutes must be greater than 0"),
-        (["--batch-size", "-1"], "--batch-size must be greater than 0"),
-        (["--lr", "0"], "--lr must be greater than 0"),
-        (["--encoder-anchor", "-1"], "--encoder-anchor must be 0 or more"),
+        (["--minutes", "0"], "minutes (--minutes) must be greater than 0 (got 0.0)"),
+        (["--batch-size", "-1"], "batch_size (--batch-size) must be greater than 0 (got -1)"),
+        (["--lr", "0"], "lr (--lr) must be greater than 0"),
+        (["--encoder-anchor", "-1"], "encoder_anchor (--encoder-anchor) must be 0 or more"),
     ],
 )
 def test_the_command_refuses_budgets_that_cannot_train(
@@ -117,3 +118,15 @@ def test_the_command_refuses_a_folder_that_is_not_a_pipeline(
         main([str(tmp_path), "--out", str(tmp_path / "vae")])
     assert exit_info.value.code == 2
     assert "no model_index.json" in capsys.readouterr().err
+
+
+def test_a_library_call_is_refused_like_the_command(tiny_sd_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(
+        InvalidParams, match=r"^minutes \(--minutes\) must be greater than 0"
+    ) as refused:
+        finetune_decoder(tiny_sd_path, tmp_path / "vae", minutes=0)
+    assert refused.value.field == "minutes"
+    with pytest.raises(InvalidParams) as refused:
+        finetune_decoder(tiny_sd_path, tmp_path / "vae", encoder_anchor=-1)
+    assert refused.value.field == "encoder_anchor"
+    assert not (tmp_path / "vae").exists()

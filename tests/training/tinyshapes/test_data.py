@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 import torch
 
-from easel.training.data import (
+from easel.training.tinyshapes.data import (
     COLOURS,
     HELD_OUT,
     POSITIONS,

@@ -10,7 +10,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from transformers import CLIPTextModel
 
-from easel.training.tokenizer import caption_corpus, train_tokenizer
+from easel.training.tinyshapes.tokenizer import caption_corpus, train_tokenizer
 from tests.tiny_models import make_tiny_sd
 
 

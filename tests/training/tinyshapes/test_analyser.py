@@ -11,7 +11,15 @@ import torch
 from diffusers import AutoencoderKL
 
 from easel.models.catalog import TINY_SHAPES_DIR
-from easel.training.data import (
+from easel.training.tinyshapes.analyser import (
+    TEMPLATES,
+    UNKNOWN,
+    _polygon_inside,
+    _regular_polygon,
+    analyse,
+    gaussian_blur,
+)
+from easel.training.tinyshapes.data import (
     COLOURS,
     POSITIONS,
     SIZES,
@@ -22,15 +30,7 @@ from easel.training.data import (
     sample_scene,
     to_pil,
 )
-from easel.training.evaluate import judge
-from easel.training.evaluate_analyser import (
-    TEMPLATES,
-    UNKNOWN,
-    _polygon_inside,
-    _regular_polygon,
-    analyse,
-    gaussian_blur,
-)
+from easel.training.tinyshapes.evaluate import judge
 
 Inside = Callable[[np.ndarray, np.ndarray], np.ndarray]
 

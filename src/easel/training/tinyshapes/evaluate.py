@@ -2,7 +2,7 @@
 
 `evaluate` renders the held-out (colour, shape, background) combinations of `data.HELD_OUT` and a
 set of seen scenes through the model's real pipeline, has the pixel-only analyser
-(`evaluate_analyser`) read each image, and compares what it saw with the prompt's scene:
+(`analyser`) read each image, and compares what it saw with the prompt's scene:
 
     >>> report = evaluate("tiny-shapes", out=Path("eval"))  # doctest: +SKIP
     >>> report.generated.all_right["held-out single"]        # doctest: +SKIP
@@ -33,8 +33,10 @@ from easel.domain import InvalidParams
 from easel.engine.guidance import end_guidance_args
 from easel.models.catalog import ModelCatalog
 from easel.models.loader import ModelManager
+from easel.models.loras import LoraCatalog
 from easel.models.params import check_guidance_end, defaults_for
-from easel.training.data import (
+from easel.training.tinyshapes.analyser import Analysis, DetectedObject, analyse
+from easel.training.tinyshapes.data import (
     COLOURS,
     HELD_OUT,
     PAIR_POSITIONS,
@@ -51,7 +53,6 @@ from easel.training.data import (
     sample_scene,
     to_pil,
 )
-from easel.training.evaluate_analyser import Analysis, DetectedObject, analyse
 
 OBJECT_ATTRIBUTES = ("colour", "shape", "size", "position")
 ATTRIBUTES = (*OBJECT_ATTRIBUTES, "background", "count")
@@ -297,13 +298,15 @@ def evaluate(
     batch_size: int = 16,
     out: Path | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    loras: list[tuple[str, float]] | None = None,
 ) -> EvalReport:
     """Render prompts through ``model`` (catalog id or diffusers folder), judge them, report.
 
     ``prompts`` are canonical captions (default: `default_scenes`); ``limit`` keeps the first N
     of each group. ``steps``/``guidance_scale``/``guidance_end`` default to the model's (a
     trained folder's are in its easel.json). Image i uses seed ``seed + i``. With ``out``,
-    writes report.json, report.md and grid.png there.
+    writes report.json, report.md and grid.png there. ``loras`` ((name, weight) pairs from
+    EASEL_HOME/loras) are applied to the model first.
     ``on_progress(done, total)`` is called after each batch.
     """
     started = time.perf_counter()
@@ -322,7 +325,11 @@ def evaluate(
         raise InvalidParams("prompts must hold at least one prompt", field="prompts")
     # 2. the model, with its defaults
     settings = Settings() if device is None else Settings(device=device)
-    loaded = ModelManager(settings, ModelCatalog(settings)).get_pipeline(model, "txt2img")
+    manager = ModelManager(settings, ModelCatalog(settings))
+    loaded = manager.get_pipeline(model, "txt2img")
+    if loras:
+        catalog = LoraCatalog(settings)
+        manager.use_loras(loaded.record, [(catalog.get(name), w) for name, w in loras])
     if loaded.family.name != "sd":
         raise InvalidParams(
             f"model must be a Stable Diffusion 1.x/2.x style model like tiny-shapes "

@@ -3,7 +3,7 @@
 `evaluate_editing` runs each row of `MEASURES` (inpaint, outpaint, img2img, style) through the
 real engine, as `easel generate --image ...` does, on pictures `data.render` draws of the held-out
 (colour, shape, background) combinations of `data.HELD_OUT`, and has the evaluator's pixel
-analyser (`evaluate_analyser`) read what came out:
+analyser (`analyser`) read what came out:
 
     >>> report = evaluate_editing("tiny-shapes", out=Path("eval/editing"))  # doctest: +SKIP
     >>> report.summaries["inpaint"].rates["asked object in the mask"]        # doctest: +SKIP
@@ -34,7 +34,8 @@ from easel.domain import GenerationParams, InputImages, InvalidParams
 from easel.imaging import band, grow_canvas
 from easel.models.catalog import ModelCatalog
 from easel.models.params import TASK_STRENGTH
-from easel.training.data import (
+from easel.training.tinyshapes.analyser import Analysis, analyse, nearest_colour
+from easel.training.tinyshapes.data import (
     COLOURS,
     HELD_OUT,
     POSITIONS,
@@ -47,8 +48,7 @@ from easel.training.data import (
     render,
     to_pil,
 )
-from easel.training.evaluate import HELD_OUT_VARIANTS, describe, judge
-from easel.training.evaluate_analyser import Analysis, analyse, nearest_colour
+from easel.training.tinyshapes.evaluate import HELD_OUT_VARIANTS, describe, judge
 
 SIDE = 64  # the model's native size, and the size the analyser is calibrated at
 PER_COMBO = 3  # cases per held-out combination: 48 per measure

@@ -9,17 +9,18 @@ elapsed fraction of the budget, so a run ends on time whatever the machine's spe
    latents, each encoded once and drawn about four times (`LatentPool`; v-prediction, 10 %
    empty captions for classifier-free guidance, an EMA copy kept, and an `AttributeProbe` loss
    that keeps every attribute word legible in the text encoder);
-3. the VAE's decoder alone, encoder frozen, for crisper small shapes (`easel.training.decoder`).
+3. the VAE's decoder alone, encoder frozen, for crisper small shapes (`decoder.tune_decoder`).
 
 The result is a `StableDiffusionPipeline` folder (`<out>/pipeline`) that plain
 `StableDiffusionPipeline.from_pretrained` loads. Along the way it writes step-stamped checkpoints
 (`<out>/checkpoints`, resumed automatically), sample grids (`<out>/samples`), `loss.png` and
-`summary.json`.
+`summary.json`. The settings are a `config.BaseConfig`; the loop pieces every recipe shares
+(checkpoints, stage bookkeeping, optimizer, schedule, precision) come from `easel.training.loop`.
 
 This module imports only torch, diffusers, transformers, tokenizers, numpy, PIL, matplotlib, tqdm
 and easel.training / easel.domain, so it also runs as a script on a bare GPU machine::
 
-    python -m easel.training.base --preset gpu --out runs/gpu --max-minutes 7
+    python -m easel.training.tinyshapes.recipe --preset gpu --out runs/gpu --max-minutes 7
 """
 
 from __future__ import annotations
@@ -46,12 +47,26 @@ from diffusers import (
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from easel.domain import MODEL_DEFAULTS_FILE
+from easel.domain import MODEL_DEFAULTS_FILE, InvalidParams
 from easel.engine.guidance import end_guidance_args
 from easel.engine.schedulers import make_scheduler
 from easel.models.hardware import cpu_has_native_bf16
-from easel.training.base_config import BaseConfig, add_arguments, config_from_args
-from easel.training.data import (
+from easel.training.loop import (
+    Checkpoints,
+    StageLog,
+    StageRun,
+    TrainStep,
+    adamw,
+    autocast,
+    lr_factor,
+    pick_device,
+    prefetched,
+    save_loss_plot,
+    training_attention,
+    with_native_precision,
+)
+from easel.training.tinyshapes.config import BaseConfig, add_arguments, config_from_args
+from easel.training.tinyshapes.data import (
     COLOURS,
     HELD_OUT,
     IMAGE_SIZE,
@@ -67,22 +82,8 @@ from easel.training.data import (
     render,
     to_pil,
 )
-from easel.training.decoder import reconstruction_loss, tune_decoder
-from easel.training.loop import (
-    Checkpoints,
-    StageLog,
-    StageRun,
-    TrainStep,
-    adamw,
-    autocast,
-    lr_factor,
-    pick_device,
-    prefetched,
-    save_loss_plot,
-    training_attention,
-    with_native_precision,
-)
-from easel.training.tokenizer import MAX_LENGTH, train_tokenizer
+from easel.training.tinyshapes.decoder import reconstruction_loss, tune_decoder
+from easel.training.tinyshapes.tokenizer import MAX_LENGTH, train_tokenizer
 
 # Prompts in every sample grid: held-out combinations first, then seen ones and two objects.
 SAMPLE_PROMPTS = [
@@ -129,7 +130,7 @@ class AttributeProbe(torch.nn.Module):
     """Linear heads that read every scene attribute from the mean of the text encoder's output.
     Its cross-entropy, added to the denoiser loss, keeps the words that pick an attribute apart
     in what the UNet sees: run 3 of the CPU retrain lost the position words ("left" and "right"
-    came out nearly alike) while its loss fell (docs/MODEL.md). Training only, never exported."""
+    came out nearly alike) while its loss fell (docs/TRAINING-LOG.md). Training only, never exported."""
 
     def __init__(self, width: int):
         super().__init__()
@@ -537,7 +538,7 @@ def train_base(
         tqdm.write(
             "  no native bf16 on this CPU (AMX / AVX512-BF16): on a 2-core AVX2 CPU the steps ran "
             "2-4x slower than on the reference one, so the budget trains a weaker model "
-            "(docs/MODEL.md)"
+            "(docs/TRAINING-LOG.md)"
         )
 
     # 2. stage 1: autoencoder; its latents' spread sets the scaling factor (SD's 0.18215 trick)
@@ -646,9 +647,14 @@ def export_pipeline(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m easel.training.base", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m easel.training.tinyshapes.recipe", description=__doc__
+    )
     add_arguments(parser)
-    config = config_from_args(parser.parse_args(argv))
+    try:
+        config = config_from_args(parser.parse_args(argv))
+    except InvalidParams as exc:
+        parser.error(exc.message)  # one line and exit code 2, as `easel train base`
     folder = train_base(config)
     print(f"saved {folder}")
     return 0

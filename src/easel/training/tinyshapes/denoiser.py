@@ -1,13 +1,13 @@
 """Tune a trained pipeline's denoiser on the latents of a new autoencoder.
 
-After ``python -m easel.training.decoder --encoder-anchor W`` has moved the encoder a little,
-the denoiser was trained on latents the encoder no longer quite makes. This trains the UNet alone
-(the text encoder stays as it is) on the new encoder's latents of freshly rendered scenes, with a
-low learning rate and an EMA copy, and writes a whole pipeline folder: the new VAE, the EMA UNet,
-everything else copied. The defaults are the run that made the shipped tiny-shapes denoiser
-(docs/MODEL.md).
+After ``python -m easel.training.tinyshapes.decoder --encoder-anchor W`` has moved the encoder a
+little, the denoiser was trained on latents the encoder no longer quite makes. This trains the
+UNet alone (the text encoder stays as it is) on the new encoder's latents of freshly rendered
+scenes, with a low learning rate and an EMA copy, and writes a whole pipeline folder: the new VAE,
+the EMA UNet, everything else copied. The defaults are the run that made the shipped tiny-shapes
+denoiser (docs/TRAINING-LOG.md).
 
-    python -m easel.training.denoiser PIPELINE_DIR --vae VAE_DIR --out NEW_PIPELINE_DIR
+    python -m easel.training.tinyshapes.denoiser PIPELINE_DIR --vae VAE_DIR --out NEW_PIPELINE_DIR
 """
 
 from __future__ import annotations
@@ -23,22 +23,20 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from easel.training.base import (
+from easel.domain import InvalidParams
+from easel.training.loop import (
     StageLog,
     StageRun,
     autocast,
-    denoiser_loss,
     lr_factor,
-    noise_schedule,
     pick_device,
-    scaled_latents,
-    tokenize,
     training_attention,
     with_native_precision,
 )
-from easel.training.base_config import BaseConfig
-from easel.training.data import SceneStream
-from easel.training.decoder import refuse_bad_tune_arguments
+from easel.training.tinyshapes.config import BaseConfig
+from easel.training.tinyshapes.data import SceneStream
+from easel.training.tinyshapes.decoder import check_tune_inputs
+from easel.training.tinyshapes.recipe import denoiser_loss, noise_schedule, scaled_latents, tokenize
 
 
 def tune_denoiser(
@@ -58,18 +56,23 @@ def tune_denoiser(
 ) -> Path:
     """Train ``pipeline_dir``'s UNet on ``vae_dir``'s latents for ``minutes`` (or ``max_steps``,
     whichever ends first); write the pipeline with that VAE and the UNet's EMA copy to
-    ``out_dir`` (float16 weights, as shipped; whatever was there is replaced) every
+    ``out_dir`` (float16 weights, as shipped; each save replaces the last) every
     ``BaseConfig.checkpoint_every_minutes`` and at the end, and return it. ``hard_share`` of
-    the scenes are redrawn with small objects, stars and crosses likeliest (`training_scene`)."""
-    # 1. load: the new VAE, the pipeline's frozen text encoder, its UNet to train
-    dev = pick_device(device)
-    config = with_native_precision(
-        BaseConfig(
-            seed=seed, bf16=bf16, batch_size=batch_size, lr=lr,
-            max_steps=max_steps or BaseConfig.max_steps,
-        ),
-        dev,
+    the scenes are redrawn with small objects, stars and crosses likeliest (`training_scene`).
+    Raises `InvalidParams` for settings that cannot train, a ``vae_dir`` that is no VAE folder,
+    a pipeline whose denoiser does not predict velocity, and an ``out_dir`` that is the pipeline
+    folder or a folder with files in it."""
+    # 1. check inputs: the settings (BaseConfig checks hard_share), the folders
+    check_tune_inputs(pipeline_dir, minutes=minutes, batch_size=batch_size, lr=lr)
+    config = BaseConfig(
+        seed=seed, bf16=bf16, batch_size=batch_size, lr=lr,
+        max_steps=max_steps or BaseConfig.max_steps, hard_share=hard_share,
     )  # fmt: skip
+    check_folders(pipeline_dir, vae_dir, out_dir)
+
+    # 2. load: the new VAE, the pipeline's frozen text encoder, its UNet to train
+    dev = pick_device(device)
+    config = with_native_precision(config, dev)
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).to(dev)
     tokenizer = CLIPTokenizer.from_pretrained(pipeline_dir / "tokenizer")
@@ -85,10 +88,10 @@ def tune_denoiser(
     params, ema_params = list(unet.parameters()), list(ema.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     scheduler = noise_schedule()
-    stream = SceneStream(seed=seed, device=dev, hard_share=hard_share)
+    stream = SceneStream(seed=seed, device=dev, hard_share=config.hard_share)
     dropout_rng = random.Random(seed)
 
-    # 2. the loop: stage 2's denoiser step, without the text encoder's training
+    # 3. the loop: stage 2's denoiser step, without the text encoder's training
     def save() -> None:
         export(pipeline_dir, out_dir, vae=vae, unet=ema)
 
@@ -134,6 +137,37 @@ def tune_denoiser(
     return out_dir
 
 
+def check_folders(pipeline_dir: Path, vae_dir: Path, out_dir: Path) -> None:
+    """`tune_denoiser`'s folders: a VAE to train on, a v-prediction denoiser to tune, and a new
+    or empty ``out_dir`` apart from the pipeline (every save replaces what is there)."""
+    if not (vae_dir / "config.json").is_file():
+        raise InvalidParams(
+            f"vae_dir (--vae): {vae_dir} is not a VAE folder (no config.json)", field="vae_dir"
+        )
+    config_path = pipeline_dir / "scheduler" / "scheduler_config.json"
+    prediction = (
+        json.loads(config_path.read_text()).get("prediction_type")
+        if config_path.is_file()
+        else None
+    )
+    if prediction != "v_prediction":
+        raise InvalidParams(
+            f"pipeline: its denoiser predicts {prediction!r}; this tunes v-prediction "
+            "denoisers such as easel train base makes",
+            field="pipeline_dir",
+        )
+    if out_dir.resolve() == pipeline_dir.resolve():
+        raise InvalidParams(
+            "out_dir (--out) must differ from the pipeline folder (it is copied from there)",
+            field="out_dir",
+        )
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise InvalidParams(
+            f"out_dir (--out): {out_dir} already exists and is not empty; name a new folder",
+            field="out_dir",
+        )
+
+
 def export(pipeline_dir: Path, out_dir: Path, **models: torch.nn.Module) -> None:
     """``pipeline_dir`` copied to ``out_dir`` with the named parts replaced by ``models``
     (float16 copies; training goes on in float32)."""
@@ -146,7 +180,9 @@ def export(pipeline_dir: Path, out_dir: Path, **models: torch.nn.Module) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m easel.training.denoiser", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m easel.training.tinyshapes.denoiser", description=__doc__
+    )
     parser.add_argument("pipeline", type=Path, help="the trained pipeline folder")
     parser.add_argument("--vae", type=Path, required=True, help="the new VAE folder")
     parser.add_argument("--out", type=Path, required=True, help="where the new pipeline goes")
@@ -162,37 +198,20 @@ def main(argv: list[str] | None = None) -> int:
         help="share of scenes redrawn with small objects, stars and crosses likeliest (0-1)",
     )
     args = parser.parse_args(argv)
-    refuse_bad_tune_arguments(parser, args)
-    if not 0 <= args.hard_share <= 1:
-        parser.error(f"--hard-share must be between 0 and 1 (got {args.hard_share})")
-    if not (args.vae / "config.json").is_file():
-        parser.error(f"--vae: {args.vae} is not a VAE folder (no config.json)")
-    config_path = args.pipeline / "scheduler" / "scheduler_config.json"
-    prediction = (
-        json.loads(config_path.read_text()).get("prediction_type")
-        if config_path.is_file()
-        else None
-    )
-    if prediction != "v_prediction":
-        parser.error(
-            f"pipeline: its denoiser predicts {prediction!r}; this tunes v-prediction "
-            "denoisers such as easel train base makes"
+    try:
+        tune_denoiser(
+            args.pipeline,
+            args.vae,
+            args.out,
+            minutes=args.minutes,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            device=args.device,
+            seed=args.seed,
+            hard_share=args.hard_share,
         )
-    if args.out.resolve() == args.pipeline.resolve():
-        parser.error("--out must differ from the pipeline folder (it is copied from there)")
-    if args.out.exists() and any(args.out.iterdir()):
-        parser.error(f"--out: {args.out} already exists and is not empty; name a new folder")
-    tune_denoiser(
-        args.pipeline,
-        args.vae,
-        args.out,
-        minutes=args.minutes,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        device=args.device,
-        seed=args.seed,
-        hard_share=args.hard_share,
-    )
+    except InvalidParams as exc:
+        parser.error(exc.message)  # one line, exit code 2
     return 0
 
 

@@ -4,15 +4,15 @@ The encoder stays frozen, so the latents the denoiser was trained on keep their 
 UNet needs no retraining — the same idea as the "ft-MSE" decoders released for Stable Diffusion.
 With ``--encoder-anchor W`` the encoder learns too, held near its old latents by W times the mean
 squared distance to them; the denoiser then wants a short tune on the new latents
-(`easel.training.denoiser`).
+(`easel.training.tinyshapes.denoiser`).
 The loss weighs pixels near edges more (a small star is mostly edge), half of the scenes are
 redrawn with small objects, stars and crosses the likeliest (the shapes the decoder loses first),
 and the decoder sees the posterior mean: a decoder trained on posterior samples learns to blur
 away the detail that separates a small star from a blob. The VAE is saved every few minutes, so
 an interrupted run keeps its progress (start again from the saved folder with ``--vae``). The
-defaults are the run that made the shipped tiny-shapes decoder (docs/MODEL.md).
+defaults are the run that made the shipped tiny-shapes decoder (docs/TRAINING-LOG.md).
 
-    python -m easel.training.decoder PIPELINE_DIR --out VAE_DIR [--encoder-anchor 1]
+    python -m easel.training.tinyshapes.decoder PIPELINE_DIR --out VAE_DIR [--encoder-anchor 1]
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from easel.training.base_config import BaseConfig
-from easel.training.data import render, training_scene
+from easel.domain import InvalidParams
 from easel.training.loop import (
     Checkpoints,
     StageLog,
@@ -40,6 +39,8 @@ from easel.training.loop import (
     prefetched,
     with_native_precision,
 )
+from easel.training.tinyshapes.config import BaseConfig
+from easel.training.tinyshapes.data import render, training_scene
 
 EDGE_FOCUS = 4.0  # extra loss weight on pixels within 2 px of an edge
 HARD_SHARE = 0.5  # share of training scenes redrawn small, stars and crosses likeliest
@@ -173,7 +174,16 @@ def finetune_decoder(
 ) -> Path:
     """Train the decoder of ``vae_dir`` (default ``pipeline_dir/vae``) for ``minutes`` (or
     ``max_steps``, whichever ends first), and its encoder too if ``encoder_anchor`` > 0
-    (`tune_decoder`); save the VAE to ``out_dir`` every ``save_every_minutes`` and at the end."""
+    (`tune_decoder`); save the VAE to ``out_dir`` every ``save_every_minutes`` and at the end.
+    Raises `InvalidParams` for settings that cannot train (`check_tune_inputs`)."""
+    # 1. check inputs
+    check_tune_inputs(pipeline_dir, minutes=minutes, batch_size=batch_size, lr=lr)
+    if not encoder_anchor >= 0:
+        raise InvalidParams(
+            f"encoder_anchor (--encoder-anchor) must be 0 or more (got {encoder_anchor})",
+            field="encoder_anchor",
+        )
+    # 2. load the VAE, tune it, saving on the clock
     dev = pick_device(device)
     vae = AutoencoderKL.from_pretrained(vae_dir or pipeline_dir / "vae", torch_dtype=torch.float32)
     vae.to(dev)
@@ -203,22 +213,25 @@ def finetune_decoder(
     return out_dir
 
 
-def refuse_bad_tune_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """The checks this command and `easel.training.denoiser`'s share: a positive budget, batch
-    and learning rate, and a pipeline folder to start from (exit 2 naming the flag)."""
-    for flag, value in (
-        ("--minutes", args.minutes),
-        ("--batch-size", args.batch_size),
-        ("--lr", args.lr),
-    ):
-        if value <= 0:
-            parser.error(f"{flag} must be greater than 0 (got {value})")
-    if not (args.pipeline / "model_index.json").is_file():
-        parser.error(f"pipeline: {args.pipeline} is not a pipeline folder (no model_index.json)")
+def check_tune_inputs(pipeline_dir: Path, *, minutes: float, batch_size: int, lr: float) -> None:
+    """What `finetune_decoder` and `easel.training.tinyshapes.denoiser.tune_denoiser` check first:
+    a positive budget, batch and learning rate, and a pipeline folder to start from. Raises
+    `InvalidParams` naming the argument and its command-line flag."""
+    for name, value in (("minutes", minutes), ("batch_size", batch_size), ("lr", lr)):
+        if not value > 0:
+            flag = "--" + name.replace("_", "-")
+            raise InvalidParams(f"{name} ({flag}) must be greater than 0 (got {value})", field=name)
+    if not (pipeline_dir / "model_index.json").is_file():
+        raise InvalidParams(
+            f"pipeline: {pipeline_dir} is not a pipeline folder (no model_index.json)",
+            field="pipeline_dir",
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m easel.training.decoder", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m easel.training.tinyshapes.decoder", description=__doc__
+    )
     parser.add_argument("pipeline", type=Path, help="the trained pipeline folder")
     parser.add_argument("--out", type=Path, required=True, help="where the new VAE folder goes")
     parser.add_argument("--vae", type=Path, help="start from this VAE (default: the pipeline's)")
@@ -234,20 +247,20 @@ def main(argv: list[str] | None = None) -> int:
         help="train the encoder too, held to its old latents with this weight (default 0: frozen)",
     )
     args = parser.parse_args(argv)
-    refuse_bad_tune_arguments(parser, args)
-    if args.encoder_anchor < 0:
-        parser.error(f"--encoder-anchor must be 0 or more (got {args.encoder_anchor})")
-    finetune_decoder(
-        args.pipeline,
-        args.out,
-        minutes=args.minutes,
-        vae_dir=args.vae,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        device=args.device,
-        seed=args.seed,
-        encoder_anchor=args.encoder_anchor,
-    )
+    try:
+        finetune_decoder(
+            args.pipeline,
+            args.out,
+            minutes=args.minutes,
+            vae_dir=args.vae,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            device=args.device,
+            seed=args.seed,
+            encoder_anchor=args.encoder_anchor,
+        )
+    except InvalidParams as exc:
+        parser.error(exc.message)  # one line, exit code 2
     return 0
 
 

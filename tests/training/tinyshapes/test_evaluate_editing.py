@@ -14,8 +14,8 @@ from easel import cli
 from easel.domain import InvalidParams
 from easel.imaging import band, grow_canvas, paste_back
 from easel.training.commands import register
-from easel.training.data import COLOURS, HELD_OUT, Scene, ShapeObject, render, to_pil
-from easel.training.evaluate_editing import (
+from easel.training.tinyshapes.data import COLOURS, HELD_OUT, Scene, ShapeObject, render, to_pil
+from easel.training.tinyshapes.evaluate_editing import (
     BORDER,
     FOLLOWS,
     KEPT,

@@ -3,36 +3,36 @@
 import argparse
 import json
 import random
-import time
 
 import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
-from easel import cli
 from easel.config import Settings
-from easel.domain import Canceled, InvalidParams
+from easel.domain import Canceled
 from easel.models.catalog import TINY_SHAPES_DIR, ModelCatalog
-from easel.training.base import (
+from easel.training.tinyshapes.config import add_arguments, config_from_args, preset
+from easel.training.tinyshapes.data import (
+    COLOURS,
+    SHAPES,
+    Scene,
+    ShapeObject,
+    caption,
+    sample_scene,
+)
+from easel.training.tinyshapes.recipe import (
     ATTRIBUTE_CLASSES,
     AttributeProbe,
-    Checkpoints,
     LatentPool,
-    StageLog,
     attribute_labels,
     build_text_encoder,
     build_unet,
     build_vae,
-    prefetched,
     sampling_defaults,
     tokenize,
     train_base,
-    with_native_precision,
 )
-from easel.training.base_config import PRESETS, BaseConfig, add_arguments, config_from_args, preset
-from easel.training.commands import register
-from easel.training.data import COLOURS, SHAPES, Scene, ShapeObject, caption, sample_scene
-from easel.training.tokenizer import caption_corpus, train_tokenizer
+from easel.training.tinyshapes.tokenizer import caption_corpus, train_tokenizer
 
 
 def _tiny(out_dir, **overrides):
@@ -118,16 +118,6 @@ def test_resumes_from_the_latest_checkpoint(tiny_run, tmp_path):
     assert [(s.stage, s.step) for s in steps] == [("unet", n) for n in range(31, 34)]
 
 
-def test_a_checkpoint_from_an_older_recipe_is_refused_by_name(tmp_path):
-    # Run folders started before the attribute probe have no "probe" in their UNet checkpoints.
-    checkpoints = Checkpoints(tmp_path, keep=2)
-    unet = torch.nn.Linear(2, 2)
-    checkpoints.save_stage("unet", 5, {"unet": unet}, 1.0, StageLog())
-    with pytest.raises(InvalidParams, match="has no probe: it was written by an older recipe"):
-        checkpoints.resume("unet", {"unet": unet, "probe": torch.nn.Linear(2, 2)}, StageLog())
-    assert checkpoints.resume("unet", {"unet": unet}, StageLog()) == (5, 1.0)
-
-
 def test_cancel_saves_a_checkpoint_and_raises(tmp_path):
     steps = []
     with pytest.raises(Canceled):
@@ -137,15 +127,6 @@ def test_cancel_saves_a_checkpoint_and_raises(tmp_path):
             is_canceled=lambda: any(s.stage == "unet" and s.step >= 2 for s in steps),
         )
     assert (tmp_path / "checkpoints" / "unet-step0000002.pt").exists()
-
-
-def test_presets_are_complete_configs():
-    names = set(BaseConfig.__dataclass_fields__)
-    for name, overrides in PRESETS.items():
-        assert set(overrides) <= names, name
-    assert preset("gpu").bf16 and preset("gpu").batch_size >= 256
-    with pytest.raises(ValueError, match="preset must be one of"):
-        preset("huge")
 
 
 def test_latent_channels_reach_the_autoencoder_and_the_denoiser():
@@ -171,75 +152,6 @@ def test_the_shipped_model_carries_the_recipes_sampling_settings(easel_home):
     assert shipped == {"defaults": sampling_defaults(preset("gpu"))}  # the preset it was made with
     record = ModelCatalog(Settings(home=easel_home)).get("tiny-shapes")
     assert record.defaults == shipped["defaults"]
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["--max-minutes", "0"], "--max-minutes must be greater than 0 (got 0.0)"),
-        (["--latent-channels", "0"], "--latent-channels must be at least 1 (got 0)"),
-        (["--batch-size", "0"], "--batch-size must be at least 1 (got 0)"),
-        (["--vae-batch-size", "-8"], "--vae-batch-size must be at least 1 (got -8)"),
-        (["--vae-share", "1"], "--vae-share must be at least 0 and below 1 (got 1.0)"),
-        (["--decoder-share", "-0.1"], "--decoder-share must be at least 0 and below 1 (got -0.1)"),
-        (["--hard-share", "2"], "--hard-share must be between 0 and 1 (got 2.0)"),
-        (
-            ["--vae-share", "0.5", "--decoder-share", "0.5"],
-            "--vae-share + --decoder-share must be at most 0.9",
-        ),
-    ],
-)
-def test_train_command_refuses_bad_budgets(argv, message, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "EXTRA_COMMANDS", [register])
-    out = tmp_path / "run"
-    assert cli.main(["train", "base", "--out", str(out), *argv]) == 2
-    assert message in capsys.readouterr().err
-    assert not out.exists()  # refused before anything was written
-
-
-@pytest.mark.parametrize(
-    ("native", "vae_share", "decoder_share"), [(True, 0.45, 0.15), (False, 0.5, 0)]
-)
-def test_the_cpu_preset_gives_the_decoder_minutes_to_the_autoencoder_without_native_bf16(
-    native, vae_share, decoder_share, monkeypatch
-):
-    monkeypatch.setattr("easel.training.base_config.cpu_has_native_bf16", lambda: native)
-    config = preset("cpu")
-    assert (config.vae_share, config.decoder_share) == (vae_share, decoder_share)
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    chosen = config_from_args(parser.parse_args(["--vae-share", "0.3", "--decoder-share", "0.1"]))
-    assert (chosen.vae_share, chosen.decoder_share) == (0.3, 0.1)  # the user's choice wins
-    assert preset("gpu").decoder_share == 0.2  # only the cpu preset depends on the CPU
-
-
-@pytest.mark.parametrize(
-    ("device", "native", "bf16"),
-    [("cpu", True, True), ("cpu", False, False), ("cuda", False, True)],
-)
-def test_bf16_only_where_the_device_computes_it_natively(device, native, bf16, monkeypatch):
-    monkeypatch.setattr("easel.training.loop.cpu_has_native_bf16", lambda: native)
-    config = preset("cpu")
-    assert with_native_precision(config, torch.device(device)).bf16 is bf16
-    assert not with_native_precision(preset("cpu", bf16=False), torch.device(device)).bf16
-
-
-@pytest.mark.parametrize(("device", "made_after_two"), [("cpu", 2), ("cuda", 3)])
-def test_batches_are_prepared_ahead_only_on_cuda(device, made_after_two):
-    # On the CPU a preparing thread competes with the training step for the cores.
-    made: list[int] = []
-
-    def make() -> int:
-        made.append(len(made))
-        return made[-1]
-
-    batches = prefetched(make, torch.device(device))
-    assert [next(batches), next(batches)] == [0, 1]
-    deadline = time.monotonic() + 5
-    while len(made) < made_after_two and time.monotonic() < deadline:
-        time.sleep(0.01)  # the thread's next batch (cuda) is on its way
-    time.sleep(0.05)
-    assert len(made) == made_after_two
 
 
 def test_the_latent_pool_draws_distinct_examples_and_replaces_the_oldest_first():

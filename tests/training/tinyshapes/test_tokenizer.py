@@ -3,8 +3,8 @@
 import pytest
 from transformers import CLIPTokenizer
 
-from easel.training.data import corpus_words
-from easel.training.tokenizer import MAX_LENGTH, caption_corpus, train_tokenizer
+from easel.training.tinyshapes.data import corpus_words
+from easel.training.tinyshapes.tokenizer import MAX_LENGTH, caption_corpus, train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import CLIPTokenizer
 
-from easel.training.data import caption, corpus_words, sample_scene
+from easel.training.tinyshapes.data import caption, corpus_words, sample_scene
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 32  # the longest caption is ~22 tokens with BOS/EOS

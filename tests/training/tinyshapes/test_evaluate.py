@@ -14,7 +14,7 @@ from PIL import Image
 from easel import cli
 from easel.domain import InvalidParams
 from easel.training.commands import register
-from easel.training.evaluate import (
+from easel.training.tinyshapes.evaluate import (
     GROUPS,
     HELD_OUT,
     default_scenes,
