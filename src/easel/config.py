@@ -23,7 +23,7 @@ class Settings(BaseSettings):
 
     home: Path = Field(
         default_factory=_default_home,
-        description="Folder holding easel.db, images/, models/, loras/ and models.toml.",
+        description="Folder holding easel.db, images/, datasets/, models/, loras/ and models.toml.",
     )
     default_model: str = Field(
         "tiny-shapes", description="Model id used when a request names none."
@@ -70,7 +70,22 @@ class Settings(BaseSettings):
         description="Most pixels (width × height) an uploaded input image may have; larger ones "
         "are refused from their header, before decoding.",
     )
-    max_prompt_chars: int = Field(2000, description="Longest accepted prompt, in characters.")
+    max_prompt_chars: int = Field(
+        2000, description="Longest accepted prompt (and training caption), in characters."
+    )
+    max_dataset_images: int = Field(
+        1000, description="Most images a training dataset may have (at least 2 are needed)."
+    )
+    max_dataset_bytes: int = Field(
+        512 * 1024 * 1024,
+        description="Most bytes a training dataset may unpack to in all (counted while "
+        "decompressing, whatever a zip's header says).",
+    )
+    max_dataset_upload_bytes: int = Field(
+        200_000_000,
+        description="Largest accepted dataset upload (POST /api/v1/datasets) in bytes "
+        "(larger gets 413).",
+    )
     max_pixels_per_job: int = Field(
         4 * 1024 * 1024,
         description="Budget for width × height × num_images of one job.",
@@ -87,6 +102,10 @@ class Settings(BaseSettings):
     @property
     def images_dir(self) -> Path:
         return self.home / "images"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.home / "datasets"
 
     @property
     def models_dir(self) -> Path:
