@@ -83,6 +83,13 @@ def test_info_round_trips_every_parameter(
         "style_image": None,
         "style_strength": None,
         "input_hashes": None,
+        "loras": None,
+        "dataset": None,
+        "name": None,
+        "trigger": None,
+        "steps": None,
+        "rank": None,
+        "learning_rate": None,
     }
     code, out, _ = _run(["info", str(generated[1])], capsys)
     assert out.splitlines() == [

@@ -392,3 +392,51 @@ def make_tiny_ip_adapter(folder: Path | str, pipeline: Path | str) -> Path:
     path = folder / "ip-adapter.safetensors"
     save_file(weights, path)
     return path
+
+
+# family -> (the pipeline class, its denoiser's folder, save_lora_weights' argument for it)
+_LORA_TARGETS = {
+    "sd": (StableDiffusionPipeline, "unet", "unet_lora_layers"),
+    "sdxl": (StableDiffusionXLPipeline, "unet", "unet_lora_layers"),
+    "z-image": (ZImagePipeline, "transformer", "transformer_lora_layers"),
+    "flux": (FluxPipeline, "transformer", "transformer_lora_layers"),
+}
+
+
+def make_tiny_lora(
+    pipeline_folder: Path | str, out_file: Path | str, family: str, seed: int = SEED
+) -> Path:
+    """A rank-4 LoRA on the attention projections (to_q, to_k, to_v, to_out.0) of the denoiser
+    of the saved pipeline ``pipeline_folder``, written to ``out_file`` with the pipeline class's
+    ``save_lora_weights`` (diffusers' format, what ``load_lora_weights`` reads). Its up
+    projections are random (``init_lora_weights=False``), so it changes the output; another
+    ``seed`` gives another LoRA."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    cls, component, argument = _LORA_TARGETS[family]
+    folder = Path(pipeline_folder) / component
+    model_class = UNet2DConditionModel if component == "unet" else _transformer_class(folder)
+    model = model_class.from_pretrained(folder)
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=4,
+        target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        init_lora_weights=False,
+    )
+    model.add_adapter(config)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    cls.save_lora_weights(  # type: ignore[attr-defined]
+        out_file.parent, weight_name=out_file.name, **{argument: get_peft_model_state_dict(model)}
+    )
+    return out_file
+
+
+def _transformer_class(folder: Path) -> type:
+    import json
+
+    import diffusers
+
+    cls: type = getattr(diffusers, json.loads((folder / "config.json").read_text())["_class_name"])
+    return cls

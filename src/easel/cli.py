@@ -3,6 +3,8 @@
     easel generate "a red circle" -m tiny-shapes --seed 7 -n 2 -o out/
     easel info out/easel-7.png [--json]
     easel models list [--json] | add ID SOURCE [--family F] | pull ID
+    easel generate "a red circle" --lora ink:0.8 --lora paper
+    easel loras list [--json] | add FILE [--name N] [--family F] [--base-model M]
 
 Every user error (an EaselError, a bad argument, an unreadable file) ends as one line on stderr
 and exit code 2, never a traceback. torch is imported only by the commands that generate or
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import warnings
@@ -27,7 +30,6 @@ from easel.domain import (
     IMAGE_FIELDS,
     OUTPAINT_SIDES,
     TASK_SPECS,
-    TASKS,
     EaselError,
     GenerationParams,
     InputImages,
@@ -36,6 +38,7 @@ from easel.domain import (
     infer_task,
 )
 from easel.models.catalog import ModelCatalog
+from easel.models.loras import LoraCatalog
 from easel.training.commands import register as register_training
 
 # Commands from other packages plug in here: each function adds its subcommand(s) to the
@@ -72,8 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-n", "--count", type=int, help="number of images (default 1)")
     gen.add_argument("--scheduler", help="sampler by stable name, e.g. euler, dpmpp_2m")
     gen.add_argument("-o", "--output", type=Path, help="a .png file or a folder (default: .)")
+    gen.add_argument(
+        "--lora",
+        action="append",
+        type=_lora,
+        metavar="NAME[:WEIGHT]",
+        help="apply a LoRA (see `easel loras list`) at WEIGHT (default 1); repeatable",
+    )
     edit = gen.add_argument_group("editing (the task follows from these; --task names it)")
-    edit.add_argument("--task", choices=TASKS, help="txt2img, img2img, inpaint, outpaint, style")
+    edit.add_argument(
+        "--task",
+        choices=[name for name, spec in TASK_SPECS.items() if spec.kind == "generate"],
+        help="txt2img, img2img, inpaint, outpaint, style",
+    )
     edit.add_argument("--image", type=Path, help="input image (PNG, JPEG or WebP) to edit")
     edit.add_argument("--mask", type=Path, help="inpaint mask: white (or alpha 0) = repaint")
     edit.add_argument("--strength", type=float, help="how much of the input is redrawn (0..1]")
@@ -127,6 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("id")
     pull.set_defaults(func=cmd_models_pull)
 
+    loras = commands.add_parser("loras", help="the LoRAs in EASEL_HOME/loras")
+    loras_commands = loras.add_subparsers(dest="loras_command", required=True, metavar="ACTION")
+    loras_list = loras_commands.add_parser("list", help="trained and added LoRAs")
+    loras_list.add_argument("--json", action="store_true")
+    loras_list.set_defaults(func=cmd_loras_list)
+    loras_add = loras_commands.add_parser(
+        "add", help="copy in a LoRA .safetensors (diffusers' or kohya's format)"
+    )
+    loras_add.add_argument("file", type=Path)
+    loras_add.add_argument("--name", help="the name to use with --lora (default: the file's)")
+    loras_add.add_argument("--family", help="model family (guessed from the file if omitted)")
+    loras_add.add_argument("--base-model", help="the catalog model it was made for (a note)")
+    loras_add.set_defaults(func=cmd_loras_add)
+
     for register in EXTRA_COMMANDS:
         register(commands)
     return parser
@@ -169,6 +197,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         "only_masked": args.only_masked,
         "outpaint": args.outpaint,
         "style_strength": args.style_strength,
+        "loras": args.lora,  # replaces the --from image's LoRAs
     }
     files = {name: getattr(args, name) for name in IMAGE_FIELDS if getattr(args, name)}
     overrides.update({name: str(path) for name, path in files.items()})
@@ -188,12 +217,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
     inputs = _read_inputs(params, settings)
     catalog = ModelCatalog(settings)
     _check_default_model(catalog, settings, params)
+    loras = LoraCatalog(settings)
+    for lora in params.loras or []:  # an unknown name fails before torch loads
+        if isinstance(lora, dict) and isinstance(lora.get("id"), str):
+            loras.get(lora["id"])
     _make_output_folder(args.output)
     _quiet_libraries()
     from easel.engine.generate import Engine  # torch and diffusers load here
     from easel.models.loader import ModelManager
 
-    engine = Engine(ModelManager(settings, catalog), settings)
+    engine = Engine(ModelManager(settings, catalog), settings, loras=loras)
 
     # 3. generate with a progress bar
     bar: Any = None
@@ -311,6 +344,19 @@ def _sides(text: str) -> dict[str, int]:
     return dict(zip(OUTPAINT_SIDES, (int(p) for p in parts), strict=True))
 
 
+def _lora(text: str) -> dict[str, Any]:
+    name, sep, weight = text.partition(":")
+    try:
+        value = float(weight) if sep else 1.0
+    except ValueError:
+        value = math.nan
+    if not name or not math.isfinite(value):
+        raise InvalidParams(
+            f"--lora must be NAME or NAME:WEIGHT, e.g. --lora ink:0.8 (got {text!r})", field="lora"
+        )
+    return {"id": name, "weight": value}
+
+
 def _size(text: str) -> tuple[int, int]:
     width, sep, height = text.lower().partition("x")
     if not (sep and width.isdigit() and height.isdigit()):
@@ -359,6 +405,33 @@ def cmd_models_add(args: argparse.Namespace) -> None:
         "available" if record.available else "not downloaded yet: easel models pull " + record.id
     )
     print(f"added {record.id} ({record.family}) from {record.source}; {state}")
+
+
+# --- loras --------------------------------------------------------------------------------------
+
+
+def cmd_loras_list(args: argparse.Namespace) -> None:
+    records = LoraCatalog(Settings()).list()
+    if args.json:
+        print(json.dumps([asdict(r) for r in records], indent=2, default=str))
+        return
+    if not records:
+        print("no LoRAs yet: train one with `easel train lora`, or add a file: `easel loras add`")
+        return
+    rows = [("NAME", "FAMILY", "BASE MODEL", "TRIGGER", "RANK", "STEPS", "SOURCE")]
+    for r in records:
+        cells = (r.base_model, r.trigger, r.rank, r.steps)
+        rows.append((r.id, r.family, *("-" if c is None else str(c) for c in cells), r.source))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def cmd_loras_add(args: argparse.Namespace) -> None:
+    record = LoraCatalog(Settings()).add(
+        args.file, name=args.name, family=args.family, base_model=args.base_model
+    )
+    print(f"added LoRA {record.id} ({record.family}, rank {record.rank}): --lora {record.id}")
 
 
 def cmd_models_pull(args: argparse.Namespace) -> None:

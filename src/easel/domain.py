@@ -126,6 +126,12 @@ class ModelNotFound(EaselError):
     status = 404
 
 
+class LoraNotFound(EaselError):
+    """No LoRA with that name in EASEL_HOME/loras (HTTP 404)."""
+
+    status = 404
+
+
 class ModelNotAvailable(EaselError):
     """The model is known but its weights are not on this machine (HTTP 409)."""
 
@@ -227,6 +233,27 @@ class Progress:
 
 ProgressCallback = Callable[[Progress], None]
 CancelCheck = Callable[[], bool]
+
+
+@dataclass
+class TrainProgress:
+    """Reported after each optimisation step of a training job."""
+
+    step: int
+    total: int
+    loss: float
+    lr: float
+    eta_s: float | None = None
+
+
+@dataclass
+class TrainSamples:
+    """Validation images made every few steps with the LoRA as it is, and the held-out loss."""
+
+    step: int
+    images: list[Image.Image]
+    prompts: list[str]
+    heldout_loss: float | None = None
 
 
 @dataclass
@@ -338,3 +365,25 @@ class JobRecord:
     finished_at: datetime | None = None
     images: list[ImageRecord] = field(default_factory=list)
     position: int | None = None  # 1 = next to start; None unless queued (read with the status)
+
+
+# --- datasets -----------------------------------------------------------------------------------
+
+
+class DatasetNotFound(EaselError):
+    """No prepared dataset with that id (HTTP 404)."""
+
+    status = 404
+
+
+@dataclass
+class DatasetRecord:
+    """A training dataset in ``EASEL_HOME/datasets/<id>/`` (images, captions, dataset.json):
+    what ``easel.datasets.prepare_dataset`` checked and copied."""
+
+    id: str
+    images: int
+    captions: int  # images with a caption
+    missing_captions: list[str]  # names (as uploaded) of the images without one
+    created_at: datetime
+    bytes: int  # size of the clean copy on disk

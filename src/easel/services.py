@@ -16,21 +16,27 @@ without torch.
 from __future__ import annotations
 
 import fcntl
+import re
 import threading
+import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 from easel.config import Settings
+from easel.datasets import Dataset, DatasetLimits, load_dataset, prepare_upload, read_summary
 from easel.domain import (
     TASK_SPECS,
+    DatasetNotFound,
+    DatasetRecord,
     EaselError,
     GenerationParams,
     ImageRecord,
     InvalidParams,
     JobRecord,
     JobStatus,
+    LoraRecord,
     ModelNotAvailable,
     ModelRecord,
 )
@@ -39,12 +45,14 @@ from easel.jobs.db import Database
 from easel.jobs.events import EventBus, JobEvent
 from easel.jobs.images import DiskImageStore, ImageNotFound
 from easel.jobs.queue import QueueSummary, SqliteJobQueue
-from easel.jobs.worker import Generator, Worker
+from easel.jobs.worker import Generator, Trainer, Worker
 from easel.models.catalog import ModelCatalog
 from easel.models.families import Family, get_family
+from easel.models.loras import LoraCatalog
 from easel.models.params import defaults_for, effective_family, resolve_params
 
 PRIORITY_RANGE = (-100, 100)
+DATASET_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex, like an uploaded image's id
 
 
 class LoadedModels(Protocol):
@@ -70,6 +78,7 @@ class Services:
     settings: Settings
     db: Database
     catalog: ModelCatalog
+    loras: LoraCatalog
     queue: SqliteJobQueue
     images: DiskImageStore
     events: EventBus
@@ -154,8 +163,11 @@ class Services:
                 field="model",
             )
         sizes = self._input_sizes(params)
-        resolved = resolve_params(params, record, get_family(record.family), sizes)
+        family = get_family(record.family)
+        resolved = resolve_params(params, record, family, sizes, loras=self.loras)
         self._check_pixels(resolved)
+        if TASK_SPECS[resolved.task].kind == "train":
+            resolved = self._check_training(resolved)
         # 3. store the job and its first event together, then wake a worker
         with self.db.transaction():
             job = self.queue.submit(resolved, priority=priority, owner=owner)
@@ -253,6 +265,70 @@ class Services:
 
         return read_metadata(png)
 
+    # --- datasets -------------------------------------------------------------------------------
+
+    def create_dataset(
+        self, files: list[tuple[str, bytes]], *, allow_missing_captions: bool = False
+    ) -> DatasetRecord:
+        """Check and store a training dataset: ``files`` is one .zip, or images with their .txt
+        captions and/or a metadata.jsonl, as (file name, bytes). Raises InvalidParams
+        (field="dataset") naming what is wrong (see ``easel.datasets``); nothing is stored then.
+        """
+        total = sum(len(data) for _, data in files)
+        limit = self.settings.max_dataset_upload_bytes
+        if total > limit:
+            raise InvalidParams(
+                f"dataset upload must be at most {limit} bytes (got {total})", field="dataset"
+            )
+        dataset_id = uuid.uuid4().hex
+        limits = DatasetLimits.from_settings(
+            self.settings, allow_missing_captions=allow_missing_captions
+        )
+        summary = prepare_upload(files, self.settings.datasets_dir / dataset_id, limits)
+        return DatasetRecord(
+            id=dataset_id,
+            images=summary.images,
+            captions=summary.captions,
+            missing_captions=summary.missing_captions,
+            created_at=summary.created_at,
+            bytes=summary.bytes,
+        )
+
+    def get_dataset(self, dataset_id: str) -> DatasetRecord:
+        """One dataset's counts; raises DatasetNotFound (404)."""
+        summary = read_summary(self.dataset_path(dataset_id))
+        return DatasetRecord(
+            id=dataset_id,
+            images=summary.images,
+            captions=summary.captions,
+            missing_captions=summary.missing_captions,
+            created_at=summary.created_at,
+            bytes=summary.bytes,
+        )
+
+    def list_datasets(self) -> list[DatasetRecord]:
+        """Every stored dataset, newest first."""
+        root = self.settings.datasets_dir
+        names = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+        records = []
+        for name in names:
+            try:
+                records.append(self.get_dataset(name))
+            except (DatasetNotFound, InvalidParams):
+                continue  # a partial copy being written, or not a dataset
+        return sorted(records, key=lambda r: r.created_at, reverse=True)
+
+    def dataset_path(self, dataset_id: str) -> Path:
+        """The dataset's folder (what ``LoraConfig.dataset`` names); raises DatasetNotFound."""
+        folder = self.settings.datasets_dir / dataset_id
+        if not DATASET_ID.fullmatch(dataset_id) or not (folder / "dataset.json").is_file():
+            raise DatasetNotFound(f"no dataset with id {dataset_id!r}", field="dataset")
+        return folder
+
+    def load_dataset(self, dataset_id: str) -> Dataset:
+        """The dataset's items (image paths, captions, sizes); raises DatasetNotFound."""
+        return load_dataset(self.dataset_path(dataset_id))
+
     # --- models ---------------------------------------------------------------------------------
 
     def list_models(self) -> list[ModelInfo]:
@@ -277,6 +353,16 @@ class Services:
             defaults=defaults_for(record, family),
             loaded=record.id in loaded,
         )
+
+    # --- LoRAs ----------------------------------------------------------------------------------
+
+    def list_loras(self) -> list[LoraRecord]:
+        """Every LoRA in EASEL_HOME/loras (trained or added), by name."""
+        return self.loras.list()
+
+    def get_lora(self, name: str) -> LoraRecord:
+        """One LoRA; raises LoraNotFound (404)."""
+        return self.loras.get(name)
 
     # --- checks ---------------------------------------------------------------------------------
 
@@ -320,6 +406,38 @@ class Services:
                 field="priority",
             )
 
+    def _check_training(self, params: GenerationParams) -> GenerationParams:
+        """A ``train_lora`` request: its dataset is stored, its name is free, and its settings
+        pass the checks `LoraConfig` makes (the same as ``easel train lora``'s). Returns the
+        params with the training defaults filled in."""
+        for name in ("dataset", "name", "trigger"):
+            if not isinstance(getattr(params, name), str) or not getattr(params, name):
+                raise InvalidParams(f"{name} is required for train_lora", field=name)
+        assert params.dataset and params.name and params.trigger and params.model
+        from easel.training.lora_config import LoraConfig  # torch-free; checks as the CLI does
+
+        given = {
+            key: value
+            for key in ("steps", "rank", "learning_rate")
+            if (value := getattr(params, key)) is not None
+        }
+        config = LoraConfig(
+            model=params.model,
+            dataset=params.dataset,
+            out_dir="",
+            name=params.name,
+            trigger=params.trigger,
+            **given,
+        )
+        self.dataset_path(params.dataset)
+        if self.loras.path_for(params.name).exists():
+            raise InvalidParams(
+                f"a LoRA named {params.name!r} exists already; pick another name", field="name"
+            )
+        return replace(
+            params, steps=config.steps, rank=config.rank, learning_rate=config.learning_rate
+        )
+
     def _check_pixels(self, params: GenerationParams) -> None:
         assert params.width is not None and params.height is not None
         pixels = params.width * params.height * params.num_images
@@ -347,12 +465,15 @@ def build_services(settings: Settings, *, generator: Generator | None = None) ->
     images = DiskImageStore(db, settings.images_dir)
     events = EventBus(db)
     catalog = ModelCatalog(settings)
+    loras = LoraCatalog(settings)
     wakeup = threading.Event()
     managers: list[LoadedModels] = []
     if generator is None:
-        generators = _engines(settings, catalog, managers)
+        generators = _engines(settings, catalog, loras, managers)
+        trainer = _trainer(settings, loras)
     else:
         generators = [("cpu", generator)] * max(settings.cpu_workers, 1)
+        trainer = None
     workers = [
         Worker(
             f"{device}-{i}",
@@ -362,6 +483,7 @@ def build_services(settings: Settings, *, generator: Generator | None = None) ->
             images=images,
             events=events,
             generator=gen,
+            trainer=trainer,
             wakeup=wakeup,
         )
         for i, (device, gen) in enumerate(generators)
@@ -370,6 +492,7 @@ def build_services(settings: Settings, *, generator: Generator | None = None) ->
         settings=settings,
         db=db,
         catalog=catalog,
+        loras=loras,
         queue=queue,
         images=images,
         events=events,
@@ -379,8 +502,16 @@ def build_services(settings: Settings, *, generator: Generator | None = None) ->
     )
 
 
+def _trainer(settings: Settings, loras: LoraCatalog) -> Trainer:
+    """What runs ``train_lora`` jobs (torch loads only when a real engine is wanted). It keeps no
+    model between jobs, so workers share it; each job loads its own float32 copy of the model."""
+    from easel.training.job import LoraTrainer
+
+    return LoraTrainer(settings, loras)
+
+
 def _engines(
-    settings: Settings, catalog: ModelCatalog, managers: list[LoadedModels]
+    settings: Settings, catalog: ModelCatalog, loras: LoraCatalog, managers: list[LoadedModels]
 ) -> list[tuple[str, Generator]]:
     """One (device, Engine) per worker; each Engine owns its ModelManager (no shared pipeline)."""
     # imported here: torch loads only when a real engine is wanted
@@ -399,5 +530,5 @@ def _engines(
         own = settings.model_copy(update={"device": dev})
         manager = ModelManager(own, catalog)
         managers.append(manager)
-        engines.append((dev, Engine(manager, own)))
+        engines.append((dev, Engine(manager, own, loras=loras)))
     return engines

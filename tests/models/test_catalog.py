@@ -41,7 +41,14 @@ def test_builtins_are_listed_with_sources_and_families(catalog: ModelCatalog) ->
     for model_id, source in BUILTIN_SOURCES.items():
         if source:
             assert records[model_id].source == source
-        assert records[model_id].tasks == ("txt2img", "img2img", "inpaint", "outpaint", "style")
+        assert records[model_id].tasks == (
+            "txt2img",
+            "img2img",
+            "inpaint",
+            "outpaint",
+            "style",
+            "train_lora",
+        )
     assert records["z-image-turbo"].family == "z-image"
     assert records["flux-schnell"].family == "flux"
     assert records["sdxl-turbo"].family == "sdxl"

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from easel import __version__
 from easel.api.errors import install_error_handlers
 from easel.api.limits import BodySizeLimit
-from easel.api.routers import images, jobs, models, system
+from easel.api.routers import datasets, images, jobs, loras, models, system
 from easel.services import Services
 
 API_PREFIX = "/api/v1"
@@ -48,11 +48,15 @@ def create_app(services: Services, *, mount_ui: MountUI | None = None) -> FastAP
         BodySizeLimit,
         max_bytes=settings.max_body_bytes,
         # an upload's multipart framing adds a few hundred bytes to the file
-        paths={f"{API_PREFIX}/images": settings.max_upload_bytes + 65536},
+        paths={
+            f"{API_PREFIX}/images": settings.max_upload_bytes + 65536,
+            # a few hundred bytes of framing for each of up to thousands of files
+            f"{API_PREFIX}/datasets": settings.max_dataset_upload_bytes + 2_000_000,
+        },
     )
     install_error_handlers(app, services)
-    for router in (system.router, models.router, jobs.router, images.router):
-        app.include_router(router, prefix=API_PREFIX)
+    for module in (system, models, jobs, images, datasets, loras):
+        app.include_router(module.router, prefix=API_PREFIX)
     if mount_ui is not None:
         mount_ui(app, services)
     return app

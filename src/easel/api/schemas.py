@@ -7,13 +7,22 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from easel.domain import GenerationParams, ImageRecord, JobRecord
+from easel.domain import DatasetRecord, GenerationParams, ImageRecord, JobRecord, LoraRecord
 from easel.jobs.queue import QueueSummary
 from easel.services import ModelInfo
 
 
 def image_url(image_id: str) -> str:
     return f"/api/v1/images/{image_id}"
+
+
+class LoraUse(BaseModel):
+    """One LoRA applied to a generation: its name (``GET /api/v1/loras``) and weight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="The LoRA's name.")
+    weight: float = Field(1.0, description="Its strength, -4..4 (0: no effect).")
 
 
 class JobCreate(BaseModel):
@@ -27,14 +36,15 @@ class JobCreate(BaseModel):
         },
     )
 
-    task: Literal["txt2img", "img2img", "inpaint", "outpaint", "style"] = Field(
+    task: Literal["txt2img", "img2img", "inpaint", "outpaint", "style", "train_lora"] = Field(
         "txt2img",
         description="txt2img; img2img (image, strength); inpaint (image, mask, strength, "
         "mask_blur, only_masked); outpaint (image, outpaint, mask_blur); style (style_image, "
-        "optional image, style_strength, strength).",
+        "optional image, style_strength, strength); train_lora (dataset, name, trigger, "
+        "steps, rank, learning_rate).",
     )
     model: str | None = Field(None, description="Catalog id or local path; default: the server's.")
-    prompt: str
+    prompt: str = Field("", description="Required for every task but train_lora.")
     negative_prompt: str = ""
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
@@ -71,10 +81,59 @@ class JobCreate(BaseModel):
     style_strength: float | None = Field(
         None, description="How much of the reference's colours (0..1; default 1)."
     )
+    loras: list[LoraUse] | None = Field(
+        None,
+        description="LoRAs to apply, in order (at most 8, each once, made for the model's "
+        'family): [{"id": NAME, "weight": 0.8}].',
+    )
+    dataset: str | None = Field(
+        None, description="train_lora: a dataset id (POST /api/v1/datasets)."
+    )
+    name: str | None = Field(
+        None, description="train_lora: the LoRA's name (letters, digits, . _ -; at most 64)."
+    )
+    trigger: str | None = Field(
+        None, description="train_lora: the word that calls up what the LoRA learnt."
+    )
+    steps: int | None = Field(None, description="train_lora: optimisation steps (default 600).")
+    rank: int | None = Field(None, description="train_lora: LoRA rank, 1..256 (default 8).")
+    learning_rate: float | None = Field(
+        None, description="train_lora: AdamW learning rate, 0 < x <= 1 (default 0.001)."
+    )
     priority: int = Field(0, description="Higher runs first (-100..100); FIFO within a priority.")
 
     def to_params(self) -> GenerationParams:
         return GenerationParams.from_dict(self.model_dump(exclude={"priority"}))
+
+
+class LoraPublic(BaseModel):
+    """A LoRA in EASEL_HOME/loras: name it in a job's ``loras``."""
+
+    id: str
+    family: str = Field(description="the model family it fits: sd, sdxl, z-image or flux")
+    base_model: str | None = Field(description="the catalog model it was trained on, if known")
+    trigger: str | None = Field(description="the word that calls up what it learnt")
+    rank: int | None
+    steps: int | None = Field(description="training steps, for a trained LoRA")
+    source: str = Field(description='"trained" or "added"')
+    job_id: str | None = Field(description="the train_lora job that made it")
+    created_at: datetime | None
+    extra: dict[str, Any]
+
+    @classmethod
+    def of(cls, record: LoraRecord) -> LoraPublic:
+        return cls(
+            id=record.id,
+            family=record.family,
+            base_model=record.base_model,
+            trigger=record.trigger,
+            rank=record.rank,
+            steps=record.steps,
+            source=record.source,
+            job_id=record.job_id,
+            created_at=record.created_at,
+            extra=record.extra,
+        )
 
 
 class ImageRef(BaseModel):
@@ -243,3 +302,47 @@ class ErrorBody(BaseModel):
     """Every error response: ``{"error": {"type", "message", "field"}}``."""
 
     error: ErrorDetail
+
+
+def dataset_url(dataset_id: str) -> str:
+    return f"/api/v1/datasets/{dataset_id}"
+
+
+class DatasetCreated(BaseModel):
+    """A stored training dataset: name it by ``id`` in a ``train_lora`` job."""
+
+    id: str
+    url: str
+    images: int
+    captions: int = Field(description="images with a caption")
+    missing_captions: list[str] = Field(
+        description="names of the images without a caption (empty unless allowed)"
+    )
+
+
+class DatasetPublic(DatasetCreated):
+    bytes: int = Field(description="size of the checked copy on disk")
+    created_at: datetime
+
+    @classmethod
+    def of(cls, record: DatasetRecord) -> DatasetPublic:
+        return cls(
+            id=record.id,
+            url=dataset_url(record.id),
+            images=record.images,
+            captions=record.captions,
+            missing_captions=record.missing_captions,
+            bytes=record.bytes,
+            created_at=record.created_at,
+        )
+
+
+class DatasetItemPublic(BaseModel):
+    file: str = Field(description="the image's name as uploaded")
+    caption: str = Field(description='"" for an image without a caption')
+    width: int
+    height: int
+
+
+class DatasetDetail(DatasetPublic):
+    items: list[DatasetItemPublic]

@@ -1,6 +1,7 @@
 """The engine: one generation request in, images out.
 
-    >>> engine = Engine(ModelManager(settings, ModelCatalog(settings)), settings)  # doctest: +SKIP
+    >>> engine = Engine(ModelManager(settings, ModelCatalog(settings)), settings,
+    ...                 loras=LoraCatalog(settings))  # doctest: +SKIP
     >>> result = engine.generate(GenerationParams(prompt="a red circle", seed=7, num_images=2))
     >>> result.seeds
     [7, 8]
@@ -49,6 +50,7 @@ from easel.engine.tasks import RUNNERS
 from easel.imaging import pixel_hash
 from easel.models.families import get_family
 from easel.models.loader import LoadedModel, ModelManager
+from easel.models.loras import LoraCatalog
 from easel.models.params import resolve_params
 
 # family -> the tokenizer whose tokens reach the denoiser. SD/SDXL: CLIP (77 tokens, SDXL's
@@ -61,9 +63,13 @@ _PROMPT_TOKENIZER = {"sd": "tokenizer", "sdxl": "tokenizer", "flux": "tokenizer_
 class Engine:
     """Runs generation requests on models from a ModelManager, one call per model at a time."""
 
-    def __init__(self, models: ModelManager, settings: Settings) -> None:
+    def __init__(
+        self, models: ModelManager, settings: Settings, *, loras: LoraCatalog | None = None
+    ) -> None:
         self.models = models
         self.settings = settings
+        # the LoRAs requests may name (default: the ones in settings.loras_dir)
+        self.loras = loras if loras is not None else LoraCatalog(settings)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         # each model's scheduler config as loaded, before the engine swapped any scheduler in
@@ -92,7 +98,8 @@ class Engine:
         record = self.models.catalog.get(params.model or self.settings.default_model)
         family = get_family(record.family)
         given = {n: image for n in IMAGE_FIELDS if (image := inputs.get(n)) is not None}
-        params = resolve_params(params, record, family, {n: i.size for n, i in given.items()})
+        sizes = {n: i.size for n, i in given.items()}
+        params = resolve_params(params, record, family, sizes, loras=self.loras)
         hashes = {name: pixel_hash(image) for name, image in given.items()}
         params = dataclasses.replace(params, input_hashes=hashes or None)
         assert params.seed is not None and params.scheduler is not None
@@ -109,6 +116,9 @@ class Engine:
             _check_denoiser_serves(first, record.id, params.task)
             adapter = params.task == "style" and record.ip_adapter is not None
             self.models.use_ip_adapter(record, params.style_strength if adapter else None)
+            self.models.use_loras(
+                record, [(self.loras.get(x["id"]), x["weight"]) for x in params.loras or []]
+            )
 
             # 3. count prompt tokens the text encoder will not see
             dropped_tokens = count_dropped_tokens(first, family.name, params.prompt)

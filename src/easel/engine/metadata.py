@@ -9,6 +9,8 @@ Every PNG Easel writes carries two text chunks:
       Negative prompt: blurry
       Steps: 4, Sampler: Euler, CFG scale: 5.0, Seed: 7, Size: 64x64, Model: tiny-shapes, Version: easel 0.1.0
 
+  LoRAs are written as A1111 does, as ``<lora:NAME:WEIGHT>`` tags after the prompt.
+
 - ``easel``: JSON with the exact resolved request of *this* image (``seed`` is the image's own
   seed and ``num_images`` is 1), enough for ``easel generate --from IMAGE`` to make the same pixels.
 
@@ -52,6 +54,9 @@ _SCHEDULER_BY_A1111 = {v: k for k, v in A1111_SAMPLERS.items()}
 
 # One "Key: value" item of the A1111 settings line; values with commas are JSON-quoted.
 _ITEM = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+# A1111's LoRA tag in a prompt: <lora:NAME> or <lora:NAME:WEIGHT> (a second weight, for the
+# text encoder in some forks, is read past)
+_LORA_TAG = re.compile(r"\s*<lora:([^:<>]+)(?::([^:<>]+))?(?::[^<>]*)?>")
 
 
 def image_params(params: GenerationParams, index: int = 0) -> GenerationParams:
@@ -84,7 +89,8 @@ def format_a1111(params: GenerationParams) -> str:
         items["Style strength"] = params.style_strength  # Easel's own key
     items["Version"] = f"easel {__version__}"
     settings = ", ".join(f"{key}: {_quote(value)}" for key, value in items.items())
-    lines = [params.prompt]
+    tags = [f"<lora:{lora['id']}:{_weight(lora['weight'])}>" for lora in params.loras or []]
+    lines = [" ".join([params.prompt, *tags])]
     if params.negative_prompt:
         lines.append(f"Negative prompt: {params.negative_prompt}")
     lines.append(settings)
@@ -97,8 +103,8 @@ def parse_a1111(text: str) -> dict[str, Any]:
     Returns ``prompt`` and ``negative_prompt`` plus whatever settings are present
     (``num_inference_steps``, ``scheduler``, ``guidance_scale``, ``guidance_end``, ``seed``,
     ``width``, ``height``, ``model``, ``task``, ``strength``, ``mask_blur``,
-    ``style_strength``); keys Easel does not know are kept
-    under ``extra``.
+    ``style_strength``), and ``loras`` from ``<lora:NAME:WEIGHT>`` tags, which leave the
+    prompt; keys Easel does not know are kept under ``extra``.
     """
     lines = text.split("\n")
     settings: dict[str, str] = {}
@@ -112,10 +118,10 @@ def parse_a1111(text: str) -> dict[str, Any]:
             in_negative = True
             line = line[len("Negative prompt:") :].lstrip()
         (negative_lines if in_negative else prompt_lines).append(line)
-    out: dict[str, Any] = {
-        "prompt": "\n".join(prompt_lines),
-        "negative_prompt": "\n".join(negative_lines),
-    }
+    prompt, loras = _take_lora_tags("\n".join(prompt_lines))
+    out: dict[str, Any] = {"prompt": prompt, "negative_prompt": "\n".join(negative_lines)}
+    if loras:
+        out["loras"] = loras
     converters: dict[str, tuple[str, Any]] = {
         "Steps": ("num_inference_steps", int),
         "CFG scale": ("guidance_scale", float),
@@ -201,6 +207,28 @@ def _open(source: str | Path | bytes) -> Image.Image:
             f"cannot read {name}: not a readable PNG/image ({exc})", field="image"
         ) from exc
     return image
+
+
+def _take_lora_tags(prompt: str) -> tuple[str, list[dict[str, Any]]]:
+    """``prompt`` without its LoRA tags, and the LoRAs they name (a weight that is not a
+    number leaves its tag in the prompt)."""
+    loras: list[dict[str, Any]] = []
+
+    def take(match: re.Match[str]) -> str:
+        try:
+            weight = float(match[2]) if match[2] is not None else 1.0
+        except ValueError:
+            return match[0]
+        loras.append({"id": match[1].strip(), "weight": weight})
+        return ""
+
+    rest = _LORA_TAG.sub(take, prompt)
+    return (rest.strip() if loras else rest), loras
+
+
+def _weight(value: float) -> str:
+    """A weight as A1111 writes it: 0.8, 1 (and exact: the shortest text that reads back)."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 def _is_settings_line(line: str) -> bool:

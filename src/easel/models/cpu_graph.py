@@ -13,8 +13,14 @@ model's denoiser call then takes about 70 % of the time, and an image 75–80 %
 Only plain calls replay: sample, timestep tensor and text embeddings, under ``no_grad``. Anything
 else (extra conditioning, ControlNet residuals, a LoRA's scale, gradients, a timestep given as a
 number) runs the model's own forward, and so does every call once tracing has failed. The graphs
-share the UNet's weight tensors, so weights changed in place show in them; a UNet given PEFT
-(LoRA) layers runs eagerly, and whoever swaps its modules otherwise must call `release_unet`.
+share the UNet's weight tensors, so weights changed in place show in them; whoever swaps its
+modules otherwise must call `release_unet`.
+
+PEFT (LoRA) layers wrap the UNet's linear layers and leave their weights alone. While any of
+them is live (enabled, or merged into the weights) every call runs eagerly; once all are
+disabled (diffusers' ``disable_lora``) a LoRA layer is exactly its base layer, so the graphs
+replay again and give the plain model's pixels, whether they were traced before the LoRAs came
+or while they were off (tests/models/test_loras.py holds them to it).
 
 ``torch.jit`` is deprecated in favour of ``torch.compile``, whose inductor backend (with
 freezing) gave the same speed-up here but took 76 s to compile one shape on a 2-core CPU.
@@ -67,6 +73,9 @@ class _Replay:
         self.graphs: dict[tuple[Any, ...], Any] = {}
         self.failed = False
         self._lock = threading.Lock()
+        # the UNet's PEFT configs when its LoRA layers were last looked up, and those layers
+        self._peft_configs: list[Any] = []
+        self._lora_layers: list[Any] = []
 
     def __call__(
         self,
@@ -84,7 +93,7 @@ class _Replay:
             and not args
             and all(value is None for value in kwargs.values())
             and not torch.is_grad_enabled()
-            and not getattr(self.unet, "peft_config", None)  # LoRA layers may change per call
+            and not self._lora_live()
             and not self.failed
         ):
             graph = self._graph(sample, timestep, encoder_hidden_states)
@@ -96,6 +105,25 @@ class _Replay:
         if not return_dict:
             return (out,)
         return UNet2DConditionOutput(sample=out)
+
+    def _lora_live(self) -> bool:
+        """True while a PEFT (LoRA) layer of the UNet may change its output: enabled, or merged
+        (a disabled merged layer unmerges in its Python forward, which a graph would skip)."""
+        configs = getattr(self.unet, "peft_config", None)
+        if not configs:
+            return False
+        held = list(configs.values())
+        if len(held) != len(self._peft_configs) or any(
+            a is not b for a, b in zip(held, self._peft_configs, strict=False)
+        ):
+            # adapters came or went (each brings a new config object; those seen are held
+            # here, so a new one is never taken for an old one): find the layers again.
+            # Scanning every module on every call would cost ~5 % of a small UNet's call.
+            from peft.tuners.tuners_utils import BaseTunerLayer  # peft_config means peft
+
+            self._peft_configs = held
+            self._lora_layers = [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
+        return any(m.merged or not m.disable_adapters for m in self._lora_layers)
 
     def _graph(self, *inputs: torch.Tensor) -> Any:
         # a trace is only valid for its shapes (diffusers branches on sizes in Python) and for

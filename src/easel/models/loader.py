@@ -19,6 +19,7 @@ import platform
 import re
 import sys
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 from easel.config import Settings
-from easel.domain import EaselError, InvalidParams, ModelNotAvailable, ModelRecord
+from easel.domain import EaselError, InvalidParams, LoraRecord, ModelNotAvailable, ModelRecord
 from easel.models.catalog import (
     ModelCatalog,
     cached_snapshot,
@@ -59,6 +60,9 @@ _INT_BYTES = {
     "U8": 1,
     "BOOL": 1,
 }
+
+# LoRAs kept loaded per model; past this, the least recently used ones not in the request go
+MAX_LOADED_LORAS = 16
 
 _DTYPES = {
     "float32": torch.float32,
@@ -128,12 +132,24 @@ class LoadedModel:
 
 
 @dataclass
+class _Adapter:
+    """A LoRA loaded into a model, under the adapter name peft knows it by."""
+
+    name: str
+    stamp: tuple[int, int]  # the file's (mtime_ns, size) when loaded: a changed file reloads
+
+
+@dataclass
 class _Entry:
     record: ModelRecord
     family: Family
     pipelines: dict[str, DiffusionPipeline] = field(default_factory=dict)  # task -> pipeline
     nbytes: int = 0
     ip_adapter: bool = False  # the record's IP-Adapter is in the (shared) UNet now
+    # LoRA id -> its loaded adapter, least recently used first
+    loras: OrderedDict[str, _Adapter] = field(default_factory=OrderedDict)
+    loras_on: bool = False  # some LoRA is enabled now
+    adapters_made: int = 0  # for unique adapter names
 
 
 def pipeline_bytes(pipeline: DiffusionPipeline) -> int:
@@ -235,6 +251,106 @@ class ModelManager:
             entry.ip_adapter = scale is not None
             if scale is None and self.device == "cpu" and self.settings.cpu_graphs:
                 capture_unet(unet)
+
+    def use_loras(self, record: ModelRecord, loras: list[tuple[LoraRecord, float]]) -> None:
+        """Apply ``loras`` (each with its weight) to the model, or none (an empty list).
+
+        Model-wide, like use_ip_adapter: every task pipeline shares the denoiser and text
+        encoders, so the engine calls this before each request. A LoRA is loaded once
+        (``load_lora_weights``, under its own adapter name) and stays loaded, off when unused,
+        while the model stays loaded (up to MAX_LOADED_LORAS; a changed file loads again);
+        switching is ``set_adapters`` with the request's weights: the base model is never
+        reloaded. A LoRA at weight 0 adds nothing and is left out.
+
+        With no LoRA wanted the adapters are disabled (``disable_lora``): a disabled LoRA layer
+        is exactly its base layer, so plain requests give the base model's pixels, and the CPU
+        graphs (cpu_graph) replay again at full speed: they run eagerly only while a LoRA is on.
+        Unloading instead would cost a reload from disk on the next LoRA request.
+
+        Raises InvalidParams(field="loras[i].id") when a file cannot be applied to this model.
+        """
+        wanted = [(i, lora, weight) for i, (lora, weight) in enumerate(loras) if weight != 0]
+        with self._lock:
+            entry = self._entries.get(record.id)
+            if entry is None:
+                if not wanted:
+                    return
+                self.get_pipeline(record.id)
+                entry = self._entries[record.id]
+            base = next(iter(entry.pipelines.values()))
+            if not wanted:
+                if entry.loras_on:
+                    base.disable_lora()
+                    entry.loras_on = False
+                return
+            if not hasattr(base, "load_lora_weights"):
+                raise InvalidParams(
+                    f"{entry.family.name} models cannot take LoRAs",
+                    field=f"loras[{wanted[0][0]}].id",
+                )
+            with warnings.catch_warnings():
+                # peft's notes that a model holds several adapters (it is meant to) and, after
+                # one is deleted, which adapter is active (set_adapters sets them all next)
+                warnings.filterwarnings("ignore", "Already found a `peft_config`")
+                warnings.filterwarnings("ignore", "Adapter .* was active which is now deleted")
+                names = [self._load_lora(entry, base, i, lora, wanted) for i, lora, _ in wanted]
+            base.enable_lora()
+            base.set_adapters(names, adapter_weights=[weight for _, _, weight in wanted])
+            entry.loras_on = True
+
+    def _load_lora(
+        self,
+        entry: _Entry,
+        base: Any,
+        index: int,
+        lora: LoraRecord,
+        wanted: list[tuple[int, LoraRecord, float]],
+    ) -> str:
+        """The adapter name of ``lora`` in ``entry``'s model, loading it if need be."""
+        path = Path(lora.path)
+        try:
+            stat = path.stat()
+        except OSError:
+            raise InvalidParams(
+                f"LoRA {lora.id}: no weights file at {path}", field=f"loras[{index}].id"
+            ) from None
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        loaded = entry.loras.get(lora.id)
+        if loaded is not None and loaded.stamp == stamp:
+            entry.loras.move_to_end(lora.id)
+            return loaded.name
+        if loaded is not None:  # the file changed (retrained or replaced)
+            base.delete_adapters([loaded.name])
+            del entry.loras[lora.id]
+        keep = {other.id for _, other, _ in wanted}
+        while len(entry.loras) >= MAX_LOADED_LORAS:
+            oldest = next((k for k in entry.loras if k not in keep), None)
+            if oldest is None:
+                break
+            base.delete_adapters([entry.loras.pop(oldest).name])
+        # peft keeps adapters in module dicts, whose keys cannot hold the "." a LoRA name may
+        entry.adapters_made += 1
+        name = f"easel_{entry.adapters_made}"
+        try:
+            base.load_lora_weights(str(path), adapter_name=name)
+        except Exception as exc:  # shapes that do not fit, keys diffusers cannot map, ...
+            if any(name in names for names in base.get_list_adapters().values()):
+                base.delete_adapters([name])
+            entry.loras_on = True  # layers it left may be on: the next plain call turns all off
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise InvalidParams(
+                f"LoRA {lora.id} cannot be applied to model {entry.record.id}: {reason}",
+                field=f"loras[{index}].id",
+            ) from None
+        entry.loras[lora.id] = _Adapter(name, stamp)
+        entry.nbytes = pipeline_bytes(base)
+        return name
+
+    def loaded_loras(self, model: str) -> list[str]:
+        """Ids of the LoRAs loaded into ``model`` (on or off), least recently used first."""
+        with self._lock:
+            entry = self._entries.get(model)
+            return list(entry.loras) if entry is not None else []
 
     def loaded(self) -> list[str]:
         """Ids of the loaded models, least recently used first."""

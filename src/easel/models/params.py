@@ -14,7 +14,7 @@ import dataclasses
 import math
 import random
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from easel.domain import (
     IMAGE_FIELDS,
@@ -22,6 +22,8 @@ from easel.domain import (
     TASK_SPECS,
     GenerationParams,
     InvalidParams,
+    LoraNotFound,
+    LoraRecord,
     ModelRecord,
     TaskSpec,
 )
@@ -43,9 +45,17 @@ TASK_DEFAULTS: dict[str, Any] = {"mask_blur": 4, "only_masked": False, "style_st
 # per task: a default strength in place of the model's (which is img2img's). Inpainting with an
 # ordinary UNet repaints from pure noise in the mask (1.0); style redraws its recoloured content
 # lightly (on tiny-shapes 0.3 kept the reference's colours in 90 % of held-out cases, 0.45 in
-# 81 %, 0.6 in 42 %: docs/MODEL.md, "Editing").
+# 81 %, 0.6 in 42 %: docs/TRAINING-LOG.md, "Editing").
 TASK_STRENGTH = {"inpaint": 1.0, "outpaint": 1.0, "style": 0.3}
 MAX_MASK_BLUR = 64
+MAX_LORAS = 8  # LoRAs in one request
+LORA_WEIGHT_RANGE = (-4.0, 4.0)
+
+
+class LoraLookup(Protocol):
+    """What resolve_params asks of the LoRA catalog (``models.loras.LoraCatalog``)."""
+
+    def get(self, name: str) -> LoraRecord: ...
 
 
 def effective_family(record: ModelRecord, family: Family) -> Family:
@@ -66,13 +76,16 @@ def resolve_params(
     record: ModelRecord,
     family: Family,
     input_sizes: Mapping[str, tuple[int, int]] | None = None,
+    *,
+    loras: LoraLookup | None = None,
 ) -> GenerationParams:
     """A copy of ``params`` with every field concrete and checked against the family's limits.
 
     ``None`` fields take the model's defaults, a missing seed is drawn at random, and
     ``model`` becomes the record's id. Fields the task does not use must be unset (see
     ``domain.TASK_SPECS``). ``input_sizes`` (image field -> (width, height)) lets an edit's
-    size default to its input's and checks that a mask matches its image. Raises
+    size default to its input's and checks that a mask matches its image. ``loras`` finds
+    the LoRAs ``params.loras`` names (each must exist and fit the model's family). Raises
     InvalidParams(field=...) on the first bad field.
     """
     family = effective_family(record, family)
@@ -93,7 +106,8 @@ def resolve_params(
     size_given = params.width is not None or params.height is not None
     _check_inputs(values, spec, family, input_sizes or {}, size_given)
 
-    _check_prompt(values)
+    if spec.kind == "generate":  # a training job's prompts are its dataset's captions
+        _check_prompt(values)
     for name in ("width", "height"):
         _check_size(name, values[name], family)
     _check_int("num_inference_steps", values["num_inference_steps"], 1, family.max_steps)
@@ -131,6 +145,7 @@ def resolve_params(
             f"only_masked must be true or false (got {values['only_masked']!r})",
             field="only_masked",
         )
+    values["loras"] = _check_loras(values["loras"], record, family, loras)
     values["guidance_scale"] = float(values["guidance_scale"])
     values["guidance_end"] = float(values["guidance_end"])
     return GenerationParams.from_dict(values)
@@ -224,6 +239,55 @@ def _check_outpaint(value: Any, family: Family) -> dict[str, int]:
     if not any(sides.values()):
         raise InvalidParams("outpaint must add pixels on at least one side", field="outpaint")
     return sides
+
+
+def _check_loras(
+    value: Any, record: ModelRecord, family: Family, lookup: LoraLookup | None
+) -> list[dict[str, Any]] | None:
+    """``[{"id", "weight"}, ...]`` with float weights (a missing weight is 1.0); None for no
+    LoRAs. Each must exist, fit the model's family and appear once, with a finite weight."""
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list):
+        raise InvalidParams(
+            f'loras must be a list of {{"id": NAME, "weight": W}} (got {value!r})', field="loras"
+        )
+    if len(value) > MAX_LORAS:
+        raise InvalidParams(
+            f"at most {MAX_LORAS} LoRAs per request (got {len(value)})", field="loras"
+        )
+    low, high = LORA_WEIGHT_RANGE
+    resolved: list[dict[str, Any]] = []
+    for index, item in enumerate(value):
+        where = f"loras[{index}]"
+        if not isinstance(item, dict) or set(item) - {"id", "weight"} or "id" not in item:
+            raise InvalidParams(
+                f'{where} must be {{"id": NAME, "weight": W}} (got {item!r})', field=where
+            )
+        name, weight = item["id"], item.get("weight", 1.0)
+        if not isinstance(name, str) or any(r["id"] == name for r in resolved):
+            problem = "is listed twice" if isinstance(name, str) else "must be a LoRA name"
+            raise InvalidParams(f"{where}.id: {name!r} {problem}", field=f"{where}.id")
+        number = isinstance(weight, int | float) and not isinstance(weight, bool)
+        if not number or not math.isfinite(weight) or not low <= weight <= high:
+            raise InvalidParams(
+                f"{where}.weight must be a number between {low:g} and {high:g} (got {weight!r})",
+                field=f"{where}.weight",
+            )
+        if lookup is None:
+            raise InvalidParams("LoRAs cannot be used here", field=f"{where}.id")
+        try:
+            lora = lookup.get(name)
+        except LoraNotFound as exc:  # a bad field of the request, not a missing resource
+            raise InvalidParams(f"{where}.id: {exc.message}", field=f"{where}.id") from None
+        if lora.family != family.name:
+            raise InvalidParams(
+                f"{where}.id: LoRA {name!r} is for {lora.family} models; model {record.id} is "
+                f"a {family.name} model",
+                field=f"{where}.id",
+            )
+        resolved.append({"id": name, "weight": float(weight)})
+    return resolved
 
 
 def _check_prompt(values: dict[str, Any]) -> None:
