@@ -106,6 +106,31 @@ MIGRATIONS: list[str] = [
     CREATE INDEX images_created ON images (created_at);
     CREATE INDEX images_kind ON images (kind, created_at)
     """,
+    # 3: a training job's validation images are kind 'sample' (the history lists only
+    # 'generated'); widening a CHECK means rebuilding the table again, every row kept.
+    """
+    CREATE TABLE images_v3 (
+        id TEXT PRIMARY KEY,
+        job_id TEXT REFERENCES jobs (id) ON DELETE CASCADE,  -- NULL for uploads
+        kind TEXT NOT NULL DEFAULT 'generated'
+            CHECK (kind IN ('generated', 'upload', 'sample')),
+        idx INTEGER NOT NULL DEFAULT 0,
+        seed INTEGER,                            -- NULL for uploads and samples
+        path TEXT NOT NULL,
+        width INTEGER NOT NULL,
+        height INTEGER NOT NULL,
+        prompt TEXT NOT NULL,
+        sha256 TEXT,                             -- imaging.pixel_hash of an upload
+        created_at TEXT NOT NULL,
+        UNIQUE (job_id, idx)
+    );
+    INSERT INTO images_v3 SELECT id, job_id, kind, idx, seed, path, width, height, prompt,
+        sha256, created_at FROM images;
+    DROP TABLE images;
+    ALTER TABLE images_v3 RENAME TO images;
+    CREATE INDEX images_created ON images (created_at);
+    CREATE INDEX images_kind ON images (kind, created_at)
+    """,
 ]
 
 

@@ -33,11 +33,12 @@ class ImageStore(Protocol):
         *,
         job_id: str,
         index: int,
-        seed: int,
+        seed: int | None,
         png: bytes,
         width: int,
         height: int,
         prompt: str,
+        kind: str = "generated",
     ) -> ImageRecord: ...
 
     def discard(self, job_id: str) -> None: ...
@@ -57,22 +58,24 @@ class DiskImageStore:
         *,
         job_id: str,
         index: int,
-        seed: int,
+        seed: int | None,
         png: bytes,
         width: int,
         height: int,
         prompt: str,
+        kind: str = "generated",
     ) -> ImageRecord:
-        """Write the PNG (atomically: temp file + rename) and its row; returns the record."""
+        """Write the PNG (atomically: temp file + rename) and its row; returns the record.
+        ``kind`` is "generated", or "sample" for a training job's validation images."""
         image_id = f"{job_id}-{index}"
         created = utcnow()
         relative = f"{created[:10]}/{image_id}.png"
         self._write(relative, png)
         with self.db.transaction() as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO images (id, job_id, idx, seed, path, width, height, prompt,"
-                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (image_id, job_id, index, seed, relative, width, height, prompt, created),
+                "INSERT OR REPLACE INTO images (id, job_id, kind, idx, seed, path, width, height,"
+                " prompt, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (image_id, job_id, kind, index, seed, relative, width, height, prompt, created),
             )
         return self.get(image_id)
 

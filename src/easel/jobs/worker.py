@@ -14,6 +14,7 @@ import io
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from PIL import Image
@@ -28,10 +29,14 @@ from easel.domain import (
     InputImages,
     JobRecord,
     JobStatus,
+    LoraRecord,
     Progress,
     ProgressCallback,
+    TrainProgress,
+    TrainSamples,
 )
 from easel.engine.metadata import to_png_bytes
+from easel.imaging import png_bytes
 from easel.jobs.db import Database
 from easel.jobs.events import EventBus, EventType
 from easel.jobs.images import ImageStore
@@ -41,6 +46,7 @@ log = logging.getLogger(__name__)
 
 PREVIEW_SIZE = 128  # longest side of preview images sent with progress events
 IDLE_POLL_S = 0.5  # how long an idle worker sleeps when nobody wakes it
+TRAIN_EVENT_EVERY_S = 0.5  # training steps can come faster than anyone reads them
 END_EVENTS: dict[JobStatus, EventType] = {  # a run's last event, by the job's status after it
     JobStatus.SUCCEEDED: "succeeded",
     JobStatus.FAILED: "failed",
@@ -60,6 +66,20 @@ class Generator(Protocol):
         on_progress: ProgressCallback | None = None,
         is_canceled: CancelCheck | None = None,
     ) -> GenerationResult: ...
+
+
+class Trainer(Protocol):
+    """What a worker runs for training tasks: :class:`easel.training.job.LoraTrainer`."""
+
+    def train(
+        self,
+        job_id: str,
+        params: GenerationParams,
+        *,
+        on_progress: Callable[[TrainProgress], None],
+        on_samples: Callable[[TrainSamples], None],
+        is_canceled: CancelCheck,
+    ) -> LoraRecord: ...
 
 
 def preview_data_url(image: Image.Image) -> str:
@@ -84,6 +104,7 @@ class Worker:
         images: ImageStore,
         events: EventBus,
         generator: Generator,
+        trainer: Trainer | None = None,
         wakeup: threading.Event | None = None,
     ) -> None:
         self.name = name
@@ -93,6 +114,7 @@ class Worker:
         self.images = images
         self.events = events
         self.generator = generator
+        self.trainer = trainer
         self.wakeup = wakeup or threading.Event()
         self._stopping = threading.Event()  # no new claims
         self._abort = threading.Event()  # stop the running job and requeue it
@@ -146,6 +168,9 @@ class Worker:
     def _run(self, job: JobRecord) -> None:
         # 2. announce it
         self.events.publish(job.id, "started", {"attempt": job.attempts, "worker": self.name})
+        if TASK_SPECS[job.params.task].kind == "train":
+            self._train(job)
+            return
         started = time.perf_counter()
         try:
             # 3. read the input images, then generate, reporting steps and honouring cancel
@@ -191,6 +216,83 @@ class Worker:
             },
         )
         self.queue.record_speed(job, self.device, seconds)
+
+    def _train(self, job: JobRecord) -> None:
+        """A training job: progress events with loss, learning rate and ETA; sample images
+        stored as the job's images as they come; the LoRA published at the end."""
+        started = time.perf_counter()
+        samples: list[dict[str, object]] = []
+        last_event = 0.0
+
+        def on_progress(progress: TrainProgress) -> None:
+            nonlocal last_event
+            self.queue.set_progress(job.id, progress.step, progress.total)
+            now = time.monotonic()
+            if now - last_event < TRAIN_EVENT_EVERY_S and progress.step < progress.total:
+                return
+            last_event = now
+            data: dict[str, object] = {
+                "step": progress.step,
+                "total": progress.total,
+                "loss": round(progress.loss, 6),
+                "lr": progress.lr,
+            }
+            if progress.eta_s is not None:
+                data["eta_seconds"] = round(progress.eta_s, 1)
+            self.events.publish(job.id, "progress", data)
+
+        def on_samples(batch: TrainSamples) -> None:
+            stored = [
+                self.images.save(
+                    job_id=job.id,
+                    index=batch.step * 10 + i,  # the same ids when a resumed run redoes a step
+                    seed=None,
+                    png=png_bytes(image),
+                    width=image.width,
+                    height=image.height,
+                    prompt=prompt,
+                    kind="sample",
+                )
+                for i, (image, prompt) in enumerate(zip(batch.images, batch.prompts, strict=True))
+            ]
+            ids: list[dict[str, object]] = [
+                {"id": r.id, "url": f"/api/v1/images/{r.id}", "prompt": r.prompt} for r in stored
+            ]
+            samples.extend(ids)
+            data: dict[str, object] = {"step": batch.step, "samples": ids}
+            if batch.heldout_loss is not None:
+                data["heldout_loss"] = round(batch.heldout_loss, 6)
+            self.events.publish(job.id, "progress", data)
+
+        try:
+            if self.trainer is None:
+                raise EaselError("this worker cannot train (no trainer configured)")
+            lora = self.trainer.train(
+                job.id,
+                job.params,
+                on_progress=on_progress,
+                on_samples=on_samples,
+                is_canceled=lambda: self._abort.is_set() or self.queue.cancel_requested(job.id),
+            )
+        except Canceled:
+            self._stop_canceled(job)
+            return
+        except EaselError as exc:
+            self._fail(job, exc.message)
+            return
+        except Exception as exc:  # as for generations: the worker survives, the log keeps it
+            log.exception("job %s failed", job.id)
+            self._fail(job, f"internal error: {type(exc).__name__}: {exc}")
+            return
+        self._end(
+            job,
+            JobStatus.SUCCEEDED,
+            {
+                "images": samples,
+                "lora": {"id": lora.id, "url": f"/api/v1/loras/{lora.id}", "steps": lora.steps},
+                "seconds": round(time.perf_counter() - started, 3),
+            },
+        )
 
     def _inputs(self, params: GenerationParams) -> InputImages:
         names = TASK_SPECS[params.task].image_fields

@@ -1,0 +1,625 @@
+"""Fine-tune a model with LoRA on a folder of captioned images: `train_lora(config, ...)`.
+
+    >>> result = train_lora(LoraConfig(model="tiny-shapes", dataset="data/hexagons",
+    ...                                out_dir="runs/hex", name="hexagon", trigger="zq"))
+    >>> result.lora_file        # diffusers' LoRA format: pipe.load_lora_weights(...) reads it
+
+One loop for every family diffusers can train (SD 1.x/2.x, SDXL, Z-Image, Flux): LoRA layers
+(peft) on the denoiser's attention projections, optionally on the CLIP text encoder(s). What
+differs per family — how text and images are encoded and what the denoiser is asked to predict
+— sits in a small class per family below (`_Sd`, `_Flux`, `_ZImage`); the loop reads the same for
+all. Latents and text embeddings are computed once when their encoders are frozen.
+
+Along the way, in ``config.out_dir``: step-stamped checkpoints (a killed run resumes from the
+newest), sample grids every ``sample_every`` steps (`samples/step000100.png`) with a held-out
+loss, `loss.png`, `best.safetensors` (the LoRA at the lowest held-out loss), `summary.json`,
+and at the end the LoRA itself, `<name>.safetensors`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline
+from PIL import Image
+
+from easel.config import Settings
+from easel.datasets import load_dataset
+from easel.domain import InvalidParams
+from easel.engine.guidance import end_guidance_args
+from easel.models.catalog import ModelCatalog
+from easel.models.families import get_family
+from easel.models.loader import ModelManager
+from easel.models.params import defaults_for, effective_family
+from easel.training.loop import (
+    Checkpoints,
+    StageLog,
+    StageRun,
+    TrainStep,
+    adamw,
+    autocast,
+    lr_factor,
+    pick_device,
+    save_loss_plot,
+    training_attention,
+    with_native_precision,
+)
+from easel.training.lora_config import LoraConfig
+
+ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' Attention, every family
+CLIP_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+HELDOUT_DRAWS = 4  # noise/timestep draws per held-out image, fixed across the run
+
+
+@dataclass
+class Samples:
+    """What `on_sample` receives every ``sample_every`` steps (and at the end)."""
+
+    step: int
+    images: list[Image.Image]
+    prompts: list[str]
+    heldout_loss: float | None
+
+
+@dataclass
+class LoraResult:
+    lora_file: Path  # <out_dir>/<name>.safetensors
+    best_file: Path | None  # the LoRA at the lowest held-out loss, when there was one
+    family: str
+    base_model: str
+    steps: int
+    final_loss: float
+    best_step: int | None
+    heldout: list[tuple[int, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# --- families: what is encoded how, and what the denoiser predicts ------------------------------
+
+
+class _Family:
+    """The per-family part of the loop. ``denoiser_name`` is the pipeline attribute holding the
+    trained model ("unet" or "transformer")."""
+
+    denoiser_name = "unet"
+    text_encoder_names: tuple[str, ...] = ()
+
+    def __init__(self, pipe: DiffusionPipeline, device: torch.device):
+        self.pipe, self.device = pipe, device
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        module: torch.nn.Module = getattr(self.pipe, self.denoiser_name)
+        return module
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Scaled latents of images in [-1, 1] (the posterior mean, as the loss target)."""
+        vae = self.pipe.vae
+        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mode().float()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    def encode_text(self, captions: list[str]) -> list[Any]:
+        """One conditioning item per caption (tensors without a batch dimension)."""
+        raise NotImplementedError
+
+    def losses(self, latents: torch.Tensor, conds: list[Any], generator: torch.Generator):
+        """Per-image loss (B,) at random noise levels drawn from ``generator``."""
+        raise NotImplementedError
+
+
+class _Sd(_Family):
+    """SD 1.x/2.x and SDXL: a UNet trained with DDPM noise, predicting what the scheduler's
+    ``prediction_type`` says (epsilon or v)."""
+
+    def __init__(self, pipe: DiffusionPipeline, device: torch.device, xl: bool):
+        super().__init__(pipe, device)
+        self.xl = xl
+        self.text_encoder_names = ("text_encoder", "text_encoder_2") if xl else ("text_encoder",)
+        self.noise = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def encode_text(self, captions: list[str]) -> list[Any]:
+        if not self.xl:
+            embeds = self.pipe.encode_prompt(captions, self.device, 1, False)[0]
+            return list(embeds)
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=captions, device=self.device, do_classifier_free_guidance=False
+        )
+        return list(zip(embeds, pooled, strict=True))
+
+    def losses(self, latents, conds, generator):
+        batch = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        steps = self.noise.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (batch,), generator=generator).to(self.device)
+        noisy = self.noise.add_noise(latents, noise, timesteps)
+        if self.noise.config.prediction_type == "v_prediction":
+            target = self.noise.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        extra = {}
+        if self.xl:
+            embeds = torch.stack([c[0] for c in conds])
+            height, width = (side * self.pipe.vae_scale_factor for side in latents.shape[-2:])
+            time_ids = torch.tensor([height, width, 0, 0, height, width], device=self.device)
+            extra["added_cond_kwargs"] = {
+                "text_embeds": torch.stack([c[1] for c in conds]),
+                "time_ids": time_ids.repeat(batch, 1).to(embeds.dtype),
+            }
+        else:
+            embeds = torch.stack(conds)
+        prediction = self.denoiser(noisy, timesteps, embeds, **extra).sample.float()
+        return (prediction - target.float()).pow(2).mean(dim=(1, 2, 3))
+
+
+def _flow_noise(latents: torch.Tensor, generator: torch.Generator):
+    """Rectified flow: a noise level sigma from a logit-normal (SD3's choice), the noisy latents
+    (1 - sigma) x0 + sigma noise, and the noise."""
+    sigma = torch.sigmoid(torch.randn(latents.shape[0], generator=generator)).to(latents)
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    s = sigma.view(-1, 1, 1, 1)
+    return sigma, (1 - s) * latents + s * noise, noise
+
+
+class _Flux(_Family):
+    """Flux: a transformer on 2x2-packed latents predicting the velocity noise - x0."""
+
+    denoiser_name = "transformer"
+
+    def encode_text(self, captions: list[str]) -> list[Any]:
+        embeds, pooled, text_ids = self.pipe.encode_prompt(captions, None, device=self.device)
+        self.text_ids = text_ids
+        return list(zip(embeds, pooled, strict=True))
+
+    def losses(self, latents, conds, generator):
+        pipe, (batch, channels, height, width) = self.pipe, latents.shape
+        sigma, noisy, noise = _flow_noise(latents, generator)
+        transformer = self.denoiser
+        guidance = None
+        if transformer.config.guidance_embeds:
+            guidance = torch.ones(batch, device=self.device)
+        prediction = transformer(
+            hidden_states=pipe._pack_latents(noisy, batch, channels, height, width),
+            timestep=sigma,
+            guidance=guidance,
+            pooled_projections=torch.stack([c[1] for c in conds]),
+            encoder_hidden_states=torch.stack([c[0] for c in conds]),
+            txt_ids=self.text_ids,
+            img_ids=pipe._prepare_latent_image_ids(
+                batch, height // 2, width // 2, self.device, latents.dtype
+            ),
+            return_dict=False,
+        )[0].float()
+        target = pipe._pack_latents(noise - latents, batch, channels, height, width)
+        return (prediction - target.float()).pow(2).mean(dim=(1, 2))
+
+
+class _ZImage(_Family):
+    """Z-Image: a transformer taking lists of latents and of unpadded prompt embeddings; its
+    timestep input is 1 - sigma and it predicts x0 - noise (the pipeline negates it)."""
+
+    denoiser_name = "transformer"
+
+    def encode_text(self, captions: list[str]) -> list[Any]:
+        embeds, _ = self.pipe.encode_prompt(
+            captions, device=self.device, do_classifier_free_guidance=False
+        )
+        return list(embeds)
+
+    def losses(self, latents, conds, generator):
+        sigma, noisy, noise = _flow_noise(latents, generator)
+        outputs = self.denoiser(
+            list(noisy.unsqueeze(2).unbind(0)), 1 - sigma, list(conds), return_dict=False
+        )[0]
+        prediction = torch.stack([o.float() for o in outputs]).squeeze(2)
+        return (prediction - (latents - noise).float()).pow(2).mean(dim=(1, 2, 3))
+
+
+def _family_adapter(family: str, pipe: DiffusionPipeline, device: torch.device) -> _Family:
+    if family in ("sd", "sdxl"):
+        return _Sd(pipe, device, xl=family == "sdxl")
+    if family == "flux":
+        return _Flux(pipe, device)
+    if family == "z-image":
+        return _ZImage(pipe, device)
+    raise InvalidParams(f"LoRA training does not support the {family} family", field="model")
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Example:
+    caption: str
+    latents: torch.Tensor  # (C, h, w)
+    cond: Any = None  # cached text conditioning (encoders frozen)
+
+
+def with_trigger(caption: str, trigger: str) -> str:
+    """The caption as trained: the trigger word put in front when the caption lacks it, the
+    trigger alone for an image without a caption."""
+    caption = caption.strip()
+    if not caption:
+        return trigger
+    if trigger.lower() in caption.lower().split():
+        return caption
+    return f"{trigger} {caption}"
+
+
+def check_trigger_tokens(pipe: DiffusionPipeline, trigger: str) -> None:
+    """Refuse a trigger the model's tokenizer cannot spell: its unknown pieces become the unknown
+    token (on a small vocabulary such as tiny-shapes', "zq" loses its "q"), and the LoRA would
+    learn to answer a token every unknown word shares."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    if tokenizer is None or unknown is None:
+        return
+    ids = tokenizer(trigger, add_special_tokens=False).input_ids
+    if unknown in ids:
+        raise InvalidParams(
+            f"trigger {trigger!r} has characters this model's tokenizer does not know; pick a "
+            "word of common letters (e.g. 'sks')",
+            field="trigger",
+        )
+
+
+def load_pixels(path: Path, size: int) -> torch.Tensor:
+    """(3, size, size) in [-1, 1]: the image scaled so its short side is ``size``, centre crop."""
+    image = Image.open(path).convert("RGB")
+    scale = size / min(image.size)
+    resized = image.resize(
+        (max(size, round(image.width * scale)), max(size, round(image.height * scale))),
+        Image.Resampling.BICUBIC,
+    )
+    left, top = (resized.width - size) // 2, (resized.height - size) // 2
+    crop = resized.crop((left, top, left + size, top + size))
+    array = torch.frombuffer(bytearray(crop.tobytes()), dtype=torch.uint8)
+    return array.view(size, size, 3).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def _split_holdout(count: int, share: float, seed: int) -> list[int]:
+    """Indices of the held-out images: ``share`` of them, at least one when any are kept and
+    at least four remain to train on."""
+    if share <= 0 or count < 5:
+        return []
+    held = max(1, round(count * share))
+    return sorted(random.Random(seed).sample(range(count), min(held, count - 4)))
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+class _Weights:
+    """The LoRA layers of the trained modules as one checkpoint part."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        self.modules = modules
+
+    def state_dict(self) -> dict[str, Any]:
+        from peft.utils import get_peft_model_state_dict
+
+        return {name: get_peft_model_state_dict(m) for name, m in self.modules.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        for name, module in self.modules.items():
+            set_peft_model_state_dict(module, state[name])
+
+
+@dataclass
+class _History:
+    """Held-out losses and the best step, checkpointed with the weights."""
+
+    heldout: list[tuple[int, float]] = field(default_factory=list)
+    best_step: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.heldout = [tuple(x) for x in state["heldout"]]  # type: ignore[misc]
+        self.best_step = state["best_step"]
+
+
+def train_lora(
+    config: LoraConfig,
+    *,
+    on_step: Callable[[TrainStep], None] | None = None,
+    on_sample: Callable[[Samples], None] | None = None,
+    is_canceled: Callable[[], bool] | None = None,
+    settings: Settings | None = None,
+) -> LoraResult:
+    """Train a LoRA as ``config`` says; resumes from ``config.out_dir``'s newest checkpoint.
+
+    Raises `easel.domain.Canceled` after saving a checkpoint when ``is_canceled()`` turns true,
+    `InvalidParams` for a model or dataset it cannot train on.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+
+    # 1. set up: device, precision, folders, the model in float32 (never the server's cached copy)
+    started = time.monotonic()
+    settings = settings or Settings()
+    device = pick_device(config.device if config.device != "auto" else settings.device)
+    config = with_native_precision(config, device)
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    catalog = ModelCatalog(settings)
+    record = catalog.get(config.model)
+    family = effective_family(record, get_family(record.family))
+    defaults = defaults_for(record, family)
+    if config.sample_steps:
+        defaults["num_inference_steps"] = config.sample_steps
+    training_settings = settings.model_copy(
+        update={"dtype": "float32", "cpu_graphs": False, "cpu_offload": False,
+                "device": device.type}
+    )  # fmt: skip
+    pipe = ModelManager(training_settings, catalog).get_pipeline(config.model).pipeline
+    adapter = _family_adapter(family.name, pipe, device)
+    if config.train_text_encoder and family.name not in ("sd", "sdxl"):
+        raise InvalidParams(
+            "train_text_encoder is supported for the sd and sdxl families only (CLIP encoders)",
+            field="train_text_encoder",
+        )
+    size = config.size or int(defaults.get("width", 512))
+    check_trigger_tokens(pipe, config.trigger)
+
+    # 2. data: captions with the trigger, latents (and text embeddings) encoded once
+    dataset = load_dataset(Path(config.dataset))
+    captions = [with_trigger(item.caption, config.trigger) for item in dataset.items]
+    heldout_index = set(_split_holdout(len(captions), config.holdout, config.seed))
+    examples: list[_Example] = []
+    with torch.no_grad(), autocast(device, config.bf16):
+        for index, item in enumerate(dataset.items):
+            pixels = load_pixels(item.image, size).unsqueeze(0).to(device)
+            examples.append(_Example(captions[index], adapter.encode_images(pixels)[0]))
+        if not config.train_text_encoder:
+            for example in examples:
+                example.cond = adapter.encode_text([example.caption])[0]
+    train = [e for i, e in enumerate(examples) if i not in heldout_index]
+    heldout = [e for i, e in enumerate(examples) if i in heldout_index]
+    prior = _prior_examples(config, adapter, pipe, defaults, size, device, out_dir)
+    sample_prompts = list(config.sample_prompts) or _default_sample_prompts(config, heldout, train)
+
+    # 3. LoRA layers on the attention projections; only they learn
+    pipe.vae.requires_grad_(False)
+    for name in adapter.text_encoder_names:
+        getattr(pipe, name).requires_grad_(False)
+    adapter.denoiser.requires_grad_(False)
+    lora = dict(r=config.rank, lora_alpha=config.rank, init_lora_weights="gaussian")
+    adapter.denoiser.add_adapter(PeftLoraConfig(target_modules=ATTENTION_PROJECTIONS, **lora))
+    trained = {adapter.denoiser_name: adapter.denoiser}
+    if config.train_text_encoder:
+        for name in adapter.text_encoder_names:
+            getattr(pipe, name).add_adapter(PeftLoraConfig(target_modules=CLIP_PROJECTIONS, **lora))
+            trained[name] = getattr(pipe, name)
+    if config.gradient_checkpointing or (
+        config.gradient_checkpointing is None and device.type == "cuda"
+    ):
+        adapter.denoiser.enable_gradient_checkpointing()
+    params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
+    optimizer = adamw(params, config.learning_rate, 0.0, device)
+
+    # 4. resume from the newest checkpoint, if any
+    checkpoints = Checkpoints(out_dir / "checkpoints", config.keep_checkpoints)
+    log, history = StageLog(), _History()
+    parts = {"lora": _Weights(trained), "optimizer": optimizer, "history": history}
+    step, elapsed_before = checkpoints.resume("lora", parts, log)
+    draw = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+    order = random.Random(config.seed + step)
+
+    def save() -> None:
+        checkpoints.save_stage("lora", step, parts, run.elapsed(), log)
+
+    def sample_and_score() -> None:
+        loss = _heldout_loss(adapter, heldout, config, device) if heldout else None
+        if loss is not None:
+            history.heldout.append((step, loss))
+            if history.best_step is None or loss <= min(x for _, x in history.heldout):
+                history.best_step = step
+                _export(pipe, adapter, trained, out_dir / "best.safetensors")
+        images = _samples(pipe, sample_prompts, defaults, size, config.seed, device, config.bf16)
+        _image_grid(images).save(_mkdir(out_dir / "samples") / f"step{step:06d}.png")
+        save_loss_plot_with_heldout(log, history, out_dir / "loss.png")
+        if on_sample:
+            on_sample(Samples(step, images, sample_prompts, loss))
+
+    # 5. the loop
+    run = StageRun(
+        "lora", config, budget_s=math.inf, max_steps=config.steps, batch_size=config.batch_size,
+        step=step, elapsed_before=elapsed_before, log=log, on_step=on_step,
+        is_canceled=is_canceled, checkpoint_every_steps=config.checkpoint_every,
+    )  # fmt: skip
+    if step == 0 and config.sample_every and not run.done:
+        sample_and_score()  # the base model's samples and held-out loss: the "before"
+    for module in trained.values():
+        module.train()
+    while not run.done:
+        batch = order.sample(train, min(config.batch_size, len(train)))
+        lr = config.learning_rate * lr_factor(step, step / config.steps, config.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(device, config.bf16), training_attention(device):
+            conds = [e.cond for e in batch]
+            if config.train_text_encoder:
+                conds = adapter.encode_text([e.caption for e in batch])
+            latents = torch.stack([e.latents for e in batch])
+            loss = adapter.losses(latents, conds, draw).mean()
+            if prior:
+                picks = order.sample(prior, min(config.batch_size, len(prior)))
+                prior_latents = torch.stack([e.latents for e in picks])
+                prior_loss = adapter.losses(prior_latents, [e.cond for e in picks], draw).mean()
+                loss = loss + config.prior_weight * prior_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+
+        # bookkeeping (progress, checkpoints, cancellation), then samples and held-out loss
+        step += 1
+        if config.sample_every and (step % config.sample_every == 0 or step == config.steps):
+            for module in trained.values():
+                module.eval()
+            sample_and_score()
+            for module in trained.values():
+                module.train()
+        run.record(step, loss.item(), lr, save)
+    run.close()
+
+    # 6. export: the LoRA in diffusers' format, the loss plot, a summary
+    lora_file = _export(pipe, adapter, trained, out_dir / f"{config.name}.safetensors")
+    save_loss_plot_with_heldout(log, history, out_dir / "loss.png")
+    best = out_dir / "best.safetensors"
+    result = LoraResult(
+        lora_file=lora_file,
+        best_file=best if best.exists() else None,
+        family=family.name,
+        base_model=record.id,
+        steps=step,
+        final_loss=sum(log.losses[-50:]) / max(1, len(log.losses[-50:])),
+        best_step=history.best_step,
+        heldout=list(history.heldout),
+        seconds=time.monotonic() - started,
+    )
+    summary = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return result
+
+
+# --- pieces of the run --------------------------------------------------------------------------
+
+
+def _default_sample_prompts(
+    config: LoraConfig, heldout: list[_Example], train: list[_Example]
+) -> list[str]:
+    """Held-out captions first (what the LoRA has not seen), then training ones: four in all."""
+    prompts = [e.caption for e in heldout[:2]] + [e.caption for e in train]
+    unique = list(dict.fromkeys(prompts))
+    return unique[:4] or [config.trigger]
+
+
+def _prior_examples(
+    config: LoraConfig,
+    adapter: _Family,
+    pipe: DiffusionPipeline,
+    defaults: dict[str, Any],
+    size: int,
+    device: torch.device,
+    out_dir: Path,
+) -> list[_Example]:
+    """Prior preservation: ``prior_images`` images of ``prior_prompt`` by the base model (made
+    once, kept in ``out_dir/prior`` for a resumed run), encoded like the dataset."""
+    if config.prior_prompt is None:
+        return []
+    folder = _mkdir(out_dir / "prior")
+    files = sorted(folder.glob("*.png"))
+    if len(files) < config.prior_images:
+        for index in range(len(files), config.prior_images):
+            image = _samples(pipe, [config.prior_prompt], defaults, size, 10_000 + index,
+                             device, config.bf16)[0]  # fmt: skip
+            image.save(folder / f"{index:04d}.png")
+        files = sorted(folder.glob("*.png"))
+    examples = []
+    with torch.no_grad(), autocast(device, config.bf16):
+        cond = adapter.encode_text([config.prior_prompt])[0]
+        for file in files[: config.prior_images]:
+            latents = adapter.encode_images(load_pixels(file, size).unsqueeze(0).to(device))[0]
+            examples.append(_Example(config.prior_prompt, latents, cond))
+    return examples
+
+
+@torch.no_grad()
+def _heldout_loss(
+    adapter: _Family, heldout: list[_Example], config: LoraConfig, device: torch.device
+) -> float:
+    """The loss on the held-out images at fixed noise and noise levels (the same draws at every
+    call), so the numbers of one run compare step to step."""
+    generator = torch.Generator().manual_seed(config.seed + 99)
+    total = 0.0
+    with autocast(device, config.bf16):
+        for _ in range(HELDOUT_DRAWS):
+            conds = [e.cond for e in heldout]
+            if config.train_text_encoder:
+                conds = adapter.encode_text([e.caption for e in heldout])
+            latents = torch.stack([e.latents for e in heldout])
+            total += adapter.losses(latents, conds, generator).mean().item()
+    return total / HELDOUT_DRAWS
+
+
+@torch.no_grad()
+def _samples(
+    pipe: DiffusionPipeline,
+    prompts: list[str],
+    defaults: dict[str, Any],
+    size: int,
+    seed: int,
+    device: torch.device,
+    bf16: bool,
+) -> list[Image.Image]:
+    """One image per prompt through the model's own pipeline (with the LoRA as it is now), at the
+    model's default steps and guidance; prompt i uses seed ``seed + i``."""
+    images = []
+    for index, prompt in enumerate(prompts):
+        generator = torch.Generator().manual_seed(seed + index)
+        with autocast(device, bf16):
+            out = pipe(
+                prompt,
+                num_inference_steps=int(defaults.get("num_inference_steps", 20)),
+                guidance_scale=float(defaults.get("guidance_scale", 5.0)),
+                width=size,
+                height=size,
+                generator=generator,
+                **end_guidance_args(defaults.get("guidance_end", 1.0)),
+            )
+        images.append(out.images[0])
+    return images
+
+
+def _export(
+    pipe: DiffusionPipeline, adapter: _Family, trained: dict[str, torch.nn.Module], path: Path
+) -> Path:
+    """Write the LoRA layers as diffusers' ``save_lora_weights`` does (the file
+    ``load_lora_weights`` reads), with each module's LoRA settings in the metadata."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    accepted = inspect.signature(type(pipe).save_lora_weights).parameters
+    kwargs: dict[str, Any] = {}
+    for name, module in trained.items():
+        kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(
+            get_peft_model_state_dict(module)
+        )
+        if f"{name}_lora_adapter_metadata" in accepted:
+            kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
+    type(pipe).save_lora_weights(
+        str(path.parent), weight_name=path.name, safe_serialization=True, **kwargs
+    )
+    return path
+
+
+def save_loss_plot_with_heldout(log: StageLog, history: _History, path: Path) -> None:
+    """The training loss (smoothed) with the held-out losses as points on the same axes."""
+    save_loss_plot({"lora": log}, path, extra={"held-out": history.heldout})
+
+
+def _image_grid(images: list[Image.Image]) -> Image.Image:
+    width, height = images[0].size
+    grid = Image.new("RGB", (width * len(images), height))
+    for index, image in enumerate(images):
+        grid.paste(image.convert("RGB"), (index * width, 0))
+    return grid
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,123 @@
+"""The settings of a LoRA fine-tune (`easel.training.lora.train_lora`), checked when built.
+
+Kept free of torch, so the server checks a `train_lora` request with the same rules as the CLI
+before the job exists. The defaults teach the bundled tiny-shapes model a new shape from about 20
+captioned images in under three minutes on a 2-core CPU (docs/TRAINING.md).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, fields
+
+from easel.domain import InvalidParams
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+TRIGGER_PATTERN = re.compile(r"[^\s<>:\"]{1,64}")
+MAX_STEPS = 100_000
+MAX_RANK = 256
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """One fine-tune. ``model`` is a catalog id or a model folder; ``dataset`` a folder that
+    `easel.datasets.prepare_dataset` wrote; ``out_dir`` the run folder (checkpoints, samples,
+    loss plot, the LoRA file), where a run resumes from its newest checkpoint."""
+
+    model: str
+    dataset: str
+    out_dir: str
+    name: str  # the LoRA's name (and file name)
+    trigger: str  # the word that calls up what the LoRA learnt; put in captions lacking it
+    steps: int = 600  # optimisation steps
+    batch_size: int = 8
+    rank: int = 8  # LoRA rank; alpha equals it (scale 1), so a weight of 1 means "as trained"
+    learning_rate: float = 1e-3  # AdamW, after a linear warm-up, cosine decay to 10 %
+    warmup_steps: int = 20
+    train_text_encoder: bool = False  # LoRA on the CLIP text encoder(s) too (SD, SDXL)
+    # DreamBooth prior preservation: images of the class made by the base model first, trained
+    # alongside with this prompt so the class keeps its usual look
+    prior_prompt: str | None = None
+    prior_images: int = 16
+    prior_weight: float = 1.0
+    size: int | None = None  # training side in pixels (default: the model's default width)
+    holdout: float = 0.1  # share of the images kept out for the held-out loss (0: none)
+    sample_every: int = 100  # steps between validation samples and held-out losses (0: never)
+    sample_prompts: tuple[str, ...] = ()  # default: the trigger and a few captions
+    sample_steps: int | None = None  # denoising steps of the samples (default: the model's)
+    checkpoint_every: int = 100  # steps between checkpoints (and on cancel, and at the end)
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str = "auto"  # "cpu", "cuda", ...
+    bf16: bool = True  # bf16 autocast, kept only where the device computes it natively
+    gradient_checkpointing: bool | None = None  # None: on for CUDA, off on the CPU
+    log_every_seconds: float = 30.0
+    checkpoint_every_minutes: float = 10.0  # a clock too, for slow steps
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        check_trigger(self.trigger)
+        _check_range("steps", self.steps, 1, MAX_STEPS)
+        _check_range("batch_size", self.batch_size, 1, 256)
+        _check_range("rank", self.rank, 1, MAX_RANK)
+        _check_range("warmup_steps", self.warmup_steps, 0, MAX_STEPS)
+        _check_range("prior_images", self.prior_images, 1, 1000)
+        _check_range("keep_checkpoints", self.keep_checkpoints, 1, 100)
+        _check_range("sample_every", self.sample_every, 0, MAX_STEPS)
+        _check_range("checkpoint_every", self.checkpoint_every, 1, MAX_STEPS)
+        if self.sample_steps is not None:
+            _check_range("sample_steps", self.sample_steps, 1, 200)
+        if self.size is not None:
+            _check_range("size", self.size, 16, 4096)
+            if self.size % 16:
+                raise InvalidParams(
+                    f"size must be a multiple of 16 (got {self.size})", field="size"
+                )
+        _check_float("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
+        _check_float("prior_weight", self.prior_weight, 0.0, 100.0, low_open=True)
+        _check_float("holdout", self.holdout, 0.0, 0.5)
+        if self.prior_prompt is not None and not self.prior_prompt.strip():
+            raise InvalidParams("prior_prompt must not be empty when given", field="prior_prompt")
+
+    def with_changes(self, **changes: object) -> LoraConfig:
+        values = {f.name: getattr(self, f.name) for f in fields(self)} | changes
+        return LoraConfig(**values)  # type: ignore[arg-type]
+
+
+def check_name(name: str) -> None:
+    """A LoRA name is also a file name: letters, digits, '.', '_', '-', at most 64."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise InvalidParams(
+            "name must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or "
+            f"digit (got {name!r})",
+            field="name",
+        )
+
+
+def check_trigger(trigger: str) -> None:
+    if not isinstance(trigger, str) or not TRIGGER_PATTERN.fullmatch(trigger):
+        raise InvalidParams(
+            "trigger must be one word of 1-64 characters, without spaces, '<', '>', ':' or "
+            f"quotes (got {trigger!r})",
+            field="trigger",
+        )
+
+
+def _check_range(name: str, value: int, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidParams(
+            f"{name} must be an integer from {low} to {high} (got {value!r})", field=name
+        )
+
+
+def _check_float(
+    name: str, value: float, low: float, high: float, *, low_open: bool = False
+) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low < value if low_open else low <= value) and value <= high
+    if not ok:
+        bound = f"above {low}" if low_open else f"at least {low}"
+        raise InvalidParams(
+            f"{name} must be {bound} and at most {high} (got {value!r})", field=name
+        )

@@ -1,0 +1,147 @@
+"""train_lora on tiny models of every family: the loss falls, the file is diffusers' own, a
+cancelled or killed run goes on from its checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+from safetensors import safe_open
+
+from easel.datasets import DatasetLimits, prepare_dataset
+from easel.domain import Canceled, InvalidParams
+from easel.training.lora import train_lora, with_trigger
+from easel.training.lora_config import LoraConfig
+
+SIZE = 32
+
+
+def write_dataset(root: Path, count: int = 6) -> Path:
+    """``count`` copies of one picture (an orange square on blue) with the trigger in the
+    caption: a held-out copy measures how well the LoRA has learnt it."""
+    source = root / "source"
+    source.mkdir(parents=True)
+    for i in range(count):
+        image = Image.new("RGB", (SIZE, SIZE), (30, 70, 230))
+        image.paste((250, 140, 20), (8, 8, 24, 24))
+        image.save(source / f"{i}.png")
+        (source / f"{i}.txt").write_text("a zq square")
+    prepare_dataset(source, root / "dataset", DatasetLimits())
+    return root / "dataset"
+
+
+def config(model: Path, tmp_path: Path, **changes) -> LoraConfig:
+    values = dict(
+        model=str(model),
+        dataset=str(write_dataset(tmp_path)),
+        out_dir=str(tmp_path / "run"),
+        name="zq",
+        trigger="zq",
+        steps=16,
+        batch_size=4,
+        rank=4,
+        learning_rate=3e-2,
+        warmup_steps=0,
+        size=SIZE,
+        holdout=0.2,
+        sample_every=16,
+        sample_prompts=("a zq square",),
+        sample_steps=2,
+    )
+    return LoraConfig(**(values | changes))
+
+
+@pytest.mark.parametrize(
+    "family", ["tiny_sd_path", "tiny_sdxl_path", "tiny_zimage_path", "tiny_flux_path"]
+)
+def test_a_few_steps_lower_the_held_out_loss_on_every_family(family, request, tmp_path, easel_home):
+    model = request.getfixturevalue(family)
+    result = train_lora(config(model, tmp_path))
+    (before_step, before), (after_step, after) = result.heldout[0], result.heldout[-1]
+    assert (before_step, after_step) == (0, 16)
+    assert after < before * 0.98, result.heldout
+    assert result.best_step == 16 and result.best_file and result.best_file.exists()
+    run = tmp_path / "run"
+    assert (run / "loss.png").exists() and (run / "samples" / "step000016.png").exists()
+    assert json.loads((run / "summary.json").read_text())["steps"] == 16
+
+
+def render(pipe: DiffusionPipeline) -> np.ndarray:
+    generator = torch.Generator().manual_seed(0)
+    out = pipe("a zq square", num_inference_steps=2, height=SIZE, width=SIZE,
+               generator=generator, output_type="np")  # fmt: skip
+    return out.images[0]
+
+
+def test_the_lora_file_loads_in_plain_diffusers_and_changes_the_output(
+    tiny_sd_path, tmp_path, easel_home
+):
+    result = train_lora(config(tiny_sd_path, tmp_path, train_text_encoder=True))
+    with safe_open(str(result.lora_file), "pt") as file:
+        keys = list(file.keys())
+    assert any(k.startswith("unet.") for k in keys) and any(
+        k.startswith("text_encoder.") for k in keys
+    )
+    pipe = DiffusionPipeline.from_pretrained(tiny_sd_path)
+    pipe.set_progress_bar_config(disable=True)
+    base = render(pipe)
+    pipe.load_lora_weights(str(result.lora_file))
+    assert np.abs(render(pipe) - base).mean() > 1e-3
+
+
+def test_cancel_keeps_a_checkpoint_and_the_next_run_continues_from_it(
+    tiny_sd_path, tmp_path, easel_home
+):
+    cfg = config(tiny_sd_path, tmp_path, steps=10, checkpoint_every=100, sample_every=0)
+    seen: list[int] = []
+
+    def cancel_after_six() -> bool:
+        return len(seen) >= 6
+
+    with pytest.raises(Canceled):
+        train_lora(cfg, on_step=lambda s: seen.append(s.step), is_canceled=cancel_after_six)
+    assert seen == [1, 2, 3, 4, 5, 6]  # stopped at the step it was asked to
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*.pt")) == [
+        "lora-step0000006.pt"
+    ]
+    resumed: list[int] = []
+    result = train_lora(cfg, on_step=lambda s: resumed.append(s.step))
+    assert resumed == [7, 8, 9, 10] and result.steps == 10
+
+
+def test_prior_preservation_makes_its_class_images_once(tiny_sd_path, tmp_path, easel_home):
+    cfg = config(tiny_sd_path, tmp_path, steps=2, sample_every=0, prior_prompt="a square",
+                 prior_images=2)  # fmt: skip
+    train_lora(cfg)
+    assert len(list((tmp_path / "run" / "prior").glob("*.png"))) == 2
+
+
+def test_captions_get_the_trigger_and_images_without_one_get_it_alone():
+    assert with_trigger("a red hexagon", "zq") == "zq a red hexagon"
+    assert with_trigger("a red zq", "zq") == "a red zq"
+    assert with_trigger("  ", "zq") == "zq"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"steps": 0}, "steps"),
+        ({"rank": 1000}, "rank"),
+        ({"learning_rate": 0.0}, "learning_rate"),
+        ({"learning_rate": float("nan")}, "learning_rate"),
+        ({"name": "../evil"}, "name"),
+        ({"trigger": "two words"}, "trigger"),
+        ({"size": 40}, "size"),
+        ({"holdout": 0.9}, "holdout"),
+    ],
+)
+def test_bad_settings_are_refused_naming_the_field(change, field):
+    values = dict(model="m", dataset="d", out_dir="o", name="n", trigger="t") | change
+    with pytest.raises(InvalidParams) as error:
+        LoraConfig(**values)
+    assert error.value.field == field
