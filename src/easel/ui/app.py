@@ -1,10 +1,11 @@
 """The web page: a Gradio Blocks app that is a client of ``services``, like the REST API.
 
-Every Generate or Edit click becomes a job in the Easel queue (the source of truth); Gradio's own
-queue only carries the page's events. The generate and edit handlers submit the job, then follow
-the job's events alike (position and ETA while it waits, steps and previews while it runs,
-images at the end). Edit stores its input pictures (and the mask painted on the picture) with
-``services.upload_image`` and names them by id in the job.
+Every Generate, Edit or Train click becomes a job in the Easel queue (the source of truth);
+Gradio's own queue only carries the page's events. The generate and edit handlers submit the
+job, then follow the job's events alike (position and ETA while it waits, steps and previews
+while it runs, images at the end; ``easel.ui.jobs``). Edit stores its input pictures (and the
+mask painted on the picture) with ``services.upload_image`` and names them by id in the job.
+The Train tab is ``easel.ui.training``; the LoRA pickers of Generate and Edit ``easel.ui.loras``.
 
     app = create_app(services)           # the REST API
     mount_ui(app, services)              # the page at "/" on the same FastAPI app
@@ -19,10 +20,10 @@ import asyncio
 import base64
 import contextlib
 import io
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gradio as gr
 from fastapi import FastAPI
@@ -47,16 +48,13 @@ from easel.ui.editing import (
     task_note,
 )
 from easel.ui.forms import ModelForm, format_size, model_choices, model_form, parse_size
+from easel.ui.jobs import OWNER, Waiting, follow_job, user_errors, waiting_now
+from easel.ui.loras import LoraPicker, lora_picker, picked_loras, refresh_event, wire_picker
+from easel.ui.training import train_tab, wire_train
 
-if TYPE_CHECKING:
-    from easel.jobs.events import JobEvent
-
-# While a job waits no event of its own arrives, yet its position moves: refresh this often.
-REFRESH_S = 0.5
 HISTORY_LIMIT = 200  # images shown in the History tab (newest first)
 EDIT_TASK = "inpaint"  # the Edit tab's task when the page opens
 BRUSH_COLOR = ("#ff2a8a", 0.6)  # what the mask is painted with: any paint marks it
-OWNER = "web"  # jobs submitted from the page
 # Gradio serves what the page shows (copies of stored PNGs, every live preview) from its own file
 # cache: every 10 minutes drop the files older than an hour, so a long-running server does not
 # fill the temp folder (the images themselves stay in EASEL_HOME/images).
@@ -72,7 +70,8 @@ CSS = """
 #preview img, #edit-preview img { width: 100%; height: 100%; object-fit: contain; }
 img.easel-upscaled { image-rendering: pixelated; }
 @media (max-width: 640px) {  /* Gradio's grid keeps >= 100 px columns: too wide for 400 px */
-  #history .grid-container { grid-template-columns: repeat(3, minmax(0, 1fr)); } }
+  #history .grid-container, #train-samples .grid-container {
+    grid-template-columns: repeat(3, minmax(0, 1fr)); } }
 """
 
 # Small images (a 64×64 model's pictures, the live previews) are shown larger than they are:
@@ -93,13 +92,13 @@ document.addEventListener("load", (event) => {
 
 
 def build_ui(services: Services) -> gr.Blocks:
-    """The Blocks app: a Generate tab and a History tab, wired to ``services``."""
+    """The Blocks app: the Generate, Edit, History and Train tabs, wired to ``services``."""
     ui = _Handlers(services)
     form = ui.first_form()
     with gr.Blocks(title="Easel", analytics_enabled=False, delete_cache=CACHE_CLEANUP) as demo:
         gr.Markdown("# Easel", elem_id="easel-title")
         with gr.Tabs(elem_id="easel-tabs") as tabs:
-            with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
+            with gr.Tab("Generate", id="generate", elem_id="tab-generate") as generate_tab:
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=2, min_width=300):
                         prompt = gr.Textbox(
@@ -159,6 +158,7 @@ def build_ui(services: Services) -> gr.Blocks:
                         count = gr.Slider(
                             1, form.max_images, value=1, step=1, label="Images", elem_id="count"
                         )
+                        loras = lora_picker(services, form.model)
                         with gr.Row():
                             generate = gr.Button(
                                 "Generate",
@@ -188,7 +188,7 @@ def build_ui(services: Services) -> gr.Blocks:
                         send_result = gr.Button("Send to Edit", size="sm", elem_id="send-to-edit")
                 job = gr.State(None)  # id of this page's current job, for Cancel
                 shown = gr.State(0)  # index of the result opened in the gallery
-            with gr.Tab("Edit", id="edit", elem_id="tab-edit"):
+            with gr.Tab("Edit", id="edit", elem_id="tab-edit") as edit_tab:
                 edit = _edit_tab(ui, form)
             with gr.Tab("History", id="history", elem_id="tab-history"):
                 with gr.Row():
@@ -229,13 +229,16 @@ def build_ui(services: Services) -> gr.Blocks:
                         )
                 picked = gr.State(None)  # parameters of the clicked or dropped image
                 picked_path = gr.State(None)  # the clicked image's PNG, for Send to Edit
+            with gr.Tab("Train", id="train", elem_id="tab-train"):
+                train = train_tab(services)
 
         form_fields = [size, steps, guidance, guidance_end, scheduler, count, note, generate]
         model.input(ui.on_model, model, form_fields, api_visibility="private")
         generate.click(
             ui.generate,
             [prompt, negative, model, size, steps, guidance, scheduler, seed, random_seed, count]
-            + [guidance_end],  # last, so that API clients' positional calls keep working
+            # added later, after the others, so that API clients' positional calls keep working
+            + [guidance_end, *loras.inputs],
             [gallery, seed, result_info, progress, preview, job],
             api_name="generate",
             concurrency_limit=None,  # every page waits on the Easel queue, not on Gradio's
@@ -260,6 +263,18 @@ def build_ui(services: Services) -> gr.Blocks:
         demo.load(ui.model_list, None, model, api_visibility="private")  # pulled since start
 
         _wire_edit(ui, edit)
+        # the LoRA pickers follow their model, and re-read the LoRA folder when their tab is
+        # shown, when the page loads and after a training run
+        trained = wire_train(services, train, demo)
+        for picker, picker_model, tab in (
+            (loras, model, generate_tab),
+            (edit.loras, edit.model, edit_tab),
+        ):
+            wire_picker(services, picker, picker_model)
+            reread = refresh_event(services, picker, picker_model)
+            tab.select(*reread, api_visibility="private")
+            demo.load(*reread, api_visibility="private")
+            trained = trained.then(*reread, api_visibility="private")
         # Send to Edit: open the tab first, then load the picture (an image editor that gets
         # its picture while its tab is hidden may stay blank)
         to_edit = gr.State(None)  # the PNG on its way to the Edit tab
@@ -299,6 +314,7 @@ class _EditTab:
     style_strength: gr.Slider
     seed: gr.Number
     random_seed: gr.Checkbox
+    loras: LoraPicker
     run: gr.Button
     cancel: gr.Button
     progress: gr.HTML
@@ -396,6 +412,7 @@ def _edit_tab(ui: _Handlers, form: ModelForm) -> _EditTab:
                 random_seed = gr.Checkbox(
                     value=True, label="Random seed", elem_id="edit-random-seed"
                 )
+            loras = lora_picker(ui.services, form.model, prefix="edit-")
             with gr.Row():
                 run = gr.Button(
                     "Edit", variant="primary", interactive=form.available, elem_id="edit-run"
@@ -437,6 +454,7 @@ def _edit_tab(ui: _Handlers, form: ModelForm) -> _EditTab:
         style_strength=style_strength,
         seed=seed,
         random_seed=random_seed,
+        loras=loras,
         run=run,
         cancel=cancel,
         progress=progress,
@@ -474,7 +492,7 @@ def _wire_edit(ui: _Handlers, tab: _EditTab) -> None:
         ui.edit,
         [tab.editor, tab.task, tab.prompt, tab.negative, tab.model, tab.strength, tab.mask_blur]
         + [tab.only_masked, *tab.sides, tab.style_image, tab.style_strength, tab.seed]
-        + [tab.random_seed],
+        + [tab.random_seed, *tab.loras.inputs],
         [tab.gallery, tab.seed, tab.info, tab.progress, tab.preview, tab.job],
         api_visibility="private",
         concurrency_limit=None,  # every page waits on the Easel queue, not on Gradio's
@@ -547,7 +565,7 @@ class _Handlers:
 
     def on_model(self, model_id: str) -> tuple[Any, ...]:
         """The picked model's size presets, slider ranges and defaults."""
-        with _user_errors():
+        with user_errors():
             return _form_updates(self.form(model_id))
 
     # --- generate -------------------------------------------------------------------------------
@@ -565,13 +583,22 @@ class _Handlers:
         random_seed: bool = True,
         count: float = 1,
         guidance_end: float | None = None,
+        lora_1: str | None = None,
+        lora_weight_1: float | None = 1.0,
+        lora_2: str | None = None,
+        lora_weight_2: float | None = 1.0,
+        lora_3: str | None = None,
+        lora_weight_3: float | None = 1.0,
+        lora_4: str | None = None,
+        lora_weight_4: float | None = 1.0,
     ) -> AsyncIterator[tuple[Any, ...]]:
         """Submit a job and follow it: yields (gallery, seed, info, status, preview, job id).
 
+        ``lora_i``/``lora_weight_i`` are the LoRA picker's rows (a LoRA's name, "" for none).
         The last update is complete (no skipped outputs): it is what API clients receive.
         """
         # 1. check the request and queue it (a bad field is an error naming it)
-        with _user_errors("Cannot generate"):
+        with user_errors("Cannot generate"):
             width, height = parse_size(size) if size else (None, None)
             params = GenerationParams(
                 prompt=prompt,
@@ -585,6 +612,10 @@ class _Handlers:
                 seed=None if random_seed else _int(seed),
                 num_images=_int(count) or 1,
                 scheduler=scheduler or None,
+                loras=picked_loras(
+                    [lora_1, lora_2, lora_3, lora_4],
+                    [lora_weight_1, lora_weight_2, lora_weight_3, lora_weight_4],
+                ),
             )
             job = await asyncio.to_thread(self.services.submit_job, params, owner=OWNER)
         # 2. follow it until it ends
@@ -596,16 +627,13 @@ class _Handlers:
         info, status, preview, job id), ending with a complete update; a failed job ends with
         an error pop-up titled ``failed_title``."""
         # 1. show the seed it will use and where it waits
-        yield [], job.params.seed, "", await self._queued_html(job.id), gr.skip(), job.id
+        waiting = await waiting_now(self.services, job.id)
+        yield [], job.params.seed, "", waiting.html, gr.skip(), job.id
         # 2. follow its events until it ends
         skip, no_preview = gr.skip(), gr.update(value=None, visible=False)
-        waiting = True  # until "started"; a drained server puts the job back ("requeued")
-        async for event in self._follow(job.id):
-            if event is not None and event.type in ("started", "requeued"):
-                waiting = event.type == "requeued"
-            if event is None or event.type in ("queued", "requeued"):
-                if waiting:
-                    yield skip, skip, skip, await self._queued_html(job.id), skip, skip
+        async for event in follow_job(self.services, job.id):
+            if isinstance(event, Waiting):
+                yield skip, skip, skip, event.html, skip, skip
             elif event.type == "started":
                 yield skip, skip, skip, status.started_html(), skip, skip
             elif event.type == "progress":
@@ -636,36 +664,6 @@ class _Handlers:
         if job_id:
             self.services.cancel_job(job_id)
 
-    async def _follow(self, job_id: str) -> AsyncIterator[JobEvent | None]:
-        """The job's events until its final one, and None after each quiet ``REFRESH_S``."""
-        events = self.services.subscribe(job_id)
-        pending = asyncio.ensure_future(anext(events))
-        try:
-            while True:
-                done, _ = await asyncio.wait({pending}, timeout=REFRESH_S)
-                if not done:
-                    yield None
-                    continue
-                try:
-                    event = pending.result()
-                except StopAsyncIteration:
-                    return
-                yield event
-                if event.final:
-                    return
-                pending = asyncio.ensure_future(anext(events))
-        finally:
-            # the page went away or the job ended: stop the subscription cleanly
-            pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                await pending
-            await events.aclose()  # type: ignore[attr-defined]
-
-    async def _queued_html(self, job_id: str) -> str:
-        position = await asyncio.to_thread(self.services.job_position, job_id)
-        eta = await asyncio.to_thread(self.services.job_eta, job_id)
-        return status.queued_html(position, eta)
-
     def _results(self, job: JobRecord) -> tuple[list[tuple[str, str]], str]:
         """Gallery items (stored PNG, caption) and the parameters of the first image."""
         items = [(str(self.services.image_path(i.id)), f"seed {i.seed}") for i in job.images]
@@ -695,10 +693,18 @@ class _Handlers:
         style_strength: float | None = None,
         seed: float | None = None,
         random_seed: bool = True,
+        lora_1: str | None = None,
+        lora_weight_1: float | None = 1.0,
+        lora_2: str | None = None,
+        lora_weight_2: float | None = 1.0,
+        lora_3: str | None = None,
+        lora_weight_3: float | None = 1.0,
+        lora_4: str | None = None,
+        lora_weight_4: float | None = 1.0,
     ) -> AsyncIterator[tuple[Any, ...]]:
         """Store the inputs, submit the edit and follow it: yields what ``generate`` yields."""
         # 1. check the request, store its input images by id and queue it
-        with _user_errors("Cannot edit"):
+        with user_errors("Cannot edit"):
             form = EditForm(
                 task=task,
                 prompt=prompt,
@@ -713,6 +719,10 @@ class _Handlers:
                 },
                 style_strength=style_strength,
                 seed=None if random_seed else _int(seed),
+                loras=picked_loras(
+                    [lora_1, lora_2, lora_3, lora_4],
+                    [lora_weight_1, lora_weight_2, lora_weight_3, lora_weight_4],
+                ),
             )
             params = await asyncio.to_thread(self._edit_params, form, editor, style_image)
             job = await asyncio.to_thread(self.services.submit_job, params, owner=OWNER)
@@ -747,7 +757,7 @@ class _Handlers:
     def on_edit_task(self, task: str, model_id: str | None) -> tuple[Any, ...]:
         """Show the controls the task uses, with its default strength: updates for (task note,
         strength, mask blur, only masked, outpaint sides, style image, style strength)."""
-        with _user_errors():
+        with user_errors():
             shown = task_controls(task)
             info = self.services.model_info(model_id or self.services.settings.default_model)
         return (
@@ -762,7 +772,7 @@ class _Handlers:
 
     def on_edit_model(self, model_id: str, task: str) -> tuple[Any, ...]:
         """The picked model's note, whether Edit can run, and its strength for the task."""
-        with _user_errors():
+        with user_errors():
             info = self.services.model_info(model_id)
         form = model_form(info)
         return (
@@ -827,7 +837,7 @@ class _Handlers:
     def pick(self, ids: list[str], evt: gr.SelectData) -> tuple[Any, ...]:
         """Parameters of the clicked History image, and its file for Send to Edit: updates for
         (info, parameters, Reuse, path, Send to Edit)."""
-        with _user_errors():
+        with user_errors():
             path = self.services.image_path(ids[evt.index])
             png = path.read_bytes()
         return *self._describe(png), str(path), gr.update(interactive=True)
@@ -859,7 +869,7 @@ class _Handlers:
         if not params:
             raise gr.Error("Pick an image first.")
         model = params.get("model") or self.services.settings.default_model
-        with _user_errors("Cannot reuse"):
+        with user_errors("Cannot reuse"):
             form = self.form(model)
         size = format_size(int(params["width"]), int(params["height"]))
         preset = next((s for s in form.sizes if s.split()[0] == size.split()[0]), None)
@@ -911,15 +921,6 @@ def _guidance_end_update(form: ModelForm, value: float | None) -> Any:
     if not form.ends_guidance_early:
         return gr.update(value=1.0, visible=False)
     return gr.update(value=form.guidance_end if value is None else value, visible=True)
-
-
-@contextlib.contextmanager
-def _user_errors(title: str = "Error") -> Iterator[None]:
-    """Show an EaselError as a pop-up with its message (which names the field), no traceback."""
-    try:
-        yield
-    except EaselError as exc:
-        raise gr.Error(exc.message, title=title) from None
 
 
 def _data_url_image(url: str) -> Image.Image:

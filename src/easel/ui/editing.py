@@ -47,6 +47,7 @@ class EditForm:
     outpaint: dict[str, int] = field(default_factory=dict)  # pixels per side
     style_strength: float | None = None
     seed: int | None = None  # None: a random one
+    loras: list[dict[str, Any]] | None = None  # [{"id", "weight"}] from the LoRA picker
 
     def params(self, images: Mapping[str, str]) -> GenerationParams:
         """The job's request with the stored input images (field -> image id). The controls
@@ -61,6 +62,7 @@ class EditForm:
             task=self.task,
             negative_prompt=self.negative_prompt,
             seed=self.seed,
+            loras=self.loras,
             **fields,
         )
 
