@@ -170,6 +170,8 @@ class Services:
             resolved = self._check_training(resolved)
         # 3. store the job and its first event together, then wake a worker
         with self.db.transaction():
+            if TASK_SPECS[resolved.task].kind == "train":
+                self._check_lora_name_free(resolved)  # in the transaction: no second claimant
             job = self.queue.submit(resolved, priority=priority, owner=owner)
             self.events.publish(
                 job.id,
@@ -407,36 +409,35 @@ class Services:
             )
 
     def _check_training(self, params: GenerationParams) -> GenerationParams:
-        """A ``train_lora`` request: its dataset is stored, its name is free, and its settings
-        pass the checks `LoraConfig` makes (the same as ``easel train lora``'s). Returns the
-        params with the training defaults filled in."""
+        """A ``train_lora`` request: its settings pass the checks `LoraConfig` makes (the same
+        as ``easel train lora``'s) and its dataset is stored. Returns the params with the
+        training defaults filled in."""
         for name in ("dataset", "name", "trigger"):
             if not isinstance(getattr(params, name), str) or not getattr(params, name):
                 raise InvalidParams(f"{name} is required for train_lora", field=name)
-        assert params.dataset and params.name and params.trigger and params.model
-        from easel.training.lora_config import LoraConfig  # torch-free; checks as the CLI does
+        assert params.dataset
+        from easel.training.lora_config import config_from_params  # torch-free
 
-        given = {
-            key: value
-            for key in ("steps", "rank", "learning_rate")
-            if (value := getattr(params, key)) is not None
-        }
-        config = LoraConfig(
-            model=params.model,
-            dataset=params.dataset,
-            out_dir="",
-            name=params.name,
-            trigger=params.trigger,
-            **given,
-        )
+        config = config_from_params(params, params.dataset, out_dir="")  # what the worker builds
         self.dataset_path(params.dataset)
+        return replace(
+            params, steps=config.steps, rank=config.rank, learning_rate=config.learning_rate
+        )
+
+    def _check_lora_name_free(self, params: GenerationParams) -> None:
+        """No LoRA has the job's name, and no queued or running job will publish one by it
+        (the second of two would have to fail after training, or replace the first's)."""
+        assert params.name
         if self.loras.path_for(params.name).exists():
             raise InvalidParams(
                 f"a LoRA named {params.name!r} exists already; pick another name", field="name"
             )
-        return replace(
-            params, steps=config.steps, rank=config.rank, learning_rate=config.learning_rate
-        )
+        if holder := self.queue.training_job_naming(params.name):
+            raise InvalidParams(
+                f"job {holder} is already training a LoRA named {params.name!r}; pick another "
+                "name, or cancel that job first",
+                field="name",
+            )
 
     def _check_pixels(self, params: GenerationParams) -> None:
         assert params.width is not None and params.height is not None
@@ -470,10 +471,8 @@ def build_services(settings: Settings, *, generator: Generator | None = None) ->
     managers: list[LoadedModels] = []
     if generator is None:
         generators = _engines(settings, catalog, loras, managers)
-        trainer = _trainer(settings, loras)
     else:
         generators = [("cpu", generator)] * max(settings.cpu_workers, 1)
-        trainer = None
     workers = [
         Worker(
             f"{device}-{i}",
@@ -483,7 +482,7 @@ def build_services(settings: Settings, *, generator: Generator | None = None) ->
             images=images,
             events=events,
             generator=gen,
-            trainer=trainer,
+            trainer=None if generator is not None else _trainer(settings, loras, device),
             wakeup=wakeup,
         )
         for i, (device, gen) in enumerate(generators)
@@ -502,12 +501,12 @@ def build_services(settings: Settings, *, generator: Generator | None = None) ->
     )
 
 
-def _trainer(settings: Settings, loras: LoraCatalog) -> Trainer:
-    """What runs ``train_lora`` jobs (torch loads only when a real engine is wanted). It keeps no
-    model between jobs, so workers share it; each job loads its own float32 copy of the model."""
+def _trainer(settings: Settings, loras: LoraCatalog, device: str) -> Trainer:
+    """What runs a worker's ``train_lora`` jobs on its device (torch loads only when a real
+    engine is wanted); each job loads its own float32 copy of the model."""
     from easel.training.job import LoraTrainer
 
-    return LoraTrainer(settings, loras)
+    return LoraTrainer(settings.model_copy(update={"device": device}), loras)
 
 
 def _engines(

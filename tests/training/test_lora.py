@@ -4,6 +4,7 @@ cancelled or killed run goes on from its checkpoint."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,21 @@ from PIL import Image
 from safetensors import safe_open
 
 from easel.datasets import DatasetLimits, prepare_dataset
-from easel.domain import Canceled, InvalidParams
+from easel.domain import Canceled, GenerationParams, InvalidParams
 from easel.training.lora import train_lora, with_trigger
-from easel.training.lora_config import LoraConfig
+from easel.training.lora_config import LoraConfig, config_from_params
 
 SIZE = 32
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: two threads on two cores that other work shares ran these tests 25 to
+    70 times slower (each parallel region waits for the thread the other work delays)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def write_dataset(root: Path, count: int = 6) -> Path:
@@ -90,8 +101,14 @@ def test_the_lora_file_loads_in_plain_diffusers_and_changes_the_output(
     pipe = DiffusionPipeline.from_pretrained(tiny_sd_path)
     pipe.set_progress_bar_config(disable=True)
     base = render(pipe)
-    pipe.load_lora_weights(str(result.lora_file))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # peft warns when layers go unloaded
+        pipe.load_lora_weights(str(result.lora_file))
     assert np.abs(render(pipe) - base).mean() > 1e-3
+    # every trained layer arrived: attention, feed-forward and convolutions alike
+    saved = {k.split(".lora_A")[0] for k in keys if k.startswith("unet.") and ".lora_A" in k}
+    loaded = {f"unet.{n}" for n, m in pipe.unet.named_modules() if getattr(m, "lora_A", None)}
+    assert saved == loaded and any(".conv1" in k for k in saved) and any(".to_q" in k for k in saved)
 
 
 def test_cancel_keeps_a_checkpoint_and_the_next_run_continues_from_it(
@@ -115,7 +132,7 @@ def test_cancel_keeps_a_checkpoint_and_the_next_run_continues_from_it(
 
 
 def test_prior_preservation_makes_its_class_images_once(tiny_sd_path, tmp_path, easel_home):
-    cfg = config(tiny_sd_path, tmp_path, steps=2, sample_every=0, prior_prompt="a square",
+    cfg = config(tiny_sd_path, tmp_path, steps=2, sample_every=0, prior_prompts=("a square",),
                  prior_images=2)  # fmt: skip
     train_lora(cfg)
     assert len(list((tmp_path / "run" / "prior").glob("*.png"))) == 2
@@ -145,3 +162,14 @@ def test_bad_settings_are_refused_naming_the_field(change, field):
     with pytest.raises(InvalidParams) as error:
         LoraConfig(**values)
     assert error.value.field == field
+
+
+@pytest.mark.parametrize(("steps", "every"), [(8, 10), (120, 12), (600, 60), (5000, 100)])
+def test_a_job_checkpoints_every_tenth_of_its_steps_and_samples_at_its_steps(steps, every):
+    params = GenerationParams(
+        prompt="", task="train_lora", model="tiny", name="n", trigger="zq", steps=steps,
+        num_inference_steps=3, seed=5,
+    )  # fmt: skip
+    cfg = config_from_params(params, "data", "run")
+    assert (cfg.steps, cfg.checkpoint_every, cfg.sample_steps, cfg.seed) == (steps, every, 3, 5)
+    assert (cfg.rank, cfg.learning_rate) == (LoraConfig.rank, LoraConfig.learning_rate)

@@ -46,7 +46,10 @@ class JobCreate(BaseModel):
     model: str | None = Field(None, description="Catalog id or local path; default: the server's.")
     prompt: str = Field("", description="Required for every task but train_lora.")
     negative_prompt: str = ""
-    num_inference_steps: int | None = None
+    num_inference_steps: int | None = Field(
+        None,
+        description="Denoising steps (train_lora: of its sample images). Default: the model's.",
+    )
     guidance_scale: float | None = None
     guidance_end: float | None = Field(
         None,
@@ -90,7 +93,9 @@ class JobCreate(BaseModel):
         None, description="train_lora: a dataset id (POST /api/v1/datasets)."
     )
     name: str | None = Field(
-        None, description="train_lora: the LoRA's name (letters, digits, . _ -; at most 64)."
+        None,
+        description="train_lora: the LoRA's name (letters, digits, . _ -; at most 64); not one a "
+        "LoRA or a queued or running train_lora job has already.",
     )
     trigger: str | None = Field(
         None, description="train_lora: the word that calls up what the LoRA learnt."

@@ -17,8 +17,9 @@ observation sets ``s``). ``observed`` is a finished job's wall time divided by
 over the steps. A job's cost is ``s * steps * num_images``; the ETA of a queued job is
 (remaining cost of the running jobs + cost of every job ahead of it + its own cost) / workers;
 a running job's ETA is its own remaining cost. With several devices the slowest device's ``s``
-is used. Unknown speed for any of those jobs -> ETA ``None``. Both are one SQL query (jobs carry
-width and height as columns for the join), since every submit and every GET computes them.
+is used. Unknown speed for any of those jobs -> ETA ``None``; a training job's speed is always
+unknown (its progress events carry its own ETA). Both are one SQL query (jobs carry width and
+height as columns for the join), since every submit and every GET computes them.
 """
 
 from __future__ import annotations
@@ -31,10 +32,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
-from easel.domain import GenerationParams, ImageRecord, JobNotFound, JobRecord, JobStatus, QueueFull
+from easel.domain import (
+    TASK_SPECS,
+    GenerationParams,
+    ImageRecord,
+    JobNotFound,
+    JobRecord,
+    JobStatus,
+    QueueFull,
+)
 from easel.jobs.db import Database
 
 ALPHA = 0.3  # weight of the newest observation in the seconds-per-step moving average
+# tasks whose steps are optimisation steps: no denoising speed applies, so their ETA is unknown
+TRAIN_TASKS = ", ".join(f"'{name}'" for name, spec in TASK_SPECS.items() if spec.kind == "train")
 
 # A running job back to the queue, fresh (no start time, step 0, no error), or failed once it
 # has been started :max times. Parameters :max and :now; callers may append "AND ...".
@@ -48,6 +59,14 @@ PUT_BACK = (
     " step = 0, cancel_requested = 0"
     " WHERE status = 'running'"
 )
+
+
+def planned_steps(params: GenerationParams) -> int:
+    """What a job's progress counts up to: a training job's optimisation steps, or a
+    generation's denoising steps over all its images."""
+    if TASK_SPECS[params.task].kind == "train":
+        return params.steps or 0
+    return (params.num_inference_steps or 0) * params.num_images
 
 
 def utcnow() -> str:
@@ -71,6 +90,7 @@ class JobQueue(Protocol):
     """The queue's seam (STYLE rule 2): what a worker needs from it."""
 
     def claim(self) -> JobRecord | None: ...
+    def get(self, job_id: str) -> JobRecord: ...
     def set_progress(self, job_id: str, step: int, total: int) -> None: ...
     def cancel_requested(self, job_id: str) -> bool: ...
     def finish(
@@ -114,7 +134,7 @@ class SqliteJobQueue:
                     params.height,
                     priority,
                     owner,
-                    (params.num_inference_steps or 0) * params.num_images,
+                    planned_steps(params),
                     utcnow(),
                 ),
             )
@@ -212,6 +232,17 @@ class SqliteJobQueue:
             )
         return self.get(job_id)
 
+    def training_job_naming(self, name: str) -> str | None:
+        """The id of a queued or running training job that will publish a LoRA called
+        ``name``, if there is one."""
+        rows = self.db.query(
+            "SELECT id FROM jobs WHERE status IN ('queued', 'running')"
+            f" AND task IN ({TRAIN_TASKS}) AND json_extract(params, '$.name') = ?"
+            " ORDER BY seq LIMIT 1",
+            (name,),
+        )
+        return str(rows[0][0]) if rows else None
+
     def cancel_requested(self, job_id: str) -> bool:
         rows = self.db.query("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,))
         return bool(rows and rows[0][0])
@@ -278,6 +309,7 @@ class SqliteJobQueue:
             " FROM jobs AS j LEFT JOIN (SELECT model, width, height, MAX(seconds_per_step) AS"
             " speed FROM step_timings GROUP BY model, width, height) AS t"
             " ON t.model = j.model AND t.width = j.width AND t.height = j.height"
+            f" AND j.task NOT IN ({TRAIN_TASKS})"
             f" WHERE {where}",
             args,
         )[0]

@@ -221,7 +221,6 @@ class Worker:
         """A training job: progress events with loss, learning rate and ETA; sample images
         stored as the job's images as they come; the LoRA published at the end."""
         started = time.perf_counter()
-        samples: list[dict[str, object]] = []
         last_event = 0.0
 
         def on_progress(progress: TrainProgress) -> None:
@@ -258,7 +257,6 @@ class Worker:
             ids: list[dict[str, object]] = [
                 {"id": r.id, "url": f"/api/v1/images/{r.id}", "prompt": r.prompt} for r in stored
             ]
-            samples.extend(ids)
             data: dict[str, object] = {"step": batch.step, "samples": ids}
             if batch.heldout_loss is not None:
                 data["heldout_loss"] = round(batch.heldout_loss, 6)
@@ -284,6 +282,11 @@ class Worker:
             log.exception("job %s failed", job.id)
             self._fail(job, f"internal error: {type(exc).__name__}: {exc}")
             return
+        # every sample of the job, those of a run before a restart too
+        samples = [
+            {"id": r.id, "url": f"/api/v1/images/{r.id}", "prompt": r.prompt}
+            for r in self.queue.get(job.id).images
+        ]
         self._end(
             job,
             JobStatus.SUCCEEDED,

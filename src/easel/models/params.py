@@ -178,14 +178,23 @@ def canvas_size(size: tuple[int, int], outpaint: Mapping[str, int] | None) -> tu
 
 
 def _check_unused_fields(values: dict[str, Any], spec: TaskSpec) -> None:
-    editing = (*IMAGE_FIELDS, "strength", "mask_blur", "only_masked", "outpaint", "style_strength")
-    for name in editing:
+    """Refuse a field only other tasks use (editing inputs, training settings), rather than
+    ignore it; and LoRAs on a training job, which trains on the base model alone."""
+    specific = dict.fromkeys(
+        (*IMAGE_FIELDS, *(f for s in TASK_SPECS.values() for f in (*s.image_fields, *s.fields)))
+    )
+    for name in specific:
         if values.get(name) is not None and name not in (*spec.image_fields, *spec.fields):
             users = [t for t, s in TASK_SPECS.items() if name in (*s.image_fields, *s.fields)]
             raise InvalidParams(
                 f"{name} is not used by task {spec.name}; it is used by {', '.join(users)}",
                 field=name,
             )
+    if spec.kind == "train" and values.get("loras"):
+        raise InvalidParams(
+            f"loras is not used by task {spec.name}: it trains on the base model alone",
+            field="loras",
+        )
 
 
 def _check_inputs(

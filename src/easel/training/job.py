@@ -17,7 +17,9 @@ from pathlib import Path
 from easel.config import Settings
 from easel.domain import (
     CancelCheck,
+    EaselError,
     GenerationParams,
+    InvalidParams,
     LoraRecord,
     TrainProgress,
     TrainSamples,
@@ -25,34 +27,27 @@ from easel.domain import (
 from easel.models.loras import LoraCatalog
 from easel.training.loop import TrainStep
 from easel.training.lora import LoraResult, Samples, train_lora
-from easel.training.lora_config import LoraConfig
-
-
-def config_from_params(params: GenerationParams, dataset: Path, out_dir: Path) -> LoraConfig:
-    """The LoraConfig of a resolved ``train_lora`` request (unset fields keep their defaults)."""
-    assert params.model and params.name and params.trigger
-    given = {
-        key: value
-        for key in ("steps", "rank", "learning_rate")
-        if (value := getattr(params, key)) is not None
-    }
-    return LoraConfig(
-        model=params.model,
-        dataset=str(dataset),
-        out_dir=str(out_dir),
-        name=params.name,
-        trigger=params.trigger,
-        seed=params.seed or 0,
-        **given,  # type: ignore[arg-type]
-    )
+from easel.training.lora_config import LoraConfig, config_from_params
 
 
 def publish_lora(
     result: LoraResult, config: LoraConfig, loras: LoraCatalog, *, job_id: str | None = None
 ) -> LoraRecord:
     """Copy the trained LoRA into the LoRA folder as ``NAME.safetensors``, its loss plot and
-    last sample grid beside it (``NAME.loss.png``, ``NAME.samples.png``), and record it."""
+    last sample grid beside it (``NAME.loss.png``, ``NAME.samples.png``), and record it.
+
+    Never replaces another LoRA: a name taken since the run began (``easel loras add``, a CLI
+    run) raises InvalidParams(field="name"), and the file stays in the run folder. Only the
+    same job publishing again (after a crash between publishing and finishing) replaces its own.
+    """
     target = loras.path_for(config.name)
+    if target.exists() and (job_id is None or _published_by(loras, config.name) != job_id):
+        raise InvalidParams(
+            f"a LoRA named {config.name!r} exists already, made since this run began; the "
+            f"trained LoRA is kept at {result.lora_file}: add it under another name with "
+            f"`easel loras add {result.lora_file} --name OTHER`",
+            field="name",
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     temp = target.with_suffix(".tmp")
     shutil.copyfile(result.lora_file, temp)
@@ -85,6 +80,14 @@ def publish_lora(
     return record
 
 
+def _published_by(loras: LoraCatalog, name: str) -> str | None:
+    """The id of the job that made the LoRA ``name`` (None: added, or unreadable)."""
+    try:
+        return loras.get(name).job_id
+    except EaselError:
+        return None
+
+
 class LoraTrainer:
     """Runs ``train_lora`` jobs on a worker (one at a time, like generations)."""
 
@@ -104,7 +107,8 @@ class LoraTrainer:
         """Train (or go on training) the job's LoRA, then publish it. Raises Canceled."""
         assert params.dataset
         run_dir = self.settings.home / "training" / job_id
-        config = config_from_params(params, self.settings.datasets_dir / params.dataset, run_dir)
+        dataset = self.settings.datasets_dir / params.dataset
+        config = config_from_params(params, str(dataset), str(run_dir))
 
         def report_step(step: TrainStep) -> None:
             fraction = max(step.fraction, 1e-9)

@@ -49,7 +49,8 @@ def job_public(services: Services, job: JobRecord) -> JobPublic:
     },
 )
 def create_job(body: JobCreate, services: ServicesDep, response: Response) -> JobPublic:
-    """Queue a generation. Returns at once (202) with the job; follow it with GET or events."""
+    """Queue a job: a generation, an edit or a ``train_lora`` fine-tune. Returns at once (202)
+    with the job; follow it with GET or events."""
     job = services.submit_job(body.to_params(), priority=body.priority)
     response.headers["Location"] = f"/api/v1/jobs/{job.id}"
     return job_public(services, job)
