@@ -1,6 +1,6 @@
 """`easel eval` and `easel train`: training-side commands for the `easel` command line.
 
-    easel train lora photos/ --name hexagon --trigger zq   # a LoRA, EASEL_HOME/loras/hexagon
+    easel train lora photos/ --name hexagon --trigger sks  # a LoRA, EASEL_HOME/loras/hexagon
     easel eval                       # the default model (tiny-shapes), report in ./eval/tiny-shapes
     easel eval path/to/checkpoint --limit 8 --steps 10 --out /tmp/ev
     easel eval tiny-shapes --editing  # inpaint, outpaint, img2img, style: ./eval/tiny-shapes/editing
@@ -93,8 +93,11 @@ def _register_train_lora(kinds: argparse._SubParsersAction) -> None:
     )
     lora.add_argument(
         "--prior-prompt",
-        help="prior preservation: the class prompt (e.g. 'a shape'); images of it are made by "
-        "the model first and trained alongside",
+        action="append",
+        dest="prior_prompts",
+        default=[],
+        help="prior preservation: a class prompt (e.g. 'a dog'), or several (repeat): 16 "
+        "images of them are made by the model first and trained alongside",
     )
     lora.add_argument(
         "--sample-every",
@@ -132,7 +135,7 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate,
         batch_size=args.batch_size,
         train_text_encoder=args.train_text_encoder,
-        prior_prompt=args.prior_prompt,
+        prior_prompts=tuple(args.prior_prompts),
         sample_every=args.sample_every,
         seed=args.seed,
         device=args.device,
@@ -195,9 +198,17 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
         "(report: ./eval/<model name>/editing unless --out is given)",
     )
     parser.add_argument(
+        "--lora",
+        metavar="NAME[:WEIGHT]",
+        help="judge a LoRA trained on the hexagon dataset (python -m "
+        "easel.training.tinyshapes.evaluate_lora dataset DIR): the new shape in new colours, "
+        "and the usual prompts with and without it (report: ./eval/<model name>/lora-NAME)",
+    )
+    parser.add_argument(
         "--limit",
         type=int,
-        help="at most N prompts per group (4 groups); with --editing, N cases per measure",
+        help="at most N prompts per group (4 groups); with --editing, N cases per measure; "
+        "with --lora, N usual prompts per group for the control (default 8)",
     )
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     parser.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
@@ -226,7 +237,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "--prompt cannot be used with --editing (the editing cases make their own prompts)",
             field="prompts",
         )
+    if args.lora and (args.editing or args.prompts):
+        raise InvalidParams("--lora cannot be used with --editing or --prompt", field="lora")
     model = args.model or Settings().default_model
+    if args.lora:
+        return _eval_lora(model, args)
     out = args.out or Path("eval") / Path(model).name / ("editing" if args.editing else "")
     # 2. render, judge, write (the progress bar appears once the model has loaded)
     bar: tqdm | None = None
@@ -262,4 +277,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # 3. summary
     print(summary)
     print(f"report: {out / 'report.md'}  grid: {out / 'grid.png'}")
+    return 0
+
+
+def _eval_lora(model: str, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from easel.training.tinyshapes.evaluate_lora import evaluate_lora, format_markdown
+
+    name, _, weight_text = args.lora.partition(":")
+    try:
+        weight = float(weight_text) if weight_text else 1.0
+    except ValueError:
+        raise InvalidParams(
+            f"--lora must be NAME or NAME:WEIGHT (got {args.lora!r})", field="lora"
+        ) from None
+    out = args.out or Path("eval") / Path(model).name / f"lora-{name}"
+    with tqdm(desc="eval", unit="img", file=sys.stderr) as bar:
+
+        def on_progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        report = evaluate_lora(
+            model, name, weight=weight, control=args.limit or 8, seed=args.seed, out=out,
+            on_progress=on_progress,
+        )  # fmt: skip
+    print(format_markdown(report))
+    print(f"report: {out / 'report.json'}  grid: {out / 'grid.png'}")
     return 0

@@ -11,12 +11,13 @@ import math
 import re
 from dataclasses import dataclass, fields
 
-from easel.domain import InvalidParams
+from easel.domain import GenerationParams, InvalidParams
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 TRIGGER_PATTERN = re.compile(r"[^\s<>:\"]{1,64}")
 MAX_STEPS = 100_000
 MAX_RANK = 256
+JOB_CHECKPOINTS = 10  # a train_lora job checkpoints about this often over its run
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,18 @@ class LoraConfig:
     learning_rate: float = 1e-3  # AdamW, after a linear warm-up, cosine decay to 10 %
     warmup_steps: int = 20
     train_text_encoder: bool = False  # LoRA on the CLIP text encoder(s) too (SD, SDXL)
-    # DreamBooth prior preservation: images of the class made by the base model first, trained
-    # alongside with this prompt so the class keeps its usual look
-    prior_prompt: str | None = None
+    # denoiser modules that get LoRA layers (name suffixes); None: the family's choice (a UNet's
+    # attention, feed-forward and ResNet convolutions; a transformer's attention projections)
+    targets: tuple[str, ...] | None = None
+    # SD/SDXL: Min-SNR loss weighting (Hang et al. 2023), as tiny-shapes was trained; 0: plain MSE
+    min_snr_gamma: float = 0.0
+    # Prior preservation (DreamBooth): images the base model makes first, trained alongside so
+    # that prompts without the trigger keep their usual look: prior_images images of the
+    # prior_prompts, in turn (a class prompt, "a dog"; or several prompts of what the model
+    # should not forget); with prior alone, one image per training caption with the trigger taken
+    # out ("a big red sks on ..." -> "a big red on ..."). Off by default (docs/TRAINING.md).
+    prior: bool = False
+    prior_prompts: tuple[str, ...] = ()
     prior_images: int = 16
     prior_weight: float = 1.0
     size: int | None = None  # training side in pixels (default: the model's default width)
@@ -77,12 +87,42 @@ class LoraConfig:
         _check_float("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
         _check_float("prior_weight", self.prior_weight, 0.0, 100.0, low_open=True)
         _check_float("holdout", self.holdout, 0.0, 0.5)
-        if self.prior_prompt is not None and not self.prior_prompt.strip():
-            raise InvalidParams("prior_prompt must not be empty when given", field="prior_prompt")
+        _check_float("min_snr_gamma", self.min_snr_gamma, 0.0, 1000.0)
+        if self.targets is not None and (
+            not self.targets or not all(isinstance(t, str) and t for t in self.targets)
+        ):
+            raise InvalidParams("targets must name at least one module", field="targets")
+        if not all(isinstance(p, str) and p.strip() for p in self.prior_prompts):
+            raise InvalidParams("prior_prompts must not be empty text", field="prior_prompts")
 
     def with_changes(self, **changes: object) -> LoraConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self)} | changes
         return LoraConfig(**values)  # type: ignore[arg-type]
+
+
+def config_from_params(params: GenerationParams, dataset: str, out_dir: str) -> LoraConfig:
+    """The LoraConfig of a ``train_lora`` job: what the server checks at submit and the worker
+    trains with. Fields the request leaves unset keep their defaults, but for two that a job
+    sets its own way: its samples denoise for the job's ``num_inference_steps`` (the model's
+    default unless given), and it checkpoints every tenth of its steps (10 to 100 steps apart),
+    so a crash or a restart costs at most a tenth of the run."""
+    given = {
+        key: value
+        for key in ("steps", "rank", "learning_rate")
+        if (value := getattr(params, key)) is not None
+    }
+    config = LoraConfig(
+        model=params.model or "",
+        dataset=dataset,
+        out_dir=out_dir,
+        name=params.name or "",
+        trigger=params.trigger or "",
+        seed=params.seed or 0,
+        sample_steps=params.num_inference_steps,
+        **given,  # type: ignore[arg-type]
+    )
+    every = math.ceil(config.steps / JOB_CHECKPOINTS)
+    return config.with_changes(checkpoint_every=min(config.checkpoint_every, max(10, every)))
 
 
 def check_name(name: str) -> None:

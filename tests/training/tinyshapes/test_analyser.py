@@ -12,6 +12,7 @@ from diffusers import AutoencoderKL
 
 from easel.models.catalog import TINY_SHAPES_DIR
 from easel.training.tinyshapes.analyser import (
+    EXTRA_SHAPES,
     TEMPLATES,
     UNKNOWN,
     _polygon_inside,
@@ -22,6 +23,7 @@ from easel.training.tinyshapes.analyser import (
 from easel.training.tinyshapes.data import (
     COLOURS,
     POSITIONS,
+    SHAPES,
     SIZES,
     Scene,
     ShapeObject,
@@ -146,7 +148,7 @@ def test_every_shape_size_and_position_is_read() -> None:
     rng = random.Random(2)
     scenes = [
         _one(shape, size, rng, position)
-        for shape in TEMPLATES
+        for shape in SHAPES
         for size in SIZES
         for position in POSITIONS
     ]
@@ -163,7 +165,7 @@ def test_soft_or_slightly_noisy_renders_still_pass() -> None:
     """A decoder's softness is not a shape error: mild blur and pixel noise are accepted."""
     rng = random.Random(4)
     noise = np.random.default_rng(0)
-    scenes = [_one(shape, size, rng) for shape in TEMPLATES for size in SIZES]
+    scenes = [_one(shape, size, rng) for shape in SHAPES for size in SIZES]
     for scene, image in zip(scenes, _real(scenes), strict=True):
         background = image[0, 0]
         blurred = np.stack(
@@ -269,3 +271,19 @@ def test_vae_decoded_true_shapes_pass_and_wrong_ones_do_not(
     ]
     for (shape, _), image in zip(wrong, shipped_vae([i for _, i in wrong]), strict=True):
         assert [o.shape for o in analyse(image).objects] != [shape]
+
+
+@pytest.mark.parametrize("size", ["medium", "big"])
+def test_a_hexagon_is_read_only_when_asked_for_and_a_circle_never_is(size: str) -> None:
+    """The LoRA evaluator's sixth shape: true hexagons read as hexagons among six shapes (and
+    never among the base five), true circles stay circles with the hexagon on offer."""
+    from easel.training.tinyshapes.evaluate_lora import draw
+
+    rng = random.Random(7)
+    six = SHAPES + EXTRA_SHAPES
+    for position in ("centre", "left", "bottom"):
+        hexagon = draw("purple", size, position, "orange", rng)
+        assert [o.shape for o in analyse(hexagon, six).objects] == ["hexagon"]
+        assert "hexagon" not in [o.shape for o in analyse(hexagon).objects]
+        circle = _real([_one("circle", size, rng, position)])[0]
+        assert [o.shape for o in analyse(circle, six).objects] == ["circle"]

@@ -49,6 +49,10 @@ UNKNOWN = "unknown"
 MIN_IOU = 0.92  # soft IoU of object vs best template
 MAX_LOCAL_RESIDUAL = 0.3  # largest mean |object - template| over a 3x3 window
 MAX_CORNER_ROUNDING = 0.14  # equivalent corner radius (see _corner_rounding), x object radius
+# A 120-degree corner loses little area when rounded, so the radius read back from that area is
+# noisy: true hexagons through tiny-shapes' VAE read up to ~0.22 of their radius at medium size.
+# A rounder blob still reads as a circle, whose template then fits it better.
+CORNER_ROUNDING = {"hexagon": 0.3}
 MIN_CORNER_ROUNDING_PX = 1.5  # ... but at least this many px are tolerated
 CORNER_REACH = 0.3  # corner error is summed within this x radius of each corner (or, if larger,
 CORNER_REACH_PX = 2.5  # within this many px)
@@ -466,7 +470,11 @@ def _analyse_object(
     accepted = (
         best.iou >= MIN_IOU
         and best.residual <= MAX_LOCAL_RESIDUAL
-        and best.corner <= max(MIN_CORNER_ROUNDING_PX, MAX_CORNER_ROUNDING * best.radius)
+        and best.corner
+        <= max(
+            MIN_CORNER_ROUNDING_PX,
+            CORNER_ROUNDING.get(best_shape, MAX_CORNER_ROUNDING) * best.radius,
+        )
     )
     # 4. size and position from the fitted template (for an unknown shape, the best guess)
     return DetectedObject(
