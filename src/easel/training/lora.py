@@ -122,7 +122,7 @@ class _Sd(_Family):
     """SD 1.x/2.x and SDXL: a UNet trained with DDPM noise, predicting what the scheduler's
     ``prediction_type`` says (epsilon or v). Its LoRA covers the transformer blocks' attention
     and feed-forward layers and the ResNets' convolutions: with attention alone, tiny-shapes
-    drew a taught hexagon in new colours 12 % of the time, with these 82 % (docs/TRAINING.md)."""
+    drew a taught hexagon in new colours 42 % of the time, with these 80 % (docs/TRAINING.md)."""
 
     default_targets = (
         *_Family.default_targets,
