@@ -108,7 +108,9 @@ def test_the_lora_file_loads_in_plain_diffusers_and_changes_the_output(
     # every trained layer arrived: attention, feed-forward and convolutions alike
     saved = {k.split(".lora_A")[0] for k in keys if k.startswith("unet.") and ".lora_A" in k}
     loaded = {f"unet.{n}" for n, m in pipe.unet.named_modules() if getattr(m, "lora_A", None)}
-    assert saved == loaded and any(".conv1" in k for k in saved) and any(".to_q" in k for k in saved)
+    assert (
+        saved == loaded and any(".conv1" in k for k in saved) and any(".to_q" in k for k in saved)
+    )
 
 
 def test_cancel_keeps_a_checkpoint_and_the_next_run_continues_from_it(
