@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import warnings
@@ -38,7 +37,7 @@ from easel.domain import (
     infer_task,
 )
 from easel.models.catalog import ModelCatalog
-from easel.models.loras import LoraCatalog
+from easel.models.loras import LoraCatalog, parse_lora_arg
 from easel.training.commands import register as register_training
 
 # Commands from other packages plug in here: each function adds its subcommand(s) to the
@@ -78,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--lora",
         action="append",
-        type=_lora,
+        type=parse_lora_arg,
         metavar="NAME[:WEIGHT]",
         help="apply a LoRA (see `easel loras list`) at WEIGHT (default 1); repeatable",
     )
@@ -342,19 +341,6 @@ def _sides(text: str) -> dict[str, int]:
             field="outpaint",
         )
     return dict(zip(OUTPAINT_SIDES, (int(p) for p in parts), strict=True))
-
-
-def _lora(text: str) -> dict[str, Any]:
-    name, sep, weight = text.partition(":")
-    try:
-        value = float(weight) if sep else 1.0
-    except ValueError:
-        value = math.nan
-    if not name or not math.isfinite(value):
-        raise InvalidParams(
-            f"--lora must be NAME or NAME:WEIGHT, e.g. --lora ink:0.8 (got {text!r})", field="lora"
-        )
-    return {"id": name, "weight": value}
 
 
 def _size(text: str) -> tuple[int, int]:

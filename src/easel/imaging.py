@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -170,3 +171,13 @@ def grow_canvas(image: Image.Image, sides: dict[str, int]) -> tuple[Image.Image,
     mask = np.full(grown.shape[:2], 255, dtype=np.uint8)
     mask[top : top + pixels.shape[0], left : left + pixels.shape[1]] = 0
     return Image.fromarray(grown, "RGB"), Image.fromarray(mask, "L")
+
+
+def image_grid(images: list[Image.Image], columns: int = 8) -> Image.Image:
+    """Tile equally sized images into one grid image."""
+    width, height = images[0].size
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for index, image in enumerate(images):
+        grid.paste(image, ((index % columns) * width, (index // columns) * height))
+    return grid

@@ -26,6 +26,7 @@ from easel.domain import (
     EaselError,
     GenerationParams,
     GenerationResult,
+    ImageRecord,
     InputImages,
     JobRecord,
     JobStatus,
@@ -168,32 +169,10 @@ class Worker:
     def _run(self, job: JobRecord) -> None:
         # 2. announce it
         self.events.publish(job.id, "started", {"attempt": job.attempts, "worker": self.name})
-        if TASK_SPECS[job.params.task].kind == "train":
-            self._train(job)
-            return
-        started = time.perf_counter()
+        run = self._train if TASK_SPECS[job.params.task].kind == "train" else self._generate
         try:
-            # 3. read the input images, then generate, reporting steps and honouring cancel
-            result = self.generator.generate(
-                job.params,
-                inputs=self._inputs(job.params),
-                on_progress=lambda progress: self._report_progress(job, progress),
-                is_canceled=lambda: self._abort.is_set() or self.queue.cancel_requested(job.id),
-            )
-            seconds = time.perf_counter() - started
-            # 4. store the images with their metadata
-            stored = [
-                self.images.save(
-                    job_id=job.id,
-                    index=i,
-                    seed=seed,
-                    png=to_png_bytes(image, result.params, index=i),
-                    width=image.width,
-                    height=image.height,
-                    prompt=result.params.prompt,
-                )
-                for i, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True))
-            ]
+            # 3. run the task, reporting steps and honouring cancel
+            data, seconds = run(job)
         except Canceled:
             self._stop_canceled(job)
             return
@@ -204,22 +183,44 @@ class Worker:
             log.exception("job %s failed", job.id)
             self._fail(job, f"internal error: {type(exc).__name__}: {exc}")
             return
-        # 5. finish: status and the final event, then speed for ETAs
-        self._end(
-            job,
-            JobStatus.SUCCEEDED,
-            {
-                "images": [
-                    {"id": r.id, "url": f"/api/v1/images/{r.id}", "seed": r.seed} for r in stored
-                ],
-                "seconds": round(seconds, 3),
-            },
-        )
-        self.queue.record_speed(job, self.device, seconds)
+        # 4. finish: status and the final event, then speed for ETAs (of generations)
+        self._end(job, JobStatus.SUCCEEDED, data)
+        if seconds is not None:
+            self.queue.record_speed(job, self.device, seconds)
 
-    def _train(self, job: JobRecord) -> None:
+    def _should_stop(self, job: JobRecord) -> bool:
+        return self._abort.is_set() or self.queue.cancel_requested(job.id)
+
+    def _generate(self, job: JobRecord) -> tuple[dict[str, object], float | None]:
+        """Read the input images, generate, store the images with their metadata; returns the
+        final event's data and the seconds the generation took."""
+        started = time.perf_counter()
+        result = self.generator.generate(
+            job.params,
+            inputs=self._inputs(job.params),
+            on_progress=lambda progress: self._report_progress(job, progress),
+            is_canceled=lambda: self._should_stop(job),
+        )
+        seconds = time.perf_counter() - started
+        stored = [
+            self.images.save(
+                job_id=job.id,
+                index=i,
+                seed=seed,
+                png=to_png_bytes(image, result.params, index=i),
+                width=image.width,
+                height=image.height,
+                prompt=result.params.prompt,
+            )
+            for i, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True))
+        ]
+        images = [{"id": r.id, "url": f"/api/v1/images/{r.id}", "seed": r.seed} for r in stored]
+        return {"images": images, "seconds": round(seconds, 3)}, seconds
+
+    def _train(self, job: JobRecord) -> tuple[dict[str, object], float | None]:
         """A training job: progress events with loss, learning rate and ETA; sample images
-        stored as the job's images as they come; the LoRA published at the end."""
+        stored as the job's images as they come; the LoRA published at the end. Returns the
+        final event's data (and no speed: the queue's ETAs are for denoising)."""
         started = time.perf_counter()
         last_event = 0.0
 
@@ -254,48 +255,30 @@ class Worker:
                 )
                 for i, (image, prompt) in enumerate(zip(batch.images, batch.prompts, strict=True))
             ]
-            ids: list[dict[str, object]] = [
-                {"id": r.id, "url": f"/api/v1/images/{r.id}", "prompt": r.prompt} for r in stored
-            ]
-            data: dict[str, object] = {"step": batch.step, "samples": ids}
+            data: dict[str, object] = {
+                "step": batch.step,
+                "samples": [_sample_ref(r) for r in stored],
+            }
             if batch.heldout_loss is not None:
                 data["heldout_loss"] = round(batch.heldout_loss, 6)
             self.events.publish(job.id, "progress", data)
 
-        try:
-            if self.trainer is None:
-                raise EaselError("this worker cannot train (no trainer configured)")
-            lora = self.trainer.train(
-                job.id,
-                job.params,
-                on_progress=on_progress,
-                on_samples=on_samples,
-                is_canceled=lambda: self._abort.is_set() or self.queue.cancel_requested(job.id),
-            )
-        except Canceled:
-            self._stop_canceled(job)
-            return
-        except EaselError as exc:
-            self._fail(job, exc.message)
-            return
-        except Exception as exc:  # as for generations: the worker survives, the log keeps it
-            log.exception("job %s failed", job.id)
-            self._fail(job, f"internal error: {type(exc).__name__}: {exc}")
-            return
-        # every sample of the job, those of a run before a restart too
-        samples = [
-            {"id": r.id, "url": f"/api/v1/images/{r.id}", "prompt": r.prompt}
-            for r in self.queue.get(job.id).images
-        ]
-        self._end(
-            job,
-            JobStatus.SUCCEEDED,
-            {
-                "images": samples,
-                "lora": {"id": lora.id, "url": f"/api/v1/loras/{lora.id}", "steps": lora.steps},
-                "seconds": round(time.perf_counter() - started, 3),
-            },
+        if self.trainer is None:
+            raise EaselError("this worker cannot train (no trainer configured)")
+        lora = self.trainer.train(
+            job.id,
+            job.params,
+            on_progress=on_progress,
+            on_samples=on_samples,
+            is_canceled=lambda: self._should_stop(job),
         )
+        # every sample of the job, those of a run before a restart too
+        samples = [_sample_ref(r) for r in self.queue.get(job.id).images]
+        return {
+            "images": samples,
+            "lora": {"id": lora.id, "url": f"/api/v1/loras/{lora.id}", "steps": lora.steps},
+            "seconds": round(time.perf_counter() - started, 3),
+        }, None
 
     def _inputs(self, params: GenerationParams) -> InputImages:
         names = TASK_SPECS[params.task].image_fields
@@ -338,3 +321,8 @@ class Worker:
                 data = {"error": ended.error}
             self.events.drop_previews(job.id)
             self.events.publish(job.id, END_EVENTS[ended.status], data)
+
+
+def _sample_ref(image: ImageRecord) -> dict[str, object]:
+    """How events name a training sample: its id, URL and prompt."""
+    return {"id": image.id, "url": f"/api/v1/images/{image.id}", "prompt": image.prompt}

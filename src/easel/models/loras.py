@@ -17,6 +17,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -50,6 +51,21 @@ _METADATA_FAMILIES = (
     ("stable-diffusion-v1", "sd"),
     ("stable-diffusion-v2", "sd"),
 )
+
+
+def parse_lora_arg(text: str) -> dict[str, Any]:
+    """``--lora NAME[:WEIGHT]`` as a request's ``{"id", "weight"}`` (weight 1.0 when left out);
+    InvalidParams(field="lora") for an empty name or a weight that is not a finite number."""
+    name, sep, weight = text.partition(":")
+    try:
+        value = float(weight) if sep else 1.0
+    except ValueError:
+        value = math.nan
+    if not name or not math.isfinite(value):
+        raise InvalidParams(
+            f"--lora must be NAME or NAME:WEIGHT, e.g. --lora ink:0.8 (got {text!r})", field="lora"
+        )
+    return {"id": name, "weight": value}
 
 
 def check_name(name: str) -> str:

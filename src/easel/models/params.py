@@ -110,11 +110,11 @@ def resolve_params(
         _check_prompt(values)
     for name in ("width", "height"):
         _check_size(name, values[name], family)
-    _check_int("num_inference_steps", values["num_inference_steps"], 1, family.max_steps)
-    _check_number("guidance_scale", values["guidance_scale"], *family.guidance_range)
+    check_int("num_inference_steps", values["num_inference_steps"], 1, family.max_steps)
+    check_number("guidance_scale", values["guidance_scale"], *family.guidance_range)
     check_guidance_end(values["guidance_end"], family)
-    _check_int("num_images", values["num_images"], 1, family.max_images)
-    _check_int("seed", values["seed"], 0, MAX_SEED)
+    check_int("num_images", values["num_images"], 1, family.max_images)
+    check_int("seed", values["seed"], 0, MAX_SEED)
     if values["scheduler"] not in family.schedulers:
         raise InvalidParams(
             f"scheduler must be one of {', '.join(family.schedulers)} "
@@ -122,7 +122,7 @@ def resolve_params(
             field="scheduler",
         )
     if values["strength"] is not None:
-        _check_number("strength", values["strength"], 0.0, 1.0)
+        check_number("strength", values["strength"], 0.0, 1.0)
         if values["strength"] == 0:
             raise InvalidParams("strength must be above 0 and at most 1 (got 0)", field="strength")
         # diffusers runs int(steps × strength) of the steps; none would return the input. A
@@ -137,9 +137,9 @@ def resolve_params(
                 field="strength",
             )
     if values["style_strength"] is not None:
-        _check_number("style_strength", values["style_strength"], 0.0, 1.0)
+        check_number("style_strength", values["style_strength"], 0.0, 1.0)
     if values["mask_blur"] is not None:
-        _check_int("mask_blur", values["mask_blur"], 0, MAX_MASK_BLUR)
+        check_int("mask_blur", values["mask_blur"], 0, MAX_MASK_BLUR)
     if values["only_masked"] is not None and not isinstance(values["only_masked"], bool):
         raise InvalidParams(
             f"only_masked must be true or false (got {values['only_masked']!r})",
@@ -244,7 +244,7 @@ def _check_outpaint(value: Any, family: Family) -> dict[str, int]:
         )
     sides = {side: value.get(side, 0) for side in OUTPAINT_SIDES}
     for side, pixels in sides.items():
-        _check_int(f"outpaint.{side}", pixels, 0, family.max_size)
+        check_int(f"outpaint.{side}", pixels, 0, family.max_size)
     if not any(sides.values()):
         raise InvalidParams("outpaint must add pixels on at least one side", field="outpaint")
     return sides
@@ -319,7 +319,7 @@ def _check_task(task: str, family: Family) -> None:
 def check_guidance_end(value: Any, family: Family) -> None:
     """Raise InvalidParams unless 0 < ``value`` <= 1, and 1 where ``family`` cannot end
     guidance early (also used by `easel eval`, which takes the value outside a request)."""
-    _check_number("guidance_end", value, 0.0, 1.0)
+    check_number("guidance_end", value, 0.0, 1.0)
     if value == 0:
         raise InvalidParams(
             "guidance_end must be above 0 and at most 1 (got 0); for no guidance at all, "
@@ -343,19 +343,20 @@ def _check_size(name: str, value: Any, family: Family) -> None:
         )
 
 
-def _check_int(name: str, value: Any, low: int, high: int) -> None:
+def check_int(name: str, value: Any, low: int, high: int) -> None:
+    """A whole number (not a bool) in [low, high]."""
     if not _is_int(value) or not low <= value <= high:
         raise InvalidParams(
             f"{name} must be a whole number between {low} and {high} (got {value!r})", field=name
         )
 
 
-def _check_number(name: str, value: Any, low: float, high: float) -> None:
+def check_number(name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> None:
+    """A number in [low, high] (``low_open``: above low); NaN fails every comparison."""
     number = isinstance(value, int | float) and not isinstance(value, bool)
-    if not number or not low <= value <= high:
-        raise InvalidParams(
-            f"{name} must be a number between {low:g} and {high:g} (got {value!r})", field=name
-        )
+    if not number or not (low < value if low_open else low <= value) or not value <= high:
+        bounds = f"above {low:g} and at most" if low_open else f"a number between {low:g} and"
+        raise InvalidParams(f"{name} must be {bounds} {high:g} (got {value!r})", field=name)
 
 
 def _is_int(value: Any) -> bool:

@@ -283,15 +283,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _eval_lora(model: str, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from easel.models.loras import parse_lora_arg
     from easel.training.tinyshapes.evaluate_lora import evaluate_lora, format_markdown
 
-    name, _, weight_text = args.lora.partition(":")
-    try:
-        weight = float(weight_text) if weight_text else 1.0
-    except ValueError:
-        raise InvalidParams(
-            f"--lora must be NAME or NAME:WEIGHT (got {args.lora!r})", field="lora"
-        ) from None
+    lora = parse_lora_arg(args.lora)
+    name, weight = lora["id"], lora["weight"]
     out = args.out or Path("eval") / Path(model).name / f"lora-{name}"
     with tqdm(desc="eval", unit="img", file=sys.stderr) as bar:
 

@@ -36,6 +36,7 @@ from easel.config import Settings
 from easel.datasets import load_dataset
 from easel.domain import InvalidParams
 from easel.engine.guidance import end_guidance_args
+from easel.imaging import image_grid
 from easel.models.catalog import ModelCatalog
 from easel.models.families import get_family
 from easel.models.loader import ModelManager
@@ -462,7 +463,9 @@ def train_lora(
                 history.best_step = step
                 _export(pipe, adapter, trained, out_dir / "best.safetensors")
         images = _samples(pipe, sample_prompts, defaults, size, config.seed, device, config.bf16)
-        _image_grid(images).save(_mkdir(out_dir / "samples") / f"step{step:06d}.png")
+        image_grid(images, columns=len(images)).save(
+            _mkdir(out_dir / "samples") / f"step{step:06d}.png"
+        )
         save_loss_plot_with_heldout(log, history, out_dir / "loss.png")
         if on_sample:
             on_sample(Samples(step, images, sample_prompts, loss))
@@ -654,14 +657,6 @@ def _export(
 def save_loss_plot_with_heldout(log: StageLog, history: _History, path: Path) -> None:
     """The training loss (smoothed) with the held-out losses as points on the same axes."""
     save_loss_plot({"lora": log}, path, extra={"held-out": history.heldout})
-
-
-def _image_grid(images: list[Image.Image]) -> Image.Image:
-    width, height = images[0].size
-    grid = Image.new("RGB", (width * len(images), height))
-    for index, image in enumerate(images):
-        grid.paste(image.convert("RGB"), (index * width, 0))
-    return grid
 
 
 def _mkdir(path: Path) -> Path:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 
 from easel.domain import GenerationParams, InvalidParams
+from easel.models.params import check_int, check_number
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 TRIGGER_PATTERN = re.compile(r"[^\s<>:\"]{1,64}")
@@ -68,36 +69,32 @@ class LoraConfig:
     def __post_init__(self) -> None:
         check_name(self.name)
         check_trigger(self.trigger)
-        _check_range("steps", self.steps, 1, MAX_STEPS)
-        _check_range("batch_size", self.batch_size, 1, 256)
-        _check_range("rank", self.rank, 1, MAX_RANK)
-        _check_range("warmup_steps", self.warmup_steps, 0, MAX_STEPS)
-        _check_range("prior_images", self.prior_images, 1, 1000)
-        _check_range("keep_checkpoints", self.keep_checkpoints, 1, 100)
-        _check_range("sample_every", self.sample_every, 0, MAX_STEPS)
-        _check_range("checkpoint_every", self.checkpoint_every, 1, MAX_STEPS)
+        check_int("steps", self.steps, 1, MAX_STEPS)
+        check_int("batch_size", self.batch_size, 1, 256)
+        check_int("rank", self.rank, 1, MAX_RANK)
+        check_int("warmup_steps", self.warmup_steps, 0, MAX_STEPS)
+        check_int("prior_images", self.prior_images, 1, 1000)
+        check_int("keep_checkpoints", self.keep_checkpoints, 1, 100)
+        check_int("sample_every", self.sample_every, 0, MAX_STEPS)
+        check_int("checkpoint_every", self.checkpoint_every, 1, MAX_STEPS)
         if self.sample_steps is not None:
-            _check_range("sample_steps", self.sample_steps, 1, 200)
+            check_int("sample_steps", self.sample_steps, 1, 200)
         if self.size is not None:
-            _check_range("size", self.size, 16, 4096)
+            check_int("size", self.size, 16, 4096)
             if self.size % 16:
                 raise InvalidParams(
                     f"size must be a multiple of 16 (got {self.size})", field="size"
                 )
-        _check_float("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
-        _check_float("prior_weight", self.prior_weight, 0.0, 100.0, low_open=True)
-        _check_float("holdout", self.holdout, 0.0, 0.5)
-        _check_float("min_snr_gamma", self.min_snr_gamma, 0.0, 1000.0)
+        check_number("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
+        check_number("prior_weight", self.prior_weight, 0.0, 100.0, low_open=True)
+        check_number("holdout", self.holdout, 0.0, 0.5)
+        check_number("min_snr_gamma", self.min_snr_gamma, 0.0, 1000.0)
         if self.targets is not None and (
             not self.targets or not all(isinstance(t, str) and t for t in self.targets)
         ):
             raise InvalidParams("targets must name at least one module", field="targets")
         if not all(isinstance(p, str) and p.strip() for p in self.prior_prompts):
             raise InvalidParams("prior_prompts must not be empty text", field="prior_prompts")
-
-    def with_changes(self, **changes: object) -> LoraConfig:
-        values = {f.name: getattr(self, f.name) for f in fields(self)} | changes
-        return LoraConfig(**values)  # type: ignore[arg-type]
 
 
 def config_from_params(params: GenerationParams, dataset: str, out_dir: str) -> LoraConfig:
@@ -122,7 +119,7 @@ def config_from_params(params: GenerationParams, dataset: str, out_dir: str) -> 
         **given,  # type: ignore[arg-type]
     )
     every = math.ceil(config.steps / JOB_CHECKPOINTS)
-    return config.with_changes(checkpoint_every=min(config.checkpoint_every, max(10, every)))
+    return replace(config, checkpoint_every=min(config.checkpoint_every, max(10, every)))
 
 
 def check_name(name: str) -> None:
@@ -141,23 +138,4 @@ def check_trigger(trigger: str) -> None:
             "trigger must be one word of 1-64 characters, without spaces, '<', '>', ':' or "
             f"quotes (got {trigger!r})",
             field="trigger",
-        )
-
-
-def _check_range(name: str, value: int, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidParams(
-            f"{name} must be an integer from {low} to {high} (got {value!r})", field=name
-        )
-
-
-def _check_float(
-    name: str, value: float, low: float, high: float, *, low_open: bool = False
-) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (low < value if low_open else low <= value) and value <= high
-    if not ok:
-        bound = f"above {low}" if low_open else f"at least {low}"
-        raise InvalidParams(
-            f"{name} must be {bound} and at most {high} (got {value!r})", field=name
         )

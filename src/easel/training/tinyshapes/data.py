@@ -195,7 +195,8 @@ def _describe(obj: ShapeObject, rng: random.Random | None, *, mention_position: 
     # Medium is the unmarked size: captions usually leave it out, like "centre" for one object.
     if obj.size != "medium" or (rng is not None and rng.random() < 0.2):
         words.append(pick(SIZE_WORDS[obj.size]))
-    words += [pick(COLOUR_WORDS[obj.colour]), pick(SHAPE_WORDS[obj.shape])]
+    # a shape outside the vocabulary (a LoRA's trigger word) is named as given
+    words += [pick(COLOUR_WORDS[obj.colour]), pick(SHAPE_WORDS.get(obj.shape, (obj.shape,)))]
     text = f"{_article(words[0])} {' '.join(words)}"
     if mention_position:
         text += " " + pick(POSITION_WORDS[obj.position])
@@ -409,16 +410,6 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) floats in [0, 1] to PIL images."""
     array = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
-
-
-def image_grid(images: list[Image.Image], columns: int = 8) -> Image.Image:
-    """Tile equally sized images into one grid image."""
-    width, height = images[0].size
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
-    for index, image in enumerate(images):
-        grid.paste(image, ((index % columns) * width, (index // columns) * height))
-    return grid
 
 
 @dataclass

@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw
 from easel.config import Settings
 from easel.domain import InvalidParams
 from easel.engine.guidance import end_guidance_args
+from easel.imaging import image_grid
 from easel.models.catalog import ModelCatalog
 from easel.models.loader import ModelManager
 from easel.models.loras import LoraCatalog
@@ -46,7 +47,6 @@ from easel.training.tinyshapes.data import (
     Scene,
     ShapeObject,
     caption,
-    image_grid,
     is_held_out,
     parse_prompt,
     render,

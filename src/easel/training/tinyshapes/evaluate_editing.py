@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from easel.config import Settings
 from easel.domain import GenerationParams, InputImages, InvalidParams
-from easel.imaging import band, grow_canvas
+from easel.imaging import band, grow_canvas, image_grid
 from easel.models.catalog import ModelCatalog
 from easel.models.params import TASK_STRENGTH
 from easel.training.tinyshapes.analyser import Analysis, analyse, nearest_colour
@@ -44,7 +44,6 @@ from easel.training.tinyshapes.data import (
     Scene,
     ShapeObject,
     caption,
-    image_grid,
     render,
     to_pil,
 )

@@ -31,12 +31,14 @@ from PIL import Image
 from easel.config import Settings
 from easel.domain import InvalidParams
 from easel.engine.guidance import end_guidance_args
+from easel.imaging import image_grid
 from easel.models.catalog import ModelCatalog
 from easel.models.loader import ModelManager
 from easel.models.loras import LoraCatalog
 from easel.models.params import defaults_for
 from easel.training.tinyshapes.analyser import EXTRA_SHAPES, SHAPES, analyse, render_template
-from easel.training.tinyshapes.data import COLOURS, IMAGE_SIZE, POSITION_WORDS, SIZES, image_grid
+from easel.training.tinyshapes.data import COLOURS, IMAGE_SIZE, SIZES, Scene, ShapeObject, caption
+from easel.training.tinyshapes.data import POSITIONS as SCENE_POSITIONS
 from easel.training.tinyshapes.evaluate import _round_trip, evaluate
 
 SHAPE = "hexagon"
@@ -48,25 +50,19 @@ TRAIN_COLOURS = ("red", "green", "blue", "yellow", "white", "black", "gray")
 # in no training image, neither as the shape's colour nor as a background
 NEW_COLOURS = ("purple", "orange", "cyan", "pink", "brown")
 DATASET_SIZES = ("medium", "big")  # a small hexagon is 14 px across: too close to a disc to judge
-POSITIONS = ("centre", "left", "right", "top", "bottom")
+POSITIONS = tuple(SCENE_POSITIONS)  # centre, left, right, top, bottom
 
 
 def describe(colour: str, size: str, position: str, background: str, word: str) -> str:
     """A caption in the base model's canonical grammar, ``word`` in the shape's place."""
-    words = ([size] if size != "medium" else []) + [colour, word]
-    text = f"{'an' if words[0][0] in 'aeiou' else 'a'} {' '.join(words)}"
-    if position != "centre":
-        text += " " + POSITION_WORDS[position][0]
-    article = "an" if background[0] in "aeiou" else "a"
-    return f"{text} on {article} {background} background"
+    return caption(Scene((ShapeObject(word, colour, size, position),), background))
 
 
 def draw(colour: str, size: str, position: str, background: str, rng: random.Random) -> Image.Image:
     """The shape as the analyser's template draws it (anti-aliased), at the base model's sizes
     and positions, moved by up to a pixel as its training scenes are."""
     side = IMAGE_SIZE
-    x, y = {"centre": (0.5, 0.5), "left": (0.27, 0.5), "right": (0.73, 0.5),
-            "top": (0.5, 0.27), "bottom": (0.5, 0.73)}[position]  # fmt: skip
+    x, y = SCENE_POSITIONS[position]
     centre = (x * side + rng.uniform(-1, 1), y * side + rng.uniform(-1, 1))
     alpha = render_template(SHAPE, centre, SIZES[size] * side, (0, 0, side, side))[..., None]
     pixels = np.array(COLOURS[background]) * (1 - alpha) + np.array(COLOURS[colour]) * alpha
@@ -93,6 +89,8 @@ class LoraCase:
     prompt: str
     colour: str
     background: str
+    size: str
+    position: str
     shape: str = ""  # what the analyser read ("" for no object, "2 objects", ...)
     colour_seen: str = ""
     background_seen: str = ""
@@ -126,14 +124,6 @@ class LoraReport:
     cases: list[LoraCase] = field(default_factory=list)
 
 
-def _size_of(case: LoraCase) -> str:
-    return "big" if " big " in case.prompt else "medium"
-
-
-def _position_of(case: LoraCase) -> str:
-    return next((p for p in POSITIONS[1:] if POSITION_WORDS[p][0] in case.prompt), "centre")
-
-
 def new_cases(count: int, seed: int) -> list[LoraCase]:
     """Prompts for the shape in new colours on new backgrounds, each pair once before repeats."""
     rng = random.Random(seed)
@@ -144,7 +134,7 @@ def new_cases(count: int, seed: int) -> list[LoraCase]:
         colour, background = pairs[index % len(pairs)]
         size, position = DATASET_SIZES[index % 2], POSITIONS[(index // 2) % len(POSITIONS)]
         prompt = describe(colour, size, position, background, TRIGGER)
-        cases.append(LoraCase(prompt, colour, background))
+        cases.append(LoraCase(prompt, colour, background, size, position))
     return cases
 
 
@@ -207,13 +197,13 @@ def evaluate_lora(
     for case, image in zip(cases, with_lora, strict=True):
         _read(case, image)
     without = render(False, count)
-    base_cases = [LoraCase(c.prompt, c.colour, c.background) for c in cases]
+    base_cases = new_cases(count, seed)  # the same prompts, read afresh
     for case, image in zip(base_cases, without, strict=True):
         _read(case, image)
 
     rng = random.Random(seed)
-    truth = [draw(c.colour, _size_of(c), _position_of(c), c.background, rng) for c in cases]
-    decoded_cases = [LoraCase(c.prompt, c.colour, c.background) for c in cases]
+    truth = [draw(c.colour, c.size, c.position, c.background, rng) for c in cases]
+    decoded_cases = new_cases(count, seed)
     for case, image in zip(decoded_cases, _round_trip(pipe, truth, 16), strict=True):
         _read(case, image)
 

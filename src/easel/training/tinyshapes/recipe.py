@@ -50,6 +50,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from easel.domain import MODEL_DEFAULTS_FILE, InvalidParams
 from easel.engine.guidance import end_guidance_args
 from easel.engine.schedulers import make_scheduler
+from easel.imaging import image_grid
 from easel.models.hardware import cpu_has_native_bf16
 from easel.training.loop import (
     Checkpoints,
@@ -77,7 +78,6 @@ from easel.training.tinyshapes.data import (
     SceneStream,
     ShapeObject,
     caption,
-    image_grid,
     parse_prompt,
     render,
     to_pil,
