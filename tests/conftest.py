@@ -12,6 +12,8 @@ pytest_plugins = ["tests.fixtures_models"]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Starlette's TestClient sends `Host: testserver`; the server answers loopback names only
+os.environ.setdefault("EASEL_ALLOWED_HOSTS", '["testserver"]')
 
 
 @pytest.fixture

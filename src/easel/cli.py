@@ -5,6 +5,7 @@
     easel models list [--json] | add ID SOURCE [--family F] | pull ID
     easel generate "a red circle" --lora ink:0.8 --lora paper
     easel loras list [--json] | add FILE [--name N] [--family F] [--base-model M]
+    easel keys create NAME [--scope generate|train|admin]... | list [--json] | revoke NAME
 
 Every user error (an EaselError, a bad argument, an unreadable file) ends as one line on stderr
 and exit code 2, never a traceback. torch is imported only by the commands that generate or
@@ -28,6 +29,7 @@ from easel.config import Settings
 from easel.domain import (
     IMAGE_FIELDS,
     OUTPAINT_SIDES,
+    SCOPES,
     TASK_SPECS,
     EaselError,
     GenerationParams,
@@ -36,6 +38,8 @@ from easel.domain import (
     Progress,
     infer_task,
 )
+from easel.jobs.db import Database
+from easel.jobs.keys import KeyStore
 from easel.models.catalog import ModelCatalog
 from easel.models.loras import LoraCatalog, parse_lora_arg
 from easel.training.commands import register as register_training
@@ -153,6 +157,28 @@ def build_parser() -> argparse.ArgumentParser:
     loras_add.add_argument("--family", help="model family (guessed from the file if omitted)")
     loras_add.add_argument("--base-model", help="the catalog model it was made for (a note)")
     loras_add.set_defaults(func=cmd_loras_add)
+
+    keys = commands.add_parser("keys", help="API keys (once one exists, the server needs them)")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    keys_create = keys_commands.add_parser("create", help="make a key and print its secret once")
+    keys_create.add_argument("name", help="who or what the key is for, e.g. alice or open-webui")
+    keys_create.add_argument(
+        "--scope",
+        action="append",
+        choices=SCOPES,
+        help="what it may do: generate (default), train, admin (everything, everyone's work); "
+        "repeatable",
+    )
+    keys_create.add_argument("--rate-per-minute", type=int, help="requests per minute")
+    keys_create.add_argument("--max-jobs", type=int, help="jobs queued or running at once")
+    keys_create.set_defaults(func=cmd_keys_create)
+    keys_list = keys_commands.add_parser("list", help="keys (never their secrets)")
+    keys_list.add_argument("--json", action="store_true")
+    keys_list.add_argument("--revoked", action="store_true", help="revoked keys too")
+    keys_list.set_defaults(func=cmd_keys_list)
+    keys_revoke = keys_commands.add_parser("revoke", help="stop a key working, at once")
+    keys_revoke.add_argument("name")
+    keys_revoke.set_defaults(func=cmd_keys_revoke)
 
     for register in EXTRA_COMMANDS:
         register(commands)
@@ -366,6 +392,13 @@ def cmd_info(args: argparse.Namespace) -> None:
 # --- models -------------------------------------------------------------------------------------
 
 
+def print_table(rows: list[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell (the first row is the header)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
 def cmd_models_list(args: argparse.Namespace) -> None:
     records = ModelCatalog(Settings()).list()
     if args.json:
@@ -373,9 +406,7 @@ def cmd_models_list(args: argparse.Namespace) -> None:
         return
     rows = [("ID", "FAMILY", "HERE", "SOURCE")]
     rows += [(r.id, r.family, "yes" if r.available else "no", r.source) for r in records]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
-        print("  ".join([cell.ljust(w) for cell, w in zip(row, widths, strict=False)] + [row[3]]))
+    print_table(rows)
 
 
 def cmd_models_add(args: argparse.Namespace) -> None:
@@ -408,9 +439,7 @@ def cmd_loras_list(args: argparse.Namespace) -> None:
     for r in records:
         cells = (r.base_model, r.trigger, r.rank, r.steps)
         rows.append((r.id, r.family, *("-" if c is None else str(c) for c in cells), r.source))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    print_table(rows)
 
 
 def cmd_loras_add(args: argparse.Namespace) -> None:
@@ -418,6 +447,50 @@ def cmd_loras_add(args: argparse.Namespace) -> None:
         args.file, name=args.name, family=args.family, base_model=args.base_model
     )
     print(f"added LoRA {record.id} ({record.family}, rank {record.rank}): --lora {record.id}")
+
+
+# --- keys ---------------------------------------------------------------------------------------
+
+
+def _key_store() -> KeyStore:
+    return KeyStore(Database(Settings().db_path))
+
+
+def cmd_keys_create(args: argparse.Namespace) -> None:
+    record, secret = _key_store().create(
+        args.name,
+        scopes=tuple(args.scope or ("generate",)),
+        rate_per_minute=args.rate_per_minute,
+        max_jobs=args.max_jobs,
+    )
+    print(secret)
+    print(
+        f"key {record.name!r} ({' '.join(record.scopes)}) made; the line above is its secret, "
+        "shown this once. Send it as `Authorization: Bearer SECRET`.",
+        file=sys.stderr,
+    )
+
+
+def cmd_keys_list(args: argparse.Namespace) -> None:
+    records = _key_store().list(revoked=args.revoked)
+    if args.json:
+        print(json.dumps([asdict(r) for r in records], indent=2, default=str))
+        return
+    if not records:
+        print("no keys: the server answers anyone on loopback; make one with `easel keys create`")
+        return
+    rows = [("NAME", "SCOPES", "RATE/MIN", "MAX JOBS", "CREATED", "REVOKED")]
+    for r in records:
+        limits = ("-" if v is None else str(v) for v in (r.rate_per_minute, r.max_jobs))
+        revoked = r.revoked_at.isoformat(timespec="seconds") if r.revoked_at else "-"
+        created = r.created_at.isoformat(timespec="seconds")
+        rows.append((r.name, ",".join(r.scopes), *limits, created, revoked))
+    print_table(rows)
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> None:
+    record = _key_store().revoke(args.name)
+    print(f"revoked key {record.name!r}; it no longer works, and its web sessions are over")
 
 
 def cmd_models_pull(args: argparse.Namespace) -> None:

@@ -90,6 +90,20 @@ class Settings(BaseSettings):
         4 * 1024 * 1024,
         description="Budget for width × height × num_images of one job.",
     )
+    session_days: float = Field(
+        7.0, description="How long a web UI sign-in (session cookie) lasts, in days."
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names the server answers besides localhost, 127.0.0.1, ::1 and the "
+        'bound address (a DNS-rebinding guard), e.g. ["easel.example.org"] behind a proxy. '
+        "Empty and bound to all interfaces (0.0.0.0 or ::): any host (keys are required then).",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Web origins allowed to call the API from a browser (CORS), e.g. "
+        '["https://app.example.org"]; empty: none (closed).',
+    )
     max_attempts: int = Field(3, description="A job interrupted this many times is marked failed.")
     drain_timeout_s: float = Field(
         30.0, description="On SIGTERM, seconds to let the running job finish before requeueing it."

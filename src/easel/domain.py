@@ -146,6 +146,28 @@ class QueueFull(EaselError):
     status = 429
 
 
+class Unauthorized(EaselError):
+    """No API key, an unknown one, or a revoked one, on a server that has keys (HTTP 401)."""
+
+    status = 401
+
+
+class Forbidden(EaselError):
+    """The key is valid but lacks the scope the request needs (HTTP 403)."""
+
+    status = 403
+
+
+class QuotaExceeded(EaselError):
+    """A key's requests per minute or jobs at once are used up (HTTP 429, ``Retry-After``)."""
+
+    status = 429
+
+    def __init__(self, message: str, *, retry_after_s: int, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.retry_after_s = retry_after_s
+
+
 class Canceled(Exception):  # noqa: N818 - a control-flow signal, not an error to report
     """Raised inside a generation when the caller asked to stop."""
 
@@ -315,6 +337,7 @@ class LoraRecord:
     job_id: str | None = None  # the train_lora job that made it
     created_at: datetime | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # loss, best step, dataset, ...
+    owner: str | None = None  # the key that trained it; None (added by the owner): everyone's
 
 
 # --- jobs ---------------------------------------------------------------------------------------
@@ -345,6 +368,7 @@ class ImageRecord:
     prompt: str
     created_at: datetime
     kind: str = "generated"  # or "upload"
+    owner: str | None = None  # the key id that made it (its job's owner for generated ones)
 
 
 @dataclass
@@ -367,6 +391,71 @@ class JobRecord:
     position: int | None = None  # 1 = next to start; None unless queued (read with the status)
 
 
+# --- keys -------------------------------------------------------------------------------------
+
+SCOPES = ("generate", "train", "admin")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts for: an API key, or the keyless local user of a server without keys.
+
+    What it owns carries its ``key_id`` (``owner`` of jobs, images, datasets and LoRAs); it sees
+    only those, unless it has the ``admin`` scope. ``may_name_paths``: a request may name a
+    filesystem path or hub id as its model (an admin key, the CLI, a keyless loopback server).
+    """
+
+    key_id: str | None
+    name: str
+    scopes: frozenset[str]
+    rate_per_minute: int | None = None
+    max_jobs: int | None = None
+    may_name_paths: bool = False
+
+    @property
+    def admin(self) -> bool:
+        return "admin" in self.scopes
+
+    def can(self, scope: str) -> bool:
+        return self.admin or scope in self.scopes
+
+    def sees(self, owner: str | None) -> bool:
+        """Whether something owned by ``owner`` (a key id; None: made before keys) is visible."""
+        return self.admin or (owner is not None and owner == self.key_id)
+
+    @property
+    def owner_filter(self) -> str | None:
+        """The owner to filter lists by: None (everything) for an admin, else its key id."""
+        return None if self.admin else self.key_id
+
+
+# The one person on their own machine: the CLI, and a server on which no key exists.
+LOCAL = Principal(key_id=None, name="local", scopes=frozenset(SCOPES), may_name_paths=True)
+
+
+@dataclass
+class KeyRecord:
+    """An API key as stored (the secret itself only as its hash)."""
+
+    id: str
+    name: str
+    scopes: tuple[str, ...]
+    rate_per_minute: int | None
+    max_jobs: int | None
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+    def principal(self) -> Principal:
+        return Principal(
+            key_id=self.id,
+            name=self.name,
+            scopes=frozenset(self.scopes),
+            rate_per_minute=self.rate_per_minute,
+            max_jobs=self.max_jobs,
+            may_name_paths="admin" in self.scopes,
+        )
+
+
 # --- datasets -----------------------------------------------------------------------------------
 
 
@@ -387,3 +476,4 @@ class DatasetRecord:
     missing_captions: list[str]  # names (as uploaded) of the images without one
     created_at: datetime
     bytes: int  # size of the clean copy on disk
+    owner: str | None = None  # the key id that uploaded it

@@ -16,6 +16,7 @@ without torch.
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import re
 import threading
 import uuid
@@ -27,24 +28,32 @@ from typing import IO, Any, Protocol
 from easel.config import Settings
 from easel.datasets import Dataset, DatasetLimits, load_dataset, prepare_upload, read_summary
 from easel.domain import (
+    LOCAL,
     TASK_SPECS,
     DatasetNotFound,
     DatasetRecord,
     EaselError,
+    Forbidden,
     GenerationParams,
     ImageRecord,
     InvalidParams,
+    JobNotFound,
     JobRecord,
     JobStatus,
+    KeyRecord,
+    LoraNotFound,
     LoraRecord,
     ModelNotAvailable,
     ModelRecord,
+    Principal,
+    Unauthorized,
 )
 from easel.imaging import decode_image, pixel_hash, png_bytes
 from easel.jobs.db import Database
 from easel.jobs.events import EventBus, JobEvent
 from easel.jobs.images import DiskImageStore, ImageNotFound
-from easel.jobs.queue import QueueSummary, SqliteJobQueue
+from easel.jobs.keys import KeyStore, RateLimiter
+from easel.jobs.queue import QueueSummary, SqliteJobQueue, utcnow
 from easel.jobs.worker import Generator, Trainer, Worker
 from easel.models.catalog import ModelCatalog
 from easel.models.families import Family, get_family
@@ -53,6 +62,16 @@ from easel.models.params import defaults_for, effective_family, resolve_params
 
 PRIORITY_RANGE = (-100, 100)
 DATASET_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex, like an uploaded image's id
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the server on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class LoadedModels(Protocol):
@@ -83,8 +102,10 @@ class Services:
     images: DiskImageStore
     events: EventBus
     workers: list[Worker]
+    keys: KeyStore
     model_managers: list[LoadedModels] = field(default_factory=list)
     wakeup: threading.Event = field(default_factory=threading.Event)
+    limiter: RateLimiter = field(default_factory=RateLimiter)
     _home_lock: IO[str] | None = field(default=None, init=False, repr=False)
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -142,37 +163,142 @@ class Services:
             ) from None
         self._home_lock = handle
 
+    # --- keys and who asks ----------------------------------------------------------------------
+
+    def keys_required(self) -> bool:
+        """True once an active API key exists: then every request but health needs one."""
+        return self.keys.any_active()
+
+    def keyless_principal(self) -> Principal:
+        """Who a request acts for on a server without keys: the local user, who may name model
+        paths only while the server stays on loopback."""
+        return replace(LOCAL, may_name_paths=is_loopback(self.settings.host))
+
+    def authenticate(self, secret: str | None) -> Principal:
+        """The principal for a request's API key (Bearer, or Basic's password), counted
+        against its rate. Raises Unauthorized (401) without a valid key once keys exist,
+        QuotaExceeded (429) past the key's requests per minute."""
+        if not self.keys_required():
+            return self.keyless_principal()
+        record = self.keys.authenticate(secret) if secret else None
+        if record is None:
+            raise Unauthorized(
+                "an API key is required: send `Authorization: Bearer KEY` (make one with "
+                "`easel keys create NAME`)"
+                if not secret
+                else "the API key is not valid (unknown or revoked)",
+                field="authorization",
+            )
+        return self._admit(record)
+
+    def session_principal(self, token: str | None) -> Principal | None:
+        """The principal of a web UI session cookie (counted against its key's rate), or None
+        when the token is not a live session of an active key."""
+        record = self.keys.session_key(token) if token else None
+        return self._admit(record) if record is not None else None
+
+    def principal_for(self, key_id: str) -> Principal:
+        """The principal of an authenticated key id (the web UI's user name); the keyless one
+        for "local" on a server without keys. Raises Unauthorized for a key now revoked."""
+        if key_id == LOCAL.name and not self.keys_required():
+            return self.keyless_principal()
+        try:
+            record = self.keys.get(key_id)
+        except InvalidParams:
+            record = None
+        if record is None or record.revoked_at is not None:
+            raise Unauthorized("this key was revoked; sign in again", field="authorization")
+        return record.principal()
+
+    def start_session(self, secret: str) -> str:
+        """A web UI session for a valid key: the token its cookie holds."""
+        record = self.keys.authenticate(secret)
+        if record is None:
+            raise Unauthorized("the API key is not valid (unknown or revoked)", field="key")
+        return self.keys.start_session(record.id, days=self.settings.session_days)
+
+    def end_session(self, token: str) -> None:
+        self.keys.end_session(token)
+
+    def _admit(self, record: KeyRecord) -> Principal:
+        self.limiter.admit(record.id, record.rate_per_minute)
+        return record.principal()
+
+    def create_key(
+        self,
+        name: str,
+        *,
+        scopes: tuple[str, ...] = ("generate",),
+        rate_per_minute: int | None = None,
+        max_jobs: int | None = None,
+    ) -> tuple[KeyRecord, str]:
+        """A new API key and its secret, shown once."""
+        return self.keys.create(
+            name, scopes=scopes, rate_per_minute=rate_per_minute, max_jobs=max_jobs
+        )
+
+    def list_keys(self, *, revoked: bool = False) -> list[KeyRecord]:
+        return self.keys.list(revoked=revoked)
+
+    def revoke_key(self, name: str) -> KeyRecord:
+        return self.keys.revoke(name)
+
+    @staticmethod
+    def require(principal: Principal, scope: str) -> None:
+        """Raise Forbidden (403) unless ``principal`` has ``scope`` (admin has every scope)."""
+        if not principal.can(scope):
+            raise Forbidden(
+                f"this key lacks the {scope!r} scope (it has: {', '.join(sorted(principal.scopes))})",
+                field="authorization",
+            )
+
     # --- jobs -----------------------------------------------------------------------------------
 
     def submit_job(
-        self, params: GenerationParams, *, priority: int = 0, owner: str | None = None
+        self, params: GenerationParams, *, priority: int = 0, principal: Principal = LOCAL
     ) -> JobRecord:
-        """Validate ``params`` against the model (no model load) and queue a job.
+        """Validate ``params`` against the model (no model load) and queue a job owned by
+        ``principal``'s key.
 
-        Raises ModelNotFound (404), ModelNotAvailable (409), InvalidParams (422, names the field)
-        or QueueFull (429); nothing is stored for a rejected request.
+        Raises Forbidden (403: a task outside the key's scopes), ModelNotFound (404),
+        ModelNotAvailable (409), InvalidParams (422, names the field), QueueFull or
+        QuotaExceeded (429); nothing is stored for a rejected request. Input images, datasets
+        and LoRAs of other keys are unknown to it (as if they did not exist).
         """
         # 1. check what does not need the model
+        spec = TASK_SPECS.get(params.task)
+        self.require(
+            principal, "train" if spec is not None and spec.kind == "train" else "generate"
+        )
         self._check_limits(params, priority)
         # 2. resolve defaults and check every field against the model's family
-        record = self.catalog.get(params.model or self.settings.default_model)
+        record = self.catalog.get(
+            params.model or self.settings.default_model, paths=principal.may_name_paths
+        )
         if not record.available:
             raise ModelNotAvailable(
                 f"model {record.id} is not on this machine; fetch it with "
                 f"`easel models pull {record.id}`",
                 field="model",
             )
-        sizes = self._input_sizes(params)
+        sizes = self._input_sizes(params, principal)
         family = get_family(record.family)
-        resolved = resolve_params(params, record, family, sizes, loras=self.loras)
+        resolved = resolve_params(
+            params, record, family, sizes, loras=_VisibleLoras(self.loras, principal)
+        )
         self._check_pixels(resolved)
         if TASK_SPECS[resolved.task].kind == "train":
-            resolved = self._check_training(resolved)
+            resolved = self._check_training(resolved, principal)
         # 3. store the job and its first event together, then wake a worker
         with self.db.transaction():
             if TASK_SPECS[resolved.task].kind == "train":
                 self._check_lora_name_free(resolved)  # in the transaction: no second claimant
-            job = self.queue.submit(resolved, priority=priority, owner=owner)
+            job = self.queue.submit(
+                resolved,
+                priority=priority,
+                owner=principal.key_id,
+                max_jobs=principal.max_jobs,
+            )
             self.events.publish(
                 job.id,
                 "queued",
@@ -181,19 +307,24 @@ class Services:
         self.wakeup.set()
         return job
 
-    def get_job(self, job_id: str) -> JobRecord:
-        """The job with its images; raises JobNotFound (404)."""
-        return self.queue.get(job_id)
+    def get_job(self, job_id: str, principal: Principal = LOCAL) -> JobRecord:
+        """The job with its images; raises JobNotFound (404), also for another key's job."""
+        job = self.queue.get(job_id)
+        if not principal.sees(job.owner):
+            raise JobNotFound(f"no job with id {job_id!r}", field="job_id")
+        return job
 
     def list_jobs(
-        self, status: JobStatus | None = None, limit: int = 50, owner: str | None = None
+        self, status: JobStatus | None = None, limit: int = 50, principal: Principal = LOCAL
     ) -> list[JobRecord]:
-        """Jobs newest first, optionally one status and/or one owner."""
-        return self.queue.list(status=status, owner=owner, limit=limit)
+        """The jobs ``principal`` sees (its own; an admin all), newest first, optionally one
+        status."""
+        return self.queue.list(status=status, owner=principal.owner_filter, limit=limit)
 
-    def cancel_job(self, job_id: str) -> JobRecord:
+    def cancel_job(self, job_id: str, principal: Principal = LOCAL) -> JobRecord:
         """Cancel: a queued job never starts; a running one stops at its next step (its status
         turns ``canceled`` then). A finished job is returned unchanged."""
+        self.get_job(job_id, principal)
         with self.db.transaction():
             before = self.queue.get(job_id).status
             job = self.queue.cancel(job_id)
@@ -209,9 +340,11 @@ class Services:
         """Estimated seconds until the job finishes; None while the speed is unknown."""
         return self.queue.eta_seconds(job_id, workers=len(self.workers))
 
-    def queue_summary(self) -> QueueSummary:
-        """Job counts by status and the running jobs."""
-        return self.queue.summary()
+    def queue_summary(self, principal: Principal = LOCAL) -> QueueSummary:
+        """Job counts by status (all keys') and the running jobs ``principal`` sees."""
+        summary = self.queue.summary()
+        summary.running = [j for j in summary.running if principal.sees(j.owner)]
+        return summary
 
     def retry_after_s(self) -> int:
         """Seconds a client should wait after QueueFull: until the running jobs are done."""
@@ -227,13 +360,17 @@ class Services:
     # --- images ---------------------------------------------------------------------------------
 
     def list_images(
-        self, query: str | None = None, limit: int = 50, kind: str | None = None
+        self,
+        query: str | None = None,
+        limit: int = 50,
+        kind: str | None = None,
+        principal: Principal = LOCAL,
     ) -> list[ImageRecord]:
-        """Stored images newest first; ``query`` filters by prompt text (any case), ``kind``
-        ("generated" or "upload") by origin."""
-        return self.images.list(query, limit, kind)
+        """The stored images ``principal`` sees, newest first; ``query`` filters by prompt
+        text (any case), ``kind`` ("generated" or "upload") by origin."""
+        return self.images.list(query, limit, kind, owner=principal.owner_filter)
 
-    def upload_image(self, data: bytes) -> ImageRecord:
+    def upload_image(self, data: bytes, principal: Principal = LOCAL) -> ImageRecord:
         """Check and store an input image (PNG, JPEG or WebP) for editing jobs.
 
         The bytes are decoded, not trusted by name: a non-image, another format, more than
@@ -245,20 +382,27 @@ class Services:
                 f"file must be at most {self.settings.max_upload_bytes} bytes (got {len(data)})",
                 field="file",
             )
+        self.require(principal, "generate")
         image = decode_image(data, field="file", max_pixels=self.settings.max_upload_pixels)
-        return self.images.save_upload(image, png=png_bytes(image), sha256=pixel_hash(image))
+        return self.images.save_upload(
+            image, png=png_bytes(image), sha256=pixel_hash(image), owner=principal.key_id
+        )
 
-    def get_image(self, image_id: str) -> ImageRecord:
-        """One image's record; raises ImageNotFound (404)."""
-        return self.images.get(image_id)
+    def get_image(self, image_id: str, principal: Principal = LOCAL) -> ImageRecord:
+        """One image's record; raises ImageNotFound (404), also for another key's image."""
+        record = self.images.get(image_id)
+        if not principal.sees(record.owner):
+            raise ImageNotFound(f"no image with id {image_id!r}", field="image_id")
+        return record
 
-    def image_path(self, image_id: str) -> Path:
+    def image_path(self, image_id: str, principal: Principal = LOCAL) -> Path:
         """The PNG file on disk (with its metadata chunks)."""
+        self.get_image(image_id, principal)
         return self.images.path(image_id)
 
-    def image_bytes(self, image_id: str) -> bytes:
+    def image_bytes(self, image_id: str, principal: Principal = LOCAL) -> bytes:
         """The PNG file's bytes."""
-        return self.images.path(image_id).read_bytes()
+        return self.image_path(image_id, principal).read_bytes()
 
     def read_image_info(self, png: bytes) -> dict[str, Any]:
         """Generation parameters stored in a PNG: ``{"parameters": A1111 text, "easel": dict}``
@@ -270,12 +414,17 @@ class Services:
     # --- datasets -------------------------------------------------------------------------------
 
     def create_dataset(
-        self, files: list[tuple[str, bytes]], *, allow_missing_captions: bool = False
+        self,
+        files: list[tuple[str, bytes]],
+        *,
+        allow_missing_captions: bool = False,
+        principal: Principal = LOCAL,
     ) -> DatasetRecord:
         """Check and store a training dataset: ``files`` is one .zip, or images with their .txt
         captions and/or a metadata.jsonl, as (file name, bytes). Raises InvalidParams
         (field="dataset") naming what is wrong (see ``easel.datasets``); nothing is stored then.
         """
+        self.require(principal, "train")
         total = sum(len(data) for _, data in files)
         limit = self.settings.max_dataset_upload_bytes
         if total > limit:
@@ -286,7 +435,23 @@ class Services:
         limits = DatasetLimits.from_settings(
             self.settings, allow_missing_captions=allow_missing_captions
         )
-        summary = prepare_upload(files, self.settings.datasets_dir / dataset_id, limits)
+        with self.db.transaction() as conn:  # the owner first: a crash leaves no unowned copy
+            conn.execute(
+                "INSERT INTO datasets (id, owner, created_at) VALUES (?, ?, ?)",
+                (dataset_id, principal.key_id, utcnow()),
+            )
+        try:
+            prepare_upload(files, self.settings.datasets_dir / dataset_id, limits)
+        except BaseException:
+            with self.db.transaction() as conn:
+                conn.execute("DELETE FROM datasets WHERE id = ?", (dataset_id,))
+            raise
+        return self.get_dataset(dataset_id, principal)
+
+    def get_dataset(self, dataset_id: str, principal: Principal = LOCAL) -> DatasetRecord:
+        """One dataset's counts; raises DatasetNotFound (404), also for another key's."""
+        folder = self.dataset_path(dataset_id, principal)
+        summary = read_summary(folder)
         return DatasetRecord(
             id=dataset_id,
             images=summary.images,
@@ -294,42 +459,39 @@ class Services:
             missing_captions=summary.missing_captions,
             created_at=summary.created_at,
             bytes=summary.bytes,
+            owner=self._dataset_owner(dataset_id),
         )
 
-    def get_dataset(self, dataset_id: str) -> DatasetRecord:
-        """One dataset's counts; raises DatasetNotFound (404)."""
-        summary = read_summary(self.dataset_path(dataset_id))
-        return DatasetRecord(
-            id=dataset_id,
-            images=summary.images,
-            captions=summary.captions,
-            missing_captions=summary.missing_captions,
-            created_at=summary.created_at,
-            bytes=summary.bytes,
-        )
-
-    def list_datasets(self) -> list[DatasetRecord]:
-        """Every stored dataset, newest first."""
+    def list_datasets(self, principal: Principal = LOCAL) -> list[DatasetRecord]:
+        """The stored datasets ``principal`` sees, newest first."""
         root = self.settings.datasets_dir
         names = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
         records = []
         for name in names:
             try:
-                records.append(self.get_dataset(name))
+                records.append(self.get_dataset(name, principal))
             except (DatasetNotFound, InvalidParams):
-                continue  # a partial copy being written, or not a dataset
+                continue  # another key's, a partial copy being written, or not a dataset
         return sorted(records, key=lambda r: r.created_at, reverse=True)
 
-    def dataset_path(self, dataset_id: str) -> Path:
+    def dataset_path(self, dataset_id: str, principal: Principal = LOCAL) -> Path:
         """The dataset's folder (what ``LoraConfig.dataset`` names); raises DatasetNotFound."""
         folder = self.settings.datasets_dir / dataset_id
-        if not DATASET_ID.fullmatch(dataset_id) or not (folder / "dataset.json").is_file():
+        if (
+            not DATASET_ID.fullmatch(dataset_id)
+            or not (folder / "dataset.json").is_file()
+            or not principal.sees(self._dataset_owner(dataset_id))
+        ):
             raise DatasetNotFound(f"no dataset with id {dataset_id!r}", field="dataset")
         return folder
 
-    def load_dataset(self, dataset_id: str) -> Dataset:
+    def load_dataset(self, dataset_id: str, principal: Principal = LOCAL) -> Dataset:
         """The dataset's items (image paths, captions, sizes); raises DatasetNotFound."""
-        return load_dataset(self.dataset_path(dataset_id))
+        return load_dataset(self.dataset_path(dataset_id, principal))
+
+    def _dataset_owner(self, dataset_id: str) -> str | None:
+        rows = self.db.query("SELECT owner FROM datasets WHERE id = ?", (dataset_id,))
+        return rows[0][0] if rows else None
 
     # --- models ---------------------------------------------------------------------------------
 
@@ -338,10 +500,14 @@ class Services:
         loaded = self._loaded_models()
         return [self._model_info(r, loaded) for r in self.catalog.list()]
 
-    def model_info(self, id_or_path: str) -> ModelInfo:
-        """One model by catalog id or local path (e.g. ``settings.default_model``);
-        raises ModelNotFound (404)."""
-        return self._model_info(self.catalog.get(id_or_path), self._loaded_models())
+    def model_info(self, id_or_path: str, principal: Principal = LOCAL) -> ModelInfo:
+        """One model by catalog id, or by local path where ``principal`` may name paths (e.g.
+        ``settings.default_model``); raises ModelNotFound (404)."""
+        record = self.catalog.get(
+            id_or_path,
+            paths=principal.may_name_paths or id_or_path == self.settings.default_model,
+        )
+        return self._model_info(record, self._loaded_models())
 
     def _loaded_models(self) -> set[str]:
         return {m for manager in self.model_managers for m in manager.loaded()}
@@ -358,19 +524,22 @@ class Services:
 
     # --- LoRAs ----------------------------------------------------------------------------------
 
-    def list_loras(self) -> list[LoraRecord]:
-        """Every LoRA in EASEL_HOME/loras (trained or added), by name."""
-        return self.loras.list()
+    def list_loras(self, principal: Principal = LOCAL) -> list[LoraRecord]:
+        """The LoRAs ``principal`` may use, by name: those added by the owner (everyone's) and
+        those its key trained (an admin: all)."""
+        return [r for r in self.loras.list() if _lora_visible(r, principal)]
 
-    def get_lora(self, name: str) -> LoraRecord:
-        """One LoRA; raises LoraNotFound (404)."""
-        return self.loras.get(name)
+    def get_lora(self, name: str, principal: Principal = LOCAL) -> LoraRecord:
+        """One LoRA; raises LoraNotFound (404), also for another key's."""
+        return _VisibleLoras(self.loras, principal).get(name)
 
     # --- checks ---------------------------------------------------------------------------------
 
-    def _input_sizes(self, params: GenerationParams) -> dict[str, tuple[int, int]]:
+    def _input_sizes(
+        self, params: GenerationParams, principal: Principal
+    ) -> dict[str, tuple[int, int]]:
         """(width, height) of each stored image the request names; InvalidParams naming the
-        field for an id that is not a stored image."""
+        field for an id that is not a stored image ``principal`` sees."""
         spec = TASK_SPECS.get(params.task)
         sizes = {}
         for name in spec.image_fields if spec else ():
@@ -378,7 +547,7 @@ class Services:
             if not isinstance(image_id, str) or not image_id:
                 continue  # resolve_params names the missing or malformed field
             try:
-                record = self.images.get(image_id)
+                record = self.get_image(image_id, principal)
                 self.images.path(image_id)  # its file, too
             except ImageNotFound:
                 raise InvalidParams(
@@ -408,7 +577,7 @@ class Services:
                 field="priority",
             )
 
-    def _check_training(self, params: GenerationParams) -> GenerationParams:
+    def _check_training(self, params: GenerationParams, principal: Principal) -> GenerationParams:
         """A ``train_lora`` request: its settings pass the checks `LoraConfig` makes (the same
         as ``easel train lora``'s) and its dataset is stored. Returns the params with the
         training defaults filled in."""
@@ -419,7 +588,7 @@ class Services:
         from easel.training.lora_config import config_from_params  # torch-free
 
         config = config_from_params(params, params.dataset, out_dir="")  # what the worker builds
-        self.dataset_path(params.dataset)
+        self.dataset_path(params.dataset, principal)
         return replace(
             params, steps=config.steps, rank=config.rank, learning_rate=config.learning_rate
         )
@@ -450,6 +619,32 @@ class Services:
                 "lower num_images or the size",
                 field="num_images",
             )
+
+
+def _lora_visible(record: LoraRecord, principal: Principal) -> bool:
+    """Added LoRAs (no owner) are everyone's; a trained one is its key's (and admins')."""
+    return record.owner is None or principal.sees(record.owner)
+
+
+@dataclass
+class _VisibleLoras:
+    """The LoRA catalog as one key sees it (what ``resolve_params`` looks LoRAs up in)."""
+
+    catalog: LoraCatalog
+    principal: Principal
+
+    def get(self, name: str) -> LoraRecord:
+        try:
+            record: LoraRecord | None = self.catalog.get(name)
+        except LoraNotFound:
+            record = None
+        if record is None or not _lora_visible(record, self.principal):
+            visible = [r.id for r in self.catalog.list() if _lora_visible(r, self.principal)]
+            raise LoraNotFound(
+                f"unknown LoRA {name!r} (known: {', '.join(visible) or 'none yet'})",
+                field="lora",
+            )
+        return record
 
 
 def build_services(settings: Settings, *, generator: Generator | None = None) -> Services:
@@ -496,6 +691,7 @@ def build_services(settings: Settings, *, generator: Generator | None = None) ->
         images=images,
         events=events,
         workers=workers,
+        keys=KeyStore(db),
         model_managers=managers,
         wakeup=wakeup,
     )

@@ -14,9 +14,10 @@ from typing import Any
 from fastapi import FastAPI
 
 from easel import __version__
+from easel.api.auth import install_auth
 from easel.api.errors import install_error_handlers
 from easel.api.limits import BodySizeLimit
-from easel.api.routers import datasets, images, jobs, loras, models, system
+from easel.api.routers import datasets, images, jobs, keys, loras, models, system
 from easel.services import Services
 
 API_PREFIX = "/api/v1"
@@ -54,8 +55,9 @@ def create_app(services: Services, *, mount_ui: MountUI | None = None) -> FastAP
             f"{API_PREFIX}/datasets": settings.max_dataset_upload_bytes + 2_000_000,
         },
     )
+    install_auth(app, services)  # outside the body limit: no body is read for a stranger
     install_error_handlers(app, services)
-    for module in (system, models, jobs, images, datasets, loras):
+    for module in (system, models, jobs, images, datasets, loras, keys):
         app.include_router(module.router, prefix=API_PREFIX)
     if mount_ui is not None:
         mount_ui(app, services)

@@ -1,4 +1,5 @@
-"""How route handlers get the services: the app holds them (set once by create_app)."""
+"""How route handlers get the services (set once by create_app) and the request's principal
+(set by the auth gate, ``easel.api.auth``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from easel.domain import Principal
 from easel.services import Services
 
 
@@ -14,4 +16,14 @@ def get_services(request: Request) -> Services:
     return services
 
 
+def get_principal(request: Request) -> Principal:
+    """Who the request acts for. The gate runs before every route, so this is always set; a
+    route mounted without the gate would fail here loudly rather than run unchecked."""
+    principal = request.scope.get("state", {}).get("principal")
+    if not isinstance(principal, Principal):
+        raise RuntimeError("no principal on the request: is the auth gate installed?")
+    return principal
+
+
 ServicesDep = Annotated[Services, Depends(get_services)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]

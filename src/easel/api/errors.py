@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from easel.domain import EaselError, QueueFull
+from easel.domain import EaselError, QueueFull, QuotaExceeded, Unauthorized
 from easel.services import Services
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,11 @@ def install_error_handlers(app: FastAPI, services: Services) -> None:
     @app.exception_handler(EaselError)
     async def easel_error(request: Request, exc: EaselError) -> JSONResponse:
         headers = {}
-        if isinstance(exc, QueueFull):  # a database read: off the event loop (STYLE rule 5)
+        if isinstance(exc, QuotaExceeded):
+            headers["Retry-After"] = str(exc.retry_after_s)
+        elif isinstance(exc, Unauthorized):
+            headers["WWW-Authenticate"] = 'Bearer realm="easel"'
+        elif isinstance(exc, QueueFull):  # a database read: off the event loop (STYLE rule 5)
             headers["Retry-After"] = str(await asyncio.to_thread(services.retry_after_s))
         return error_response(exc.status, type(exc).__name__, exc.message, exc.field, **headers)
 

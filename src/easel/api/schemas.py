@@ -7,7 +7,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from easel.domain import DatasetRecord, GenerationParams, ImageRecord, JobRecord, LoraRecord
+from easel.domain import (
+    DatasetRecord,
+    GenerationParams,
+    ImageRecord,
+    JobRecord,
+    KeyRecord,
+    LoraRecord,
+)
 from easel.jobs.queue import QueueSummary
 from easel.services import ModelInfo
 
@@ -351,3 +358,46 @@ class DatasetItemPublic(BaseModel):
 
 class DatasetDetail(DatasetPublic):
     items: list[DatasetItemPublic]
+
+
+class KeyCreate(BaseModel):
+    """A new API key (admin keys only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="1-64 letters, digits, '.', '_' or '-'; unique among active keys")
+    scopes: list[Literal["generate", "train", "admin"]] = Field(
+        ["generate"], min_length=1, max_length=3, description="What the key may do"
+    )
+    rate_per_minute: int | None = Field(
+        None, ge=1, le=1_000_000, description="Requests per minute (none: no limit)"
+    )
+    max_jobs: int | None = Field(
+        None, ge=1, le=1_000_000, description="Jobs queued or running at once (none: no limit)"
+    )
+
+
+class KeyPublic(BaseModel):
+    id: str = Field(description="What the key's jobs, images and datasets record as owner")
+    name: str
+    scopes: list[str]
+    rate_per_minute: int | None
+    max_jobs: int | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+    @classmethod
+    def of(cls, record: KeyRecord) -> KeyPublic:
+        return cls(
+            id=record.id,
+            name=record.name,
+            scopes=list(record.scopes),
+            rate_per_minute=record.rate_per_minute,
+            max_jobs=record.max_jobs,
+            created_at=record.created_at,
+            revoked_at=record.revoked_at,
+        )
+
+
+class KeyCreated(KeyPublic):
+    secret: str = Field(description="The key itself: shown this once, stored only hashed")

@@ -36,13 +36,37 @@ def find_ui() -> MountUI | None:
     return mount_ui
 
 
-def serve(settings: Settings, *, ui: bool = True) -> None:
+def check_binding(settings: Settings, *, insecure: bool) -> None:
+    """Refuse (EaselError: exit 2) to leave loopback while no API key exists: anyone who
+    reaches the port could use the server, read every image and fill the disk."""
+    from easel.domain import EaselError
+    from easel.jobs.db import Database
+    from easel.jobs.keys import KeyStore
+    from easel.services import is_loopback
+
+    if insecure or is_loopback(settings.host):
+        return
+    db = Database(settings.db_path)
+    try:
+        has_keys = KeyStore(db).any_active()
+    finally:
+        db.close()
+    if not has_keys:
+        raise EaselError(
+            f"refusing to serve on {settings.host} without API keys: anyone who can reach "
+            "the port could use it. Make a key first (`easel keys create NAME --scope admin`), "
+            "or pass --insecure if something in front of Easel checks who comes in"
+        )
+
+
+def serve(settings: Settings, *, ui: bool = True, insecure: bool = False) -> None:
     """Run the server until SIGTERM/SIGINT, then drain the queue's workers."""
     import uvicorn
 
     from easel.api.app import create_app
     from easel.services import build_services
 
+    check_binding(settings, insecure=insecure)
     services = build_services(settings)
     services.lock_home()
     app = create_app(services, mount_ui=find_ui() if ui else None)
@@ -64,6 +88,12 @@ def register(commands: Any) -> None:
     parser.add_argument("--host", help="address to bind (default: settings.host, 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: settings.port, 7860)")
     parser.add_argument("--no-ui", action="store_true", help="serve the REST API only")
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --host without API keys (only behind something that "
+        "authenticates)",
+    )
     parser.set_defaults(func=cmd_serve)
 
 
@@ -71,7 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from easel.config import Settings
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    serve(Settings(**overrides), ui=not args.no_ui)
+    serve(Settings(**overrides), ui=not args.no_ui, insecure=args.insecure)
 
 
 if __name__ == "__main__":

@@ -131,6 +131,41 @@ MIGRATIONS: list[str] = [
     CREATE INDEX images_created ON images (created_at);
     CREATE INDEX images_kind ON images (kind, created_at)
     """,
+    # 4: API keys (only a hash of each secret), web UI sessions, datasets' and images' owners
+    # (a generated image belongs to its job's key, an upload to the key that sent it)
+    """
+    CREATE TABLE keys (
+        id TEXT PRIMARY KEY,                     -- what jobs, images, datasets record as owner
+        name TEXT NOT NULL,
+        hash TEXT NOT NULL UNIQUE,               -- sha256 of the secret
+        scopes TEXT NOT NULL,                    -- space-separated: generate train admin
+        rate_per_minute INTEGER,                 -- NULL: no limit
+        max_jobs INTEGER,                        -- queued + running at once (NULL: no limit)
+        created_at TEXT NOT NULL,
+        revoked_at TEXT
+    );
+    CREATE UNIQUE INDEX keys_active_name ON keys (name) WHERE revoked_at IS NULL;
+
+    CREATE TABLE sessions (
+        hash TEXT PRIMARY KEY,                   -- sha256 of the cookie's token
+        key_id TEXT NOT NULL REFERENCES keys (id) ON DELETE CASCADE,
+        created_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL
+    );
+
+    -- who uploaded each dataset (the files are EASEL_HOME/datasets/<id>). One made before
+    -- this has no row and belongs to no key, so only admin keys see it.
+    CREATE TABLE datasets (
+        id TEXT PRIMARY KEY,
+        owner TEXT,
+        created_at TEXT NOT NULL
+    );
+
+    ALTER TABLE images ADD COLUMN owner TEXT;
+    UPDATE images SET owner = (SELECT owner FROM jobs WHERE jobs.id = images.job_id)
+        WHERE job_id IS NOT NULL;
+    CREATE INDEX images_owner ON images (owner, created_at)
+    """,
 ]
 
 

@@ -66,7 +66,8 @@ class DiskImageStore:
         kind: str = "generated",
     ) -> ImageRecord:
         """Write the PNG (atomically: temp file + rename) and its row; returns the record.
-        ``kind`` is "generated", or "sample" for a training job's validation images."""
+        ``kind`` is "generated", or "sample" for a training job's validation images; the
+        image belongs to the job's owner."""
         image_id = f"{job_id}-{index}"
         created = utcnow()
         relative = f"{created[:10]}/{image_id}.png"
@@ -74,13 +75,29 @@ class DiskImageStore:
         with self.db.transaction() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO images (id, job_id, kind, idx, seed, path, width, height,"
-                " prompt, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (image_id, job_id, kind, index, seed, relative, width, height, prompt, created),
+                " prompt, created_at, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+                " (SELECT owner FROM jobs WHERE id = ?))",
+                (
+                    image_id,
+                    job_id,
+                    kind,
+                    index,
+                    seed,
+                    relative,
+                    width,
+                    height,
+                    prompt,
+                    created,
+                    job_id,
+                ),
             )
         return self.get(image_id)
 
-    def save_upload(self, image: Image.Image, *, png: bytes, sha256: str) -> ImageRecord:
-        """Store a checked, decoded input image (``imaging.decode_image``) as ``png``."""
+    def save_upload(
+        self, image: Image.Image, *, png: bytes, sha256: str, owner: str | None = None
+    ) -> ImageRecord:
+        """Store a checked, decoded input image (``imaging.decode_image``) as ``png``, owned
+        by the key ``owner``."""
         image_id = uuid.uuid4().hex
         created = utcnow()
         relative = f"uploads/{created[:10]}/{image_id}.png"
@@ -88,8 +105,8 @@ class DiskImageStore:
         with self.db.transaction() as conn:
             conn.execute(
                 "INSERT INTO images (id, job_id, kind, path, width, height, prompt, sha256,"
-                " created_at) VALUES (?, NULL, 'upload', ?, ?, ?, '', ?, ?)",
-                (image_id, relative, image.width, image.height, sha256, created),
+                " created_at, owner) VALUES (?, NULL, 'upload', ?, ?, ?, '', ?, ?, ?)",
+                (image_id, relative, image.width, image.height, sha256, created, owner),
             )
         return self.get(image_id)
 
@@ -134,11 +151,18 @@ class DiskImageStore:
         return path
 
     def list(
-        self, query: str | None = None, limit: int = 50, kind: str | None = None
+        self,
+        query: str | None = None,
+        limit: int = 50,
+        kind: str | None = None,
+        owner: str | None = None,
     ) -> builtins.list[ImageRecord]:
         """Images newest first; ``query`` keeps those whose prompt contains it (any case),
-        ``kind`` ("generated" or "upload") those of one kind."""
+        ``kind`` ("generated" or "upload") those of one kind, ``owner`` those of one key."""
         where, args = [], []
+        if owner is not None:
+            where.append("owner = ?")
+            args.append(owner)
         if query:
             escaped = query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
             where.append("prompt LIKE ? ESCAPE '\\'")

@@ -1,4 +1,5 @@
-"""The persistent job queue: priority then FIFO, positions, ETAs, atomic claim, recovery.
+"""The persistent job queue: priority, owners taking turns, FIFO; positions, ETAs, atomic
+claim, recovery.
 
 Jobs live in SQLite (:mod:`easel.jobs.db`); a job's life is
 ``queued -> running -> succeeded | failed | canceled`` (a queued job may go straight to
@@ -40,6 +41,7 @@ from easel.domain import (
     JobRecord,
     JobStatus,
     QueueFull,
+    QuotaExceeded,
 )
 from easel.jobs.db import Database
 
@@ -58,6 +60,19 @@ PUT_BACK = (
     " started_at = CASE WHEN attempts >= :max THEN started_at END,"
     " step = 0, cancel_requested = 0"
     " WHERE status = 'running'"
+)
+
+
+# The order waiting jobs start in, as a CTE ``places (seq, position)``: highest priority first;
+# within a priority the owners (API keys) take turns, each owner's jobs oldest first (the n-th
+# waiting job of every owner before the (n+1)-th of any), so one key's 500 jobs delay another
+# key's one by at most one job; submission order breaks ties. One statement, so the claim and
+# every position and ETA read the same order.
+PLACES = (
+    "WITH turns AS (SELECT seq, priority, ROW_NUMBER() OVER"
+    " (PARTITION BY priority, owner ORDER BY seq) AS turn FROM jobs WHERE status = 'queued'),"
+    " places AS (SELECT seq, ROW_NUMBER() OVER (ORDER BY priority DESC, turn, seq) AS position"
+    " FROM turns) "
 )
 
 
@@ -110,9 +125,16 @@ class SqliteJobQueue:
     # --- submit and read ------------------------------------------------------------------------
 
     def submit(
-        self, params: GenerationParams, *, priority: int = 0, owner: str | None = None
+        self,
+        params: GenerationParams,
+        *,
+        priority: int = 0,
+        owner: str | None = None,
+        max_jobs: int | None = None,
     ) -> JobRecord:
-        """Add a job with resolved ``params``; raises QueueFull when max_queued are waiting."""
+        """Add a job with resolved ``params``. Raises QueueFull when max_queued are waiting,
+        QuotaExceeded when ``owner`` has ``max_jobs`` queued or running (counted in the same
+        transaction as the insert, so a burst cannot slip past)."""
         assert params.model is not None, "submit resolved params (model set)"
         job_id = uuid.uuid4().hex
         with self.db.transaction() as conn:
@@ -122,6 +144,19 @@ class SqliteJobQueue:
                     f"the queue is full ({queued} jobs waiting, limit {self.max_queued}); "
                     "retry later"
                 )
+            if max_jobs is not None:
+                (mine,) = conn.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE owner IS ? AND status IN"
+                    " ('queued', 'running')",
+                    (owner,),
+                ).fetchone()
+                if mine >= max_jobs:
+                    wait = self._remaining("j.owner IS ? AND j.status = 'running'", (owner,))
+                    raise QuotaExceeded(
+                        f"this key may have {max_jobs} jobs queued or running at once (it has "
+                        f"{mine}); wait for one to finish",
+                        retry_after_s=max(1, min(3600, round(wait))) if wait else 10,
+                    )
             conn.execute(
                 "INSERT INTO jobs (id, task, model, params, width, height, priority, owner,"
                 " status, total_steps, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
@@ -178,15 +213,16 @@ class SqliteJobQueue:
     # --- the worker's side ----------------------------------------------------------------------
 
     def claim(self) -> JobRecord | None:
-        """Atomically take the next job (highest priority, oldest first) and mark it running.
+        """Atomically take the next job (see :data:`PLACES`: highest priority, then taking
+        turns between owners, then oldest first) and mark it running.
 
         One UPDATE ... RETURNING: two workers (or processes) can never claim the same row.
         """
         with self.db.transaction() as conn:
             row = conn.execute(
                 "UPDATE jobs SET status = 'running', attempts = attempts + 1, step = 0,"
-                " started_at = ? WHERE seq = (SELECT seq FROM jobs WHERE status = 'queued'"
-                " ORDER BY priority DESC, seq LIMIT 1) RETURNING *",
+                f" started_at = ? WHERE seq = ({PLACES} SELECT seq FROM places WHERE position = 1)"
+                " RETURNING *",
                 (utcnow(),),
             ).fetchone()
         return _job(row) if row is not None else None
@@ -281,18 +317,18 @@ class SqliteJobQueue:
 
     def eta_seconds(self, job_id: str, workers: int = 1) -> float | None:
         """Seconds until the job finishes (see the module docstring); None when unknown."""
-        job = self.db.query("SELECT status, priority, seq FROM jobs WHERE id = ?", (job_id,))
+        job = self.db.query("SELECT status, seq FROM jobs WHERE id = ?", (job_id,))
         if not job:
             raise JobNotFound(f"no job with id {job_id!r}", field="job_id")
-        status, priority, seq = job[0]
+        status, seq = job[0]
         if JobStatus(status).final:
             return 0.0
         if status == "running":
             return self._remaining("id = ?", (job_id,))
         ahead = self._remaining(
-            "status = 'running' OR (status = 'queued' AND (priority > ? OR (priority = ? AND"
-            " seq <= ?)))",
-            (priority, priority, seq),
+            "status = 'running' OR j.seq IN (SELECT seq FROM places WHERE position <="
+            " (SELECT position FROM places WHERE seq = ?))",
+            (seq,),
         )
         return None if ahead is None else ahead / max(workers, 1)
 
@@ -305,7 +341,8 @@ class SqliteJobQueue:
         """Summed remaining cost of the jobs matching ``where``; None if any speed is unknown.
         One query: this runs on every submit and every GET of a queued job."""
         (total, unknown) = self.db.query(
-            "SELECT SUM(t.speed * MAX(j.total_steps - j.step, 0)), COUNT(*) - COUNT(t.speed)"
+            PLACES
+            + "SELECT SUM(t.speed * MAX(j.total_steps - j.step, 0)), COUNT(*) - COUNT(t.speed)"
             " FROM jobs AS j LEFT JOIN (SELECT model, width, height, MAX(seconds_per_step) AS"
             " speed FROM step_timings GROUP BY model, width, height) AS t"
             " ON t.model = j.model AND t.width = j.width AND t.height = j.height"
@@ -331,12 +368,7 @@ class SqliteJobQueue:
 
 # Jobs with their queue position, computed in the same statement as the status so a reader never
 # sees a `queued` job without a position (a worker may claim it between two statements).
-SELECT_JOBS = (
-    "SELECT j.*, CASE WHEN j.status = 'queued' THEN 1 + ("
-    "SELECT COUNT(*) FROM jobs q WHERE q.status = 'queued'"
-    " AND (q.priority > j.priority OR (q.priority = j.priority AND q.seq < j.seq))"
-    ") END AS position FROM jobs j"
-)
+SELECT_JOBS = PLACES + "SELECT j.*, p.position FROM jobs j LEFT JOIN places p ON p.seq = j.seq"
 
 
 def _job(row: sqlite3.Row) -> JobRecord:
@@ -370,4 +402,5 @@ def image_record(row: sqlite3.Row) -> ImageRecord:
         prompt=row["prompt"],
         created_at=datetime.fromisoformat(row["created_at"]),
         kind=row["kind"],
+        owner=row["owner"],
     )

@@ -77,6 +77,7 @@ class Trainer(Protocol):
         job_id: str,
         params: GenerationParams,
         *,
+        owner: str | None,
         on_progress: Callable[[TrainProgress], None],
         on_samples: Callable[[TrainSamples], None],
         is_canceled: CancelCheck,
@@ -268,6 +269,7 @@ class Worker:
         lora = self.trainer.train(
             job.id,
             job.params,
+            owner=job.owner,
             on_progress=on_progress,
             on_samples=on_samples,
             is_canceled=lambda: self._should_stop(job),

@@ -244,9 +244,11 @@ class ModelCatalog:
         """Every catalog entry (built-ins first), with ``available`` filled in."""
         return [self._with_availability(r) for r in self._records().values()]
 
-    def get(self, id_or_path: str) -> ModelRecord:
+    def get(self, id_or_path: str, *, paths: bool = True) -> ModelRecord:
         """The entry for a catalog id, a source, a cached hub id, or a local folder/file.
 
+        With ``paths=False`` (a request from a key that may not name paths) only catalog ids
+        and entries' sources match: whether a path exists on this machine is not revealed.
         Raises ModelNotFound (field "model") with near-name suggestions when nothing matches.
         """
         records = self._records()
@@ -255,6 +257,12 @@ class ModelCatalog:
         for record in records.values():
             if record.source == id_or_path:
                 return self._with_availability(record)
+        if not paths:
+            raise ModelNotFound(
+                f"unknown model {id_or_path!r}: name a catalog model ({', '.join(records)}; "
+                "see GET /api/v1/models); a path or hub id is taken only from an admin key",
+                field="model",
+            )
         path = Path(id_or_path).expanduser()
         if _is_model_path(path):
             path = path.resolve()

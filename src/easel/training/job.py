@@ -31,7 +31,12 @@ from easel.training.lora_config import LoraConfig, config_from_params
 
 
 def publish_lora(
-    result: LoraResult, config: LoraConfig, loras: LoraCatalog, *, job_id: str | None = None
+    result: LoraResult,
+    config: LoraConfig,
+    loras: LoraCatalog,
+    *,
+    job_id: str | None = None,
+    owner: str | None = None,
 ) -> LoraRecord:
     """Copy the trained LoRA into the LoRA folder as ``NAME.safetensors``, its loss plot and
     last sample grid beside it (``NAME.loss.png``, ``NAME.samples.png``), and record it.
@@ -67,6 +72,7 @@ def publish_lora(
         steps=result.steps,
         source="trained",
         job_id=job_id,
+        owner=owner,
         extra={
             "final_loss": round(result.final_loss, 5),
             "best_step": result.best_step,
@@ -100,11 +106,13 @@ class LoraTrainer:
         job_id: str,
         params: GenerationParams,
         *,
+        owner: str | None = None,
         on_progress: Callable[[TrainProgress], None],
         on_samples: Callable[[TrainSamples], None],
         is_canceled: CancelCheck,
     ) -> LoraRecord:
-        """Train (or go on training) the job's LoRA, then publish it. Raises Canceled."""
+        """Train (or go on training) the job's LoRA, then publish it as ``owner``'s (the job's
+        key). Raises Canceled."""
         assert params.dataset
         run_dir = self.settings.home / "training" / job_id
         dataset = self.settings.datasets_dir / params.dataset
@@ -127,4 +135,4 @@ class LoraTrainer:
             is_canceled=is_canceled,
             settings=self.settings,
         )
-        return publish_lora(result, config, self.loras, job_id=job_id)
+        return publish_lora(result, config, self.loras, job_id=job_id, owner=owner)

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request, Response
 from starlette.datastructures import UploadFile
 
-from easel.api.deps import ServicesDep, get_services
+from easel.api.deps import PrincipalDep, ServicesDep, get_services
 from easel.api.schemas import (
     DatasetCreated,
     DatasetDetail,
@@ -119,6 +119,7 @@ async def read_upload(request: Request) -> DatasetUpload:
 def create_dataset(
     upload: Annotated[DatasetUpload, Depends(read_upload)],
     services: ServicesDep,
+    principal: PrincipalDep,
     response: Response,
 ) -> DatasetCreated:
     """Store a training dataset (multipart: one zip as ``file``, or images and captions as
@@ -127,7 +128,7 @@ def create_dataset(
     byte cap, and unsafe paths, symlinks, nested zips and images without a caption are refused
     with a 422 naming them; nothing is stored on error."""
     record = services.create_dataset(
-        upload.files, allow_missing_captions=upload.allow_missing_captions
+        upload.files, allow_missing_captions=upload.allow_missing_captions, principal=principal
     )
     response.headers["Location"] = dataset_url(record.id)
     return DatasetCreated(
@@ -140,19 +141,19 @@ def create_dataset(
 
 
 @router.get("")
-def list_datasets(services: ServicesDep) -> list[DatasetPublic]:
-    """Stored datasets, newest first."""
-    return [DatasetPublic.of(d) for d in services.list_datasets()]
+def list_datasets(services: ServicesDep, principal: PrincipalDep) -> list[DatasetPublic]:
+    """The key's stored datasets (an admin key: everyone's), newest first."""
+    return [DatasetPublic.of(d) for d in services.list_datasets(principal)]
 
 
 @router.get(
     "/{dataset_id}",
     responses={404: {"model": ErrorBody, "description": "Unknown dataset"}},
 )
-def get_dataset(dataset_id: str, services: ServicesDep) -> DatasetDetail:
+def get_dataset(dataset_id: str, services: ServicesDep, principal: PrincipalDep) -> DatasetDetail:
     """One dataset: its counts and each image's name, caption and size."""
-    record = services.get_dataset(dataset_id)
-    dataset = services.load_dataset(dataset_id)
+    record = services.get_dataset(dataset_id, principal)
+    dataset = services.load_dataset(dataset_id, principal)
     return DatasetDetail(
         **DatasetPublic.of(record).model_dump(),
         items=[

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
 from pydantic import TypeAdapter
 
-from easel.api.deps import ServicesDep
+from easel.api.deps import PrincipalDep, ServicesDep
 from easel.api.schemas import ErrorBody, JobCreate, JobPublic
 from easel.domain import InvalidParams, JobRecord, JobStatus
 from easel.jobs.events import JobEvent
@@ -43,15 +43,21 @@ def job_public(services: Services, job: JobRecord) -> JobPublic:
     responses={
         **ERRORS,
         400: {"model": ErrorBody, "description": "Malformed JSON"},
+        403: {"model": ErrorBody, "description": "The key lacks the task's scope"},
         409: {"model": ErrorBody, "description": "Model known but not on this machine"},
         413: {"model": ErrorBody, "description": "Body larger than max_body_bytes"},
-        429: {"model": ErrorBody, "description": "Queue full; see Retry-After"},
+        429: {
+            "model": ErrorBody,
+            "description": "Queue full, or the key's job or rate quota used up; see Retry-After",
+        },
     },
 )
-def create_job(body: JobCreate, services: ServicesDep, response: Response) -> JobPublic:
-    """Queue a job: a generation, an edit or a ``train_lora`` fine-tune. Returns at once (202)
-    with the job; follow it with GET or events."""
-    job = services.submit_job(body.to_params(), priority=body.priority)
+def create_job(
+    body: JobCreate, services: ServicesDep, principal: PrincipalDep, response: Response
+) -> JobPublic:
+    """Queue a job: a generation, an edit or a ``train_lora`` fine-tune (scope ``train``).
+    Returns at once (202) with the job; follow it with GET or events."""
+    job = services.submit_job(body.to_params(), priority=body.priority, principal=principal)
     response.headers["Location"] = f"/api/v1/jobs/{job.id}"
     return job_public(services, job)
 
@@ -59,25 +65,27 @@ def create_job(body: JobCreate, services: ServicesDep, response: Response) -> Jo
 @router.get("")
 def list_jobs(
     services: ServicesDep,
+    principal: PrincipalDep,
     status: Literal["queued", "running", "succeeded", "failed", "canceled"] | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> list[JobPublic]:
-    """Jobs, newest first, optionally only those with one status."""
+    """The key's jobs (an admin key: everyone's), newest first, optionally only those with
+    one status."""
     wanted = JobStatus(status) if status else None
-    return [job_public(services, j) for j in services.list_jobs(wanted, limit)]
+    return [job_public(services, j) for j in services.list_jobs(wanted, limit, principal)]
 
 
 @router.get("/{job_id}", responses=ERRORS)
-def get_job(job_id: str, services: ServicesDep) -> JobPublic:
+def get_job(job_id: str, services: ServicesDep, principal: PrincipalDep) -> JobPublic:
     """Status, queue position, ETA, progress, images, error, attempts and params of a job."""
-    return job_public(services, services.get_job(job_id))
+    return job_public(services, services.get_job(job_id, principal))
 
 
 @router.delete("/{job_id}", responses=ERRORS)
-def cancel_job(job_id: str, services: ServicesDep) -> JobPublic:
+def cancel_job(job_id: str, services: ServicesDep, principal: PrincipalDep) -> JobPublic:
     """Cancel: a queued job never starts; a running one stops at its next step (its status
     turns ``canceled`` a moment later). Cancelling a finished job changes nothing."""
-    return job_public(services, services.cancel_job(job_id))
+    return job_public(services, services.cancel_job(job_id, principal))
 
 
 @router.get(
@@ -88,6 +96,7 @@ def cancel_job(job_id: str, services: ServicesDep) -> JobPublic:
 async def job_events(
     job_id: str,
     services: ServicesDep,
+    principal: PrincipalDep,
     last_event_id: Annotated[str | None, Header()] = None,
     after: Annotated[
         int | None, Query(ge=0, le=MAX_EVENT_ID, description="Same as Last-Event-ID")
@@ -108,7 +117,7 @@ async def job_events(
             )
         since = int(text)
     # 404 now, not mid-stream: a database read, off the loop
-    await asyncio.to_thread(services.get_job, job_id)
+    await asyncio.to_thread(services.get_job, job_id, principal)
     events = services.subscribe(job_id, since)
     return StreamingResponse(
         sse_stream(events),

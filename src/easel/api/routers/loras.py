@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from easel.api.deps import ServicesDep
+from easel.api.deps import PrincipalDep, ServicesDep
 from easel.api.schemas import ErrorBody, LoraPublic
 
 router = APIRouter(prefix="/loras", tags=["loras"])
@@ -14,12 +14,13 @@ ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "descriptio
 
 
 @router.get("")
-def list_loras(services: ServicesDep) -> list[LoraPublic]:
-    """Every LoRA by name: family, base model, trigger word, rank, steps, source."""
-    return [LoraPublic.of(record) for record in services.list_loras()]
+def list_loras(services: ServicesDep, principal: PrincipalDep) -> list[LoraPublic]:
+    """The LoRAs the key may use, by name (the owner's additions and the key's own trained
+    ones): family, base model, trigger word, rank, steps, source."""
+    return [LoraPublic.of(record) for record in services.list_loras(principal)]
 
 
 @router.get("/{name}", responses=ERRORS)
-def get_lora(name: str, services: ServicesDep) -> LoraPublic:
+def get_lora(name: str, services: ServicesDep, principal: PrincipalDep) -> LoraPublic:
     """One LoRA."""
-    return LoraPublic.of(services.get_lora(name))
+    return LoraPublic.of(services.get_lora(name, principal))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from easel import __version__
-from easel.api.deps import ServicesDep
+from easel.api.deps import PrincipalDep, ServicesDep
 from easel.api.schemas import Health, QueuePublic
 
 router = APIRouter(tags=["system"])
@@ -18,6 +18,6 @@ def health(services: ServicesDep) -> Health:
 
 
 @router.get("/queue")
-def queue(services: ServicesDep) -> QueuePublic:
-    """Job counts by status and the jobs running now."""
-    return QueuePublic.of(services.queue_summary(), workers=len(services.workers))
+def queue(services: ServicesDep, principal: PrincipalDep) -> QueuePublic:
+    """Job counts by status (every key's) and the key's jobs running now."""
+    return QueuePublic.of(services.queue_summary(principal), workers=len(services.workers))
