@@ -20,7 +20,9 @@ target (removed on error, so a refused dataset leaves no target behind):
 
 - images that do not decode as PNG, JPEG or WebP (the bytes decide, not the name), have more
   than ``max_pixels`` pixels (read from the header: a decompression bomb is not decoded) or
-  more than ``max_file_bytes`` bytes; fewer than ``min_images`` or more than ``max_images``;
+  more than ``max_file_bytes`` bytes, or fail the other checks of
+  :func:`easel.imaging.decode_image` (truncated, data appended, metadata bombs, chunk floods);
+  fewer than ``min_images`` or more than ``max_images``;
 - images without a caption (unless ``allow_missing_captions``; the trainer then gives them
   the trigger word alone), captions without an image, two captions for one image, captions
   longer than ``max_caption_chars`` or not UTF-8;

@@ -25,6 +25,35 @@ def test_a_checkpoint_from_an_older_recipe_is_refused_by_name(tmp_path):
     assert checkpoints.resume("unet", {"unet": unet}, StageLog()) == (5, 1.0)
 
 
+class _Trap:
+    """Unpickling this creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_a_checkpoint_resumes_its_optimizer_and_a_planted_pickle_is_never_run(tmp_path):
+    # resume reads with torch.load(weights_only=True): tensors and plain containers only
+    checkpoints = Checkpoints(tmp_path / "ckpt", keep=2)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    log = StageLog(steps=[1], losses=[0.5])
+    checkpoints.save_stage("lora", 1, {"model": model, "optimizer": optimizer}, 2.0, log)
+    again = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    assert checkpoints.resume("lora", {"model": model, "optimizer": again}, StageLog()) == (1, 2.0)
+    assert again.state_dict()["state"][0]["step"] == 1
+    marker = tmp_path / "pickle-ran"
+    torch.save(_Trap(marker), tmp_path / "ckpt" / "lora-step9999999.pt")
+    with pytest.raises(InvalidParams, match="is not a checkpoint Easel wrote"):
+        checkpoints.resume("lora", {"model": model}, StageLog())
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize(
     ("device", "native", "bf16"),
     [("cpu", True, True), ("cpu", False, False), ("cuda", False, True)],

@@ -202,7 +202,13 @@ def _open(source: str | Path | bytes) -> Image.Image:
         image.load()  # text chunks after the pixel data are read only by load()
     except FileNotFoundError as exc:
         raise InvalidParams(f"image file not found: {name}", field="image") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+    ) as exc:
         raise InvalidParams(
             f"cannot read {name}: not a readable PNG/image ({exc})", field="image"
         ) from exc

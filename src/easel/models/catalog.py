@@ -84,6 +84,16 @@ BUILTINS: tuple[ModelRecord, ...] = (
     ),
 )
 
+# pickle-based weight files: unpickling one may run any code (InvokeAI's remote code execution,
+# CVE-2024-12029, came through them), so Easel loads weights only from .safetensors
+PICKLED_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
+CONVERT_HINT = (
+    "convert it once, in a Python you trust, with "
+    "`DiffusionPipeline.from_pretrained(FOLDER).save_pretrained(NEW_FOLDER)` (diffusers saves "
+    "safetensors), or for a single checkpoint `StableDiffusionPipeline.from_single_file(FILE)"
+    ".save_pretrained(NEW_FOLDER)`"
+)
+
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # state-dict key fragments that identify a single-file checkpoint's family (first match wins)
@@ -147,8 +157,63 @@ def _pipeline_complete(folder: Path) -> bool:
     return True
 
 
+def pickled_weights(path: Path) -> builtins.list[Path]:
+    """The pickled weight files loading ``path`` would read: the file itself when it is one
+    (``.ckpt``, ``.bin``, ...), or in a diffusers folder those of each component that has no
+    ``.safetensors`` beside them (diffusers falls back to a component's pickle; one with both
+    loads its safetensors). [] for safetensors-only weights or a path that does not exist."""
+    if path.is_file():
+        return [path] if path.suffix.lower() in PICKLED_SUFFIXES else []
+    if not path.is_dir():
+        return []
+    if not (path / "model_index.json").is_file():
+        return _pickled_in(path)  # one component's folder (an IP-Adapter's image encoder)
+    return [file for folder in _component_folders(path) for file in _pickled_in(folder)]
+
+
+def check_safetensors(path: Path, field: str = "model") -> None:
+    """Raise InvalidParams(field=``field``) when loading ``path`` (a weights file, a diffusers
+    folder or one component's folder) would unpickle something; the message says how to
+    convert it."""
+    files = pickled_weights(path)
+    if not files:
+        return
+    if files == [path]:
+        what = f"{path.name} is a pickled checkpoint ({path.suffix})"
+    else:
+        names = ", ".join(str(f.relative_to(path)) for f in files[:4])
+        more = f" and {len(files) - 4} more" if len(files) > 4 else ""
+        what = f"{path} has pickled weights and no .safetensors for them ({names}{more})"
+    raise InvalidParams(
+        f"{what}: unpickling can run any code, so Easel loads weights only from .safetensors; "
+        + CONVERT_HINT,
+        field=field,
+    )
+
+
+def _component_folders(folder: Path) -> builtins.list[Path]:
+    """The subfolders from_pretrained loads: those model_index.json names (every subfolder
+    when it cannot be parsed)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        names = [n for n, spec in index.items() if isinstance(spec, list) and spec[0] is not None]
+    except (OSError, ValueError, AttributeError, IndexError):
+        names = [p.name for p in folder.iterdir() if p.is_dir()]
+    return [folder / name for name in sorted(names) if (folder / name).is_dir()]
+
+
+def _pickled_in(folder: Path) -> builtins.list[Path]:
+    """Pickled weights in one component's folder that has no .safetensors weights."""
+    files = [f for f in folder.iterdir() if f.is_file()] if folder.is_dir() else []
+    if any(f.suffix == ".safetensors" for f in files):
+        return []
+    return sorted(f for f in files if f.suffix.lower() in PICKLED_SUFFIXES)
+
+
 def detect_family(path: Path) -> str:
-    """Family of a local diffusers folder (model_index.json) or .safetensors checkpoint."""
+    """Family of a local diffusers folder (model_index.json) or .safetensors checkpoint;
+    InvalidParams for a pickled checkpoint (see check_safetensors)."""
+    check_safetensors(path)
     if path.is_dir():
         try:
             class_name = json.loads((path / "model_index.json").read_text())["_class_name"]
@@ -213,6 +278,7 @@ def check_ip_adapter(path: Path, family: str) -> Path:
             f"ip_adapter needs its CLIP image encoder in {path.parent / 'image_encoder'}",
             field="ip_adapter",
         )
+    check_safetensors(path.parent / "image_encoder", field="ip_adapter")
     return path.resolve()
 
 
@@ -226,12 +292,28 @@ def _looks_like_path(text: str) -> bool:
 
 
 def _is_model_path(path: Path) -> bool:
-    """A local diffusers folder or .safetensors file; False for names the OS cannot even look up
-    (too long, NUL bytes), which then end as an ordinary "unknown model" error."""
+    """A local diffusers folder or weights file (.safetensors, or a pickle that ``get`` then
+    refuses); False for names the OS cannot even look up (too long, NUL bytes), which then end
+    as an ordinary "unknown model" error."""
     try:
-        return path.exists() and (path.is_dir() or path.suffix == ".safetensors")
+        suffixes = (".safetensors", *PICKLED_SUFFIXES)
+        return path.exists() and (path.is_dir() or path.suffix.lower() in suffixes)
     except (OSError, ValueError):
         return False
+
+
+def local_weights(source: str) -> Path | None:
+    """Where ``source`` (a path or hub id) is on this machine: the path, or the hub id's
+    complete snapshot in the Hugging Face cache; None when it is not here."""
+    path = Path(source).expanduser()
+    try:
+        if path.exists():
+            return path
+    except (OSError, ValueError):
+        return None
+    if _looks_like_path(source) or not _HUB_ID_RE.match(source):
+        return None
+    return cached_snapshot(source)
 
 
 class ModelCatalog:
@@ -253,10 +335,10 @@ class ModelCatalog:
         """
         records = self._records()
         if id_or_path in records:
-            return self._with_availability(records[id_or_path])
+            return self._checked(records[id_or_path])
         for record in records.values():
             if record.source == id_or_path:
-                return self._with_availability(record)
+                return self._checked(record)
         if not paths:
             raise ModelNotFound(
                 f"unknown model {id_or_path!r}: name a catalog model ({', '.join(records)}; "
@@ -304,11 +386,13 @@ class ModelCatalog:
         path = Path(source).expanduser()
         if path.exists():
             source = str(path.resolve())
+            check_safetensors(path.resolve(), field="source")
             family = family or detect_family(path.resolve())
         elif _looks_like_path(source) or not _HUB_ID_RE.match(source):
             raise ModelNotFound(f"no model folder or file at {source}", field="source")
-        elif family is None and (snapshot := cached_snapshot(source)) is not None:
-            family = detect_family(snapshot)
+        elif (snapshot := cached_snapshot(source)) is not None:
+            check_safetensors(snapshot, field="source")
+            family = family or detect_family(snapshot)
         if family is None:
             raise InvalidParams(
                 f"family is required for {source} (one of {', '.join(FAMILIES)})", field="family"
@@ -332,15 +416,12 @@ class ModelCatalog:
         return self._with_availability(record)
 
     def is_available(self, record: ModelRecord) -> bool:
-        """True when the weights are on this machine: a local path, or complete in the HF cache."""
-        path = Path(record.source).expanduser()
-        if path.is_dir():
-            return _pipeline_complete(path)
-        if path.is_file():
-            return True
-        if _looks_like_path(record.source):
+        """True when loadable weights are on this machine: a local path, or complete in the HF
+        cache, with no weights that would have to be unpickled."""
+        local = local_weights(record.source)
+        if local is None or pickled_weights(local):
             return False
-        return cached_snapshot(record.source) is not None
+        return _pipeline_complete(local) if local.is_dir() else True
 
     # --- internals ------------------------------------------------------------------------------
 
@@ -348,6 +429,14 @@ class ModelCatalog:
         records = {r.id: r for r in BUILTINS}
         records.update(self._read_user_entries())
         return records
+
+    def _checked(self, record: ModelRecord) -> ModelRecord:
+        """``_with_availability``, after refusing weights that would have to be unpickled (an
+        entry written in models.toml by hand, or added before Easel refused them)."""
+        local = local_weights(record.source)
+        if local is not None:
+            check_safetensors(local)
+        return self._with_availability(record)
 
     def _with_availability(self, record: ModelRecord) -> ModelRecord:
         """A copy with the family's tasks, the folder's own defaults under the entry's, and

@@ -45,8 +45,11 @@ def pull(catalog: ModelCatalog, model_id: str, *, progress: bool = True) -> Path
     if not progress:
         disable_progress_bars()
     try:
-        # fetches only what from_pretrained needs (no .ckpt, no duplicate fp16/.bin weights)
-        return Path(DiffusionPipeline.download(repo_id, cache_dir=hub_cache_dir()))
+        # fetches only what from_pretrained needs (no .ckpt, no duplicate fp16 weights), and
+        # safetensors only: a repo with pickled weights alone fails here (Easel never loads them)
+        return Path(
+            DiffusionPipeline.download(repo_id, cache_dir=hub_cache_dir(), use_safetensors=True)
+        )
     except Exception as exc:  # network, auth and missing-repo errors all end the same way
         text = str(exc).strip()
         reason = text.splitlines()[0] if text else type(exc).__name__

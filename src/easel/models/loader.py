@@ -34,8 +34,11 @@ from easel.domain import EaselError, InvalidParams, LoraRecord, ModelNotAvailabl
 from easel.models.catalog import (
     ModelCatalog,
     cached_snapshot,
+    check_ip_adapter,
+    check_safetensors,
     hub_cache_dir,
     is_hub_id,
+    local_weights,
     safetensors_header,
 )
 from easel.models.cpu_graph import capture_unet, release_unet
@@ -232,7 +235,9 @@ class ModelManager:
                         raise InvalidParams(
                             f"model {record.id} has no ip_adapter configured", field="model"
                         )
-                    path = Path(record.ip_adapter)
+                    # safetensors with a safetensors image encoder, even if models.toml was
+                    # edited by hand
+                    path = check_ip_adapter(Path(record.ip_adapter), record.family)
                     base.load_ip_adapter(
                         str(path.parent),
                         subfolder="",
@@ -417,6 +422,12 @@ class ModelManager:
         return total
 
     def _load(self, record: ModelRecord, family: Family, task: str) -> DiffusionPipeline:
+        # weights come only from .safetensors: a pickle (.bin, .ckpt) can run code when loaded.
+        # The catalog refused them already; use_safetensors=True makes diffusers and
+        # transformers raise rather than fall back to a component's .bin should one slip by
+        local = local_weights(record.source)
+        if local is not None:
+            check_safetensors(local)
         if not record.available:
             raise ModelNotAvailable(_not_available_message(record), field="model")
         cls = _pipeline_class(family, task)
@@ -425,10 +436,14 @@ class ModelManager:
         if source.is_file():
             pipe = _load_single_file(cls, record, family, kwargs)
         elif source.is_dir():
-            pipe = cls.from_pretrained(source, **kwargs)
+            pipe = cls.from_pretrained(source, use_safetensors=True, **kwargs)
         else:  # a hub id complete in the local cache (checked by record.available)
             pipe = cls.from_pretrained(
-                record.source, cache_dir=hub_cache_dir(), local_files_only=True, **kwargs
+                record.source,
+                cache_dir=hub_cache_dir(),
+                local_files_only=True,
+                use_safetensors=True,
+                **kwargs,
             )
         self._place(pipe)
         pipe.set_progress_bar_config(disable=True)
@@ -470,6 +485,9 @@ def _load_single_file(
     other components load from the config folder.
     """
     config = _config_folder(record, family)
+    # diffusers loads the components a checkpoint lacks from the config folder, with no way
+    # to pass use_safetensors down: refuse pickled weights there first
+    check_safetensors(config)
     try:
         name = family.single_file_component
         if name is None:
@@ -481,7 +499,7 @@ def _load_single_file(
             component = getattr(diffusers, class_name).from_single_file(
                 record.source, config=str(config), subfolder=name, local_files_only=True, **kwargs
             )
-            pipe = cls.from_pretrained(config, **{name: component}, **kwargs)
+            pipe = cls.from_pretrained(config, **{name: component}, use_safetensors=True, **kwargs)
     except Exception as exc:  # diffusers raises many kinds here; all mean "this file won't load"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelNotAvailable(

@@ -27,12 +27,10 @@ from typing import Any
 
 from easel.config import Settings
 from easel.domain import InvalidParams, LoraNotFound, LoraRecord
-from easel.models.catalog import safetensors_header
+from easel.models.catalog import PICKLED_SUFFIXES, safetensors_header
 from easel.models.families import FAMILIES, get_family
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-# pickle-based weight files: loading one may run code, so they are refused
-PICKLED_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 # a down (A) projection of a LoRA in any of the formats diffusers reads: peft (`lora_A`),
 # diffusers' older `lora.down` / `to_k_lora.down`, kohya (`lora_down`)
 _DOWN_KEY = re.compile(r"(lora_A|lora\.down|lora_down)\.weight$")

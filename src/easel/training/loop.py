@@ -97,7 +97,19 @@ class Checkpoints:
 
     def latest(self, stage: str) -> dict | None:
         files = sorted(self.folder.glob(f"{stage}-step*.pt"))
-        return torch.load(files[-1], map_location="cpu", weights_only=False) if files else None
+        if not files:
+            return None
+        try:
+            # weights_only: tensors and plain containers, never arbitrary pickled objects, so a
+            # file planted in the folder cannot run code
+            state: dict = torch.load(files[-1], map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle, zip and torch errors alike: not a checkpoint we wrote
+            raise InvalidParams(
+                f"{files[-1]} is not a checkpoint Easel wrote ({type(exc).__name__}); remove it "
+                "or train into a new --out folder",
+                field="out",
+            ) from None
+        return state
 
     def save(self, stage: str, step: int, state: dict) -> None:
         path = self.folder / f"{stage}-step{step:07d}.pt"

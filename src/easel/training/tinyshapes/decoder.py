@@ -185,7 +185,9 @@ def finetune_decoder(
         )
     # 2. load the VAE, tune it, saving on the clock
     dev = pick_device(device)
-    vae = AutoencoderKL.from_pretrained(vae_dir or pipeline_dir / "vae", torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(
+        vae_dir or pipeline_dir / "vae", torch_dtype=torch.float32, use_safetensors=True
+    )
     vae.to(dev)
     config = BaseConfig(
         seed=seed,

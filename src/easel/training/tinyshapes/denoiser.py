@@ -74,13 +74,16 @@ def tune_denoiser(
     dev = pick_device(device)
     config = with_native_precision(config, dev)
     torch.manual_seed(seed)
-    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).to(dev)
+    # use_safetensors: weights are never unpickled (a pickle can run code)
+    vae = AutoencoderKL.from_pretrained(
+        vae_dir, torch_dtype=torch.float32, use_safetensors=True
+    ).to(dev)
     tokenizer = CLIPTokenizer.from_pretrained(pipeline_dir / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(
-        pipeline_dir / "text_encoder", torch_dtype=torch.float32
+        pipeline_dir / "text_encoder", torch_dtype=torch.float32, use_safetensors=True
     ).to(dev)
     unet = UNet2DConditionModel.from_pretrained(
-        pipeline_dir / "unet", torch_dtype=torch.float32
+        pipeline_dir / "unet", torch_dtype=torch.float32, use_safetensors=True
     ).to(dev)
     for model in (vae, text_encoder):
         model.eval().requires_grad_(False)
