@@ -108,6 +108,24 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         30.0, description="On SIGTERM, seconds to let the running job finish before requeueing it."
     )
+    keep_jobs_days: float = Field(
+        0.0,
+        ge=0,
+        description="Finished jobs older than this many days (by when they finished) are "
+        "deleted with their events and images, rows and files; 0 keeps them forever.",
+    )
+    keep_uploads_days: float = Field(
+        0.0,
+        ge=0,
+        description="Uploaded input images older than this many days are deleted, except those "
+        "a queued or running job uses; 0 keeps them forever.",
+    )
+    prune_every_s: float = Field(
+        3600.0,
+        gt=0,
+        description="How often the server deletes what keep_jobs_days and keep_uploads_days "
+        "no longer keep (also once at start-up).",
+    )
 
     @property
     def db_path(self) -> Path:
