@@ -98,7 +98,9 @@ class ServerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited early; log:\n{self.log_path.read_text()}")
             try:
-                if httpx.get(f"{self.url}/", timeout=2).status_code == 200:
+                # the page, or (once keys exist) the gate sending a browser to sign in
+                page = httpx.get(f"{self.url}/", headers={"Accept": "text/html"}, timeout=2)
+                if page.status_code in (200, 303):
                     return
             except httpx.HTTPError:
                 pass

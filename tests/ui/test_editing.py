@@ -181,7 +181,7 @@ def test_edit_stores_the_picture_and_the_painted_mask_and_follows_the_job(
     gallery, seed, info, html, _, job_id = updates[-1]
     assert "Done: 1 image" in html and job_id is None
     assert len(gallery) == 1 and f"Seed: {seed}" in info
-    (job,) = services.list_jobs(owner="web")
+    (job,) = services.list_jobs()
     assert job.task == "inpaint" and job.params.only_masked is False and job.params.outpaint is None
     # the generator got the picture (alpha dropped, pixels kept) and the stroke as the mask
     inputs = generator.last_inputs
@@ -218,7 +218,7 @@ def test_style_without_a_picture_stores_only_the_reference(
     )  # fmt: skip
 
     assert "Done: 1 image" in updates[-1][3]
-    (job,) = services.list_jobs(owner="web")
+    (job,) = services.list_jobs()
     assert job.task == "style" and job.params.image is None and job.params.mask is None
     assert job.params.style_strength == 0.5 and job.params.mask_blur is None
     assert job.params.style_image is not None

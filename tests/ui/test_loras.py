@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from easel.config import Settings
-from easel.domain import GenerationParams, LoraRecord, TrainProgress, TrainSamples
+from easel.domain import LOCAL, GenerationParams, LoraRecord, TrainProgress, TrainSamples
 from easel.imaging import png_bytes
 from easel.jobs.standin import StandInGenerator
 from easel.services import Services, build_services
@@ -59,6 +59,7 @@ class StandInTrainer:
         job_id: str,
         params: GenerationParams,
         *,
+        owner: str | None,
         on_progress: Callable[[TrainProgress], None],
         on_samples: Callable[[TrainSamples], None],
         is_canceled: Callable[[], bool],
@@ -143,11 +144,11 @@ def test_picker_follows_the_model_family(services: Services) -> None:
         services.loras.path_for(name).parent.mkdir(parents=True, exist_ok=True)
         services.loras.path_for(name).write_bytes(b"weights")
         services.loras.save_record(lora(name, family=family))
-    note, first, second = picker_updates(services, "tiny-shapes", ["hexagon", "ink"])
+    note, first, second = picker_updates(services, "tiny-shapes", ["hexagon", "ink"], LOCAL)
     assert "1 LoRA fits" in note
     assert first["choices"] == [NONE, ("hexagon (sks)", "hexagon")]
     assert first["value"] == "hexagon" and second["value"] == ""  # ink is for sdxl
-    note, first = picker_updates(services, "sdxl-turbo", ["hexagon"])
+    note, first = picker_updates(services, "sdxl-turbo", ["hexagon"], LOCAL)
     assert first["choices"] == [NONE, ("ink (sks)", "ink")] and first["value"] == ""
 
 
@@ -166,7 +167,7 @@ def test_generate_and_edit_send_the_picked_loras(services: Services, tmp_path: P
                              0.5, 4, False, 0, 0, 0, 0, None, None, 0, True, *rows))  # fmt: skip
 
     assert "Done: 1 image" in generated[-1][3] and "Done: 1 image" in edited[-1][3]
-    jobs = services.list_jobs(owner="web")
+    jobs = services.list_jobs()
     assert [job.task for job in jobs] == ["img2img", "txt2img"]
     assert all(job.params.loras == [{"id": "hexagon", "weight": 0.8}] for job in jobs)
 
@@ -238,7 +239,7 @@ def test_train_follows_the_job_to_its_lora(services: Services, tmp_path: Path) -
     assert list(points[points.series == "held-out"].step) == [0, 3]
     assert list(points[points.series == "training"].step)[-1] == 3  # the last step always comes
     assert any("Training: step" in update[0] for update in updates if isinstance(update[0], str))
-    (job,) = services.list_jobs(owner="web")
+    (job,) = services.list_jobs()
     assert job.task == "train_lora" and job.priority == 0
     assert (job.params.dataset, job.params.steps, job.params.rank) == (dataset, 3, 4)
 

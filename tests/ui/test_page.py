@@ -147,6 +147,14 @@ def test_missing_model_shows_the_pull_command(page: Page) -> None:
     expect(page.locator("#size input")).to_have_value("64×64 (1:1)")
 
 
+def test_a_server_without_keys_shows_no_sign_in_line(page: Page) -> None:
+    # the page's load events have run (History's count comes from one, after the account's)
+    page.locator("#tab-history-button").click()
+    expect(page.locator("#history-count")).to_contain_text("image")
+    expect(page.locator("#account")).to_be_hidden()
+    expect(page.locator("#sign-out")).to_have_count(0)
+
+
 def test_phone_width_does_not_break(browser, ui_server: ServerProcess, artifacts: Path) -> None:  # type: ignore[no-untyped-def]
     context = browser.new_context(viewport={"width": 400, "height": 860})
     page = context.new_page()

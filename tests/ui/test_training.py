@@ -112,7 +112,7 @@ def test_train_a_lora_watch_it_learn_then_generate_with_it(
 
     with ui_server.api() as api:
         (job,) = [j for j in jobs(api) if j["task"] == "train_lora"]
-        assert job["status"] == "succeeded" and job["priority"] == 0 and job["owner"] == "web"
+        assert job["status"] == "succeeded" and job["priority"] == 0 and job["owner"] is None
         assert job["params"]["steps"] == STEPS and job["params"]["rank"] == 8
         assert job["params"]["learning_rate"] == 0.001
         lora = api.get("/loras/hexagon").json()

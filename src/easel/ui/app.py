@@ -29,11 +29,19 @@ import gradio as gr
 from fastapi import FastAPI
 from PIL import Image
 
-from easel.domain import OUTPAINT_SIDES, EaselError, GenerationParams, InvalidParams, JobRecord
+from easel.domain import (
+    OUTPAINT_SIDES,
+    EaselError,
+    GenerationParams,
+    InvalidParams,
+    JobRecord,
+    Principal,
+)
 from easel.imaging import png_bytes
 from easel.models.params import MAX_MASK_BLUR
 from easel.services import ModelInfo, Services
 from easel.ui import status
+from easel.ui.access import ANYONE, PrivateImages, acting_for, page_user, signed_in_html
 from easel.ui.editing import (
     EDIT_TASKS,
     MIN_BRUSH,
@@ -48,7 +56,7 @@ from easel.ui.editing import (
     task_note,
 )
 from easel.ui.forms import ModelForm, format_size, model_choices, model_form, parse_size
-from easel.ui.jobs import OWNER, Waiting, follow_job, user_errors, waiting_now
+from easel.ui.jobs import Waiting, follow_job, user_errors, waiting_now
 from easel.ui.loras import LoraPicker, lora_picker, picked_loras, refresh_event, wire_picker
 from easel.ui.training import train_tab, wire_train
 
@@ -69,6 +77,13 @@ CSS = """
   white-space: pre-wrap !important; overflow-wrap: anywhere; }
 #preview img, #edit-preview img { width: 100%; height: 100%; object-fit: contain; }
 img.easel-upscaled { image-rendering: pixelated; }
+#account { position: absolute; top: .6rem; right: 1rem; width: auto; z-index: 1;
+  background: none; border-width: 0; box-shadow: none; }  /* top right, beside the title */
+.easel-account { display: flex; gap: .4rem; align-items: center; font-size: .9rem; }
+.easel-account form { display: inline; margin: 0; }
+.easel-account button { font: inherit; padding: .15rem .6rem; cursor: pointer;
+  border: 1px solid var(--border-color-primary); border-radius: var(--radius-sm);
+  background: var(--button-secondary-background-fill); }
 @media (max-width: 640px) {  /* Gradio's grid keeps >= 100 px columns: too wide for 400 px */
   #history .grid-container, #train-samples .grid-container {
     grid-template-columns: repeat(3, minmax(0, 1fr)); } }
@@ -97,6 +112,7 @@ def build_ui(services: Services) -> gr.Blocks:
     form = ui.first_form()
     with gr.Blocks(title="Easel", analytics_enabled=False, delete_cache=CACHE_CLEANUP) as demo:
         gr.Markdown("# Easel", elem_id="easel-title")
+        account = gr.HTML(visible=False, elem_id="account")  # who is signed in, and Sign out
         with gr.Tabs(elem_id="easel-tabs") as tabs:
             with gr.Tab("Generate", id="generate", elem_id="tab-generate") as generate_tab:
                 with gr.Row(equal_height=False):
@@ -259,6 +275,7 @@ def build_ui(services: Services) -> gr.Blocks:
             [prompt, negative, model, seed, random_seed, count, *form_fields, tabs],
             api_visibility="private",
         )
+        demo.load(ui.account, None, account, api_visibility="private", queue=False)
         demo.load(ui.history, search, history_outputs, api_visibility="private")
         demo.load(ui.model_list, None, model, api_visibility="private")  # pulled since start
 
@@ -331,7 +348,7 @@ def _edit_tab(ui: _Handlers, form: ModelForm) -> _EditTab:
     task's controls on the left, the job's status and results on the right."""
     task = EDIT_TASK
     shown = task_controls(task)
-    strength = default_strength(task, ui.services.model_info(form.model).defaults)
+    strength = default_strength(task, ui.services.model_info(form.model, ANYONE).defaults)
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, min_width=300):
             editor = gr.ImageEditor(
@@ -517,14 +534,19 @@ def _selected(evt: gr.SelectData) -> int:
 
 
 def mount_ui(app: FastAPI, services: Services, path: str = "/") -> FastAPI:
-    """Mount the page on ``app`` at ``path``; call it after the API's routes are added."""
+    """Mount the page on ``app`` at ``path``; call it after the API's routes and its gate
+    (``easel.api.auth``) are added: the page acts for the principal the gate found."""
     images_dir = services.settings.images_dir.resolve()
     images_dir.mkdir(parents=True, exist_ok=True)
+    # Galleries take the stored PNGs (allowed_paths), which Gradio copies into its cache for the
+    # page; its file route must not serve the store itself, where ids would be the only guard.
+    app.add_middleware(PrivateImages, images_dir=images_dir)
     return gr.mount_gradio_app(
         app,
         build_ui(services),
         path=path,
-        allowed_paths=[str(images_dir)],  # the galleries may take the stored PNGs
+        auth_dependency=page_user,  # every Gradio route: the gate's principal, else 401
+        allowed_paths=[str(images_dir)],
         footer_links=["api"],
         run_history=False,  # Easel's History tab is the record; keep nothing in the browser
         css=CSS,
@@ -546,27 +568,33 @@ class _Handlers:
         default = self.services.settings.default_model
         if all(info.record.id != default for info in infos):
             with contextlib.suppress(EaselError):
-                infos.insert(0, self.services.model_info(default))
+                infos.insert(0, self.services.model_info(default, ANYONE))
         return infos
 
     def model_list(self) -> Any:
         return gr.update(choices=model_choices(self.models()))
 
-    def form(self, model_id: str) -> ModelForm:
-        return model_form(self.services.model_info(model_id))
+    def form(self, model_id: str, principal: Principal) -> ModelForm:
+        return model_form(self.services.model_info(model_id, principal))
 
     def first_form(self) -> ModelForm:
         """The form the page opens with: the default model's, else the first catalog model's
         (a mistyped EASEL_DEFAULT_MODEL must not keep the page from loading)."""
         try:
-            return self.form(self.services.settings.default_model)
+            return self.form(self.services.settings.default_model, ANYONE)
         except EaselError:
             return model_form(self.services.list_models()[0])
 
-    def on_model(self, model_id: str) -> tuple[Any, ...]:
+    def on_model(self, model_id: str, request: gr.Request | None = None) -> tuple[Any, ...]:
         """The picked model's size presets, slider ranges and defaults."""
         with user_errors():
-            return _form_updates(self.form(model_id))
+            return _form_updates(self.form(model_id, acting_for(self.services, request)))
+
+    def account(self, request: gr.Request | None = None) -> Any:
+        """The "Signed in as NAME · Sign out" line; hidden on a server without keys."""
+        with user_errors():
+            line = signed_in_html(acting_for(self.services, request))
+        return gr.update(value=line, visible=bool(line))
 
     # --- generate -------------------------------------------------------------------------------
 
@@ -591,6 +619,7 @@ class _Handlers:
         lora_weight_3: float | None = 1.0,
         lora_4: str | None = None,
         lora_weight_4: float | None = 1.0,
+        request: gr.Request | None = None,
     ) -> AsyncIterator[tuple[Any, ...]]:
         """Submit a job and follow it: yields (gallery, seed, info, status, preview, job id).
 
@@ -599,6 +628,7 @@ class _Handlers:
         """
         # 1. check the request and queue it (a bad field is an error naming it)
         with user_errors("Cannot generate"):
+            principal = acting_for(self.services, request)
             width, height = parse_size(size) if size else (None, None)
             params = GenerationParams(
                 prompt=prompt,
@@ -617,12 +647,14 @@ class _Handlers:
                     [lora_weight_1, lora_weight_2, lora_weight_3, lora_weight_4],
                 ),
             )
-            job = await asyncio.to_thread(self.services.submit_job, params, owner=OWNER)
+            job = await asyncio.to_thread(self.services.submit_job, params, principal=principal)
         # 2. follow it until it ends
-        async for update in self._show_job(job, failed_title="Generation failed"):
+        async for update in self._show_job(job, principal, failed_title="Generation failed"):
             yield update
 
-    async def _show_job(self, job: JobRecord, failed_title: str) -> AsyncIterator[tuple[Any, ...]]:
+    async def _show_job(
+        self, job: JobRecord, principal: Principal, failed_title: str
+    ) -> AsyncIterator[tuple[Any, ...]]:
         """Follow a submitted job for the page (Generate and Edit alike): yields (gallery, seed,
         info, status, preview, job id), ending with a complete update; a failed job ends with
         an error pop-up titled ``failed_title``."""
@@ -653,23 +685,26 @@ class _Handlers:
                 raise gr.Error(event.data["error"], title=failed_title)
             elif event.type == "succeeded":
                 # 3. show the stored images with their parameters
-                done = await asyncio.to_thread(self.services.get_job, job.id)
-                items, info = await asyncio.to_thread(self._results, done)
+                done = await asyncio.to_thread(self.services.get_job, job.id, principal)
+                items, info = await asyncio.to_thread(self._results, done, principal)
                 html = status.done_html(len(items), event.data.get("seconds"))
                 yield items, job.params.seed, info, html, no_preview, None
 
-    def cancel(self, job_id: str | None) -> None:
+    def cancel(self, job_id: str | None, request: gr.Request | None = None) -> None:
         """Cancel this page's job: a queued one never starts, a running one stops at its next
         step; the generate handler shows the outcome when the job's event arrives."""
         if job_id:
-            self.services.cancel_job(job_id)
+            with user_errors("Cannot cancel"):
+                self.services.cancel_job(job_id, acting_for(self.services, request))
 
-    def _results(self, job: JobRecord) -> tuple[list[tuple[str, str]], str]:
+    def _results(self, job: JobRecord, principal: Principal) -> tuple[list[tuple[str, str]], str]:
         """Gallery items (stored PNG, caption) and the parameters of the first image."""
-        items = [(str(self.services.image_path(i.id)), f"seed {i.seed}") for i in job.images]
+        path = self.services.image_path
+        items = [(str(path(i.id, principal)), f"seed {i.seed}") for i in job.images]
         if not job.images:
             return items, ""
-        info = self.services.read_image_info(self.services.image_bytes(job.images[0].id))
+        png = self.services.image_bytes(job.images[0].id, principal)
+        info = self.services.read_image_info(png)
         seeds = ", ".join(str(i.seed) for i in job.images)
         return items, f"**Seeds:** {seeds}\n\n```text\n{info['parameters']}\n```"
 
@@ -701,10 +736,12 @@ class _Handlers:
         lora_weight_3: float | None = 1.0,
         lora_4: str | None = None,
         lora_weight_4: float | None = 1.0,
+        request: gr.Request | None = None,
     ) -> AsyncIterator[tuple[Any, ...]]:
         """Store the inputs, submit the edit and follow it: yields what ``generate`` yields."""
         # 1. check the request, store its input images by id and queue it
         with user_errors("Cannot edit"):
+            principal = acting_for(self.services, request)
             form = EditForm(
                 task=task,
                 prompt=prompt,
@@ -724,14 +761,20 @@ class _Handlers:
                     [lora_weight_1, lora_weight_2, lora_weight_3, lora_weight_4],
                 ),
             )
-            params = await asyncio.to_thread(self._edit_params, form, editor, style_image)
-            job = await asyncio.to_thread(self.services.submit_job, params, owner=OWNER)
+            params = await asyncio.to_thread(
+                self._edit_params, form, editor, style_image, principal
+            )
+            job = await asyncio.to_thread(self.services.submit_job, params, principal=principal)
         # 2. follow it until it ends
-        async for update in self._show_job(job, failed_title="Edit failed"):
+        async for update in self._show_job(job, principal, failed_title="Edit failed"):
             yield update
 
     def _edit_params(
-        self, form: EditForm, editor: dict[str, Any] | None, style_path: str | None
+        self,
+        form: EditForm,
+        editor: dict[str, Any] | None,
+        style_path: str | None,
+        principal: Principal,
     ) -> GenerationParams:
         """The job's request: the editor's picture (and, for inpaint, the mask painted on it)
         and the style reference stored through ``upload_image`` and named by id."""
@@ -748,18 +791,24 @@ class _Handlers:
             images["image"] = opaque(background)
             if "mask" in spec.image_fields:  # checked before anything is stored
                 images["mask"] = mask_from_layers(background.size, editor.get("layers") or [])
-        ids = {name: self.services.upload_image(png_bytes(im)).id for name, im in images.items()}
+        upload = self.services.upload_image
+        ids = {name: upload(png_bytes(im), principal).id for name, im in images.items()}
         if "style_image" in spec.image_fields and style_path:
             data = Path(style_path).read_bytes()
-            ids["style_image"] = self.services.upload_image(data).id
+            ids["style_image"] = upload(data, principal).id
         return form.params(ids)
 
-    def on_edit_task(self, task: str, model_id: str | None) -> tuple[Any, ...]:
+    def on_edit_task(
+        self, task: str, model_id: str | None, request: gr.Request | None = None
+    ) -> tuple[Any, ...]:
         """Show the controls the task uses, with its default strength: updates for (task note,
         strength, mask blur, only masked, outpaint sides, style image, style strength)."""
         with user_errors():
             shown = task_controls(task)
-            info = self.services.model_info(model_id or self.services.settings.default_model)
+            info = self.services.model_info(
+                model_id or self.services.settings.default_model,
+                acting_for(self.services, request),
+            )
         return (
             task_note(task),
             gr.update(visible=shown["strength"], value=default_strength(task, info.defaults)),
@@ -770,10 +819,12 @@ class _Handlers:
             gr.update(visible=shown["style_strength"]),
         )
 
-    def on_edit_model(self, model_id: str, task: str) -> tuple[Any, ...]:
+    def on_edit_model(
+        self, model_id: str, task: str, request: gr.Request | None = None
+    ) -> tuple[Any, ...]:
         """The picked model's note, whether Edit can run, and its strength for the task."""
         with user_errors():
-            info = self.services.model_info(model_id)
+            info = self.services.model_info(model_id, acting_for(self.services, request))
         form = model_form(info)
         return (
             form.note,
@@ -820,25 +871,35 @@ class _Handlers:
 
     # --- history --------------------------------------------------------------------------------
 
-    def history(self, query: str | None) -> tuple[list[tuple[str, str]], list[str], str]:
-        """Stored images newest first (optionally only prompts containing ``query``)."""
+    def history(
+        self, query: str | None, request: gr.Request | None = None
+    ) -> tuple[list[tuple[str, str]], list[str], str]:
+        """The signed-in key's stored images (an admin key's: everyone's), newest first,
+        optionally only prompts containing ``query``."""
+        with user_errors():
+            principal = acting_for(self.services, request)
         # what jobs made; an edit's uploaded inputs and masks are no pictures to browse
-        records = self.services.list_images(query or None, limit=HISTORY_LIMIT, kind="generated")
+        records = self.services.list_images(
+            query or None, limit=HISTORY_LIMIT, kind="generated", principal=principal
+        )
         items, ids = [], []
         for record in records:
             with contextlib.suppress(EaselError):  # a file deleted by hand: leave it out
-                items.append((str(self.services.image_path(record.id)), _caption(record.prompt)))
+                path = self.services.image_path(record.id, principal)
+                items.append((str(path), _caption(record.prompt)))
                 ids.append(record.id)
         found = f"{len(ids)} image{'s' if len(ids) != 1 else ''}"
         if query:
             found += f" matching “{query}”"
         return items, ids, found
 
-    def pick(self, ids: list[str], evt: gr.SelectData) -> tuple[Any, ...]:
+    def pick(
+        self, ids: list[str], evt: gr.SelectData, request: gr.Request | None = None
+    ) -> tuple[Any, ...]:
         """Parameters of the clicked History image, and its file for Send to Edit: updates for
         (info, parameters, Reuse, path, Send to Edit)."""
         with user_errors():
-            path = self.services.image_path(ids[evt.index])
+            path = self.services.image_path(ids[evt.index], acting_for(self.services, request))
             png = path.read_bytes()
         return *self._describe(png), str(path), gr.update(interactive=True)
 
@@ -864,13 +925,13 @@ class _Handlers:
             shown += "\n\nOnly the A1111 text is present; Reuse needs Easel's parameters."
         return shown, params, gr.update(interactive=params is not None)
 
-    def reuse(self, params: dict | None) -> tuple[Any, ...]:
+    def reuse(self, params: dict | None, request: gr.Request | None = None) -> tuple[Any, ...]:
         """Fill the Generate form with an image's parameters (its own seed, fixed) and open it."""
         if not params:
             raise gr.Error("Pick an image first.")
         model = params.get("model") or self.services.settings.default_model
         with user_errors("Cannot reuse"):
-            form = self.form(model)
+            form = self.form(model, acting_for(self.services, request))
         size = format_size(int(params["width"]), int(params["height"]))
         preset = next((s for s in form.sizes if s.split()[0] == size.split()[0]), None)
         sizes = form.sizes if preset else [size, *form.sizes]

@@ -2,7 +2,7 @@
 EaselError as a pop-up. Generate, Edit and Train submit through ``services`` and then read
 :func:`follow_job` alike; each tab decides what a ``progress`` or ``succeeded`` event shows.
 
-    job = services.submit_job(params, owner=OWNER)
+    job = services.submit_job(params, principal=acting_for(services, request))  # ui.access
     async for update in follow_job(services, job.id):
         if isinstance(update, Waiting):
             ...  # update.html: its place in the queue and the ETA, refreshed while it waits
@@ -26,7 +26,6 @@ from easel.ui import status
 
 # While a job waits no event of its own arrives, yet its position moves: refresh this often.
 REFRESH_S = 0.5
-OWNER = "web"  # jobs submitted from the page
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,10 @@ from typing import Any
 
 import gradio as gr
 
-from easel.domain import EaselError, LoraRecord
+from easel.domain import EaselError, LoraRecord, Principal
 from easel.services import Services
+from easel.ui.access import ANYONE, acting_for
+from easel.ui.jobs import user_errors
 
 MAX_PICKED = 4  # LoRAs one request may take from the picker (the queue allows more)
 WEIGHT_RANGE = (-2.0, 2.0)  # the sliders' range (the queue accepts -4..4)
@@ -98,8 +100,9 @@ class LoraPicker:
 
 
 def lora_picker(services: Services, model_id: str, prefix: str = "") -> LoraPicker:
-    """Lay the picker out (inside a column): the LoRAs fitting ``model_id``'s family."""
-    choices, note = _choices(services, model_id)
+    """Lay the picker out (inside a column): the LoRAs fitting ``model_id``'s family that
+    belong to no key (each visitor's own are added when the page loads)."""
+    choices, note = _choices(services, model_id, ANYONE)
     rows, names, weights = [], [], []
     with gr.Accordion("LoRAs", open=False, elem_id=f"{prefix}loras") as accordion:
         with gr.Row(equal_height=False):
@@ -151,28 +154,34 @@ def refresh_event(
     services: Services, picker: LoraPicker, model: gr.Dropdown
 ) -> tuple[Callable[..., tuple[Any, ...]], list[Any], list[Any]]:
     """``(fn, inputs, outputs)`` that re-read the LoRA folder into ``picker`` for ``model``'s
-    family: for Refresh, a model change, and events wired elsewhere (a tab shown, a LoRA
-    trained)."""
+    family, offering the LoRAs the signed-in key may use: for Refresh, a model change, and
+    events wired elsewhere (a tab shown, a LoRA trained)."""
 
-    def refresh(model_id: str | None, *names: str | None) -> tuple[Any, ...]:
-        return picker_updates(services, model_id, names)
+    # (the request first: Gradio passes it only to parameters before ``*names``)
+    def refresh(request: gr.Request, model_id: str | None, *names: str | None) -> tuple[Any, ...]:
+        with user_errors():
+            principal = acting_for(services, request)
+        return picker_updates(services, model_id, names, principal)
 
     return refresh, [model, *picker.names], [picker.note, *picker.names]
 
 
 def picker_updates(
-    services: Services, model_id: str | None, names: Sequence[str | None]
+    services: Services, model_id: str | None, names: Sequence[str | None], principal: Principal
 ) -> tuple[Any, ...]:
-    """Updates for (note, each row's dropdown): the LoRAs fitting the model's family now,
-    each row keeping its pick while it still fits."""
-    choices, note = _choices(services, model_id)
+    """Updates for (note, each row's dropdown): the LoRAs fitting the model's family that
+    ``principal`` may use now, each row keeping its pick while it still fits."""
+    choices, note = _choices(services, model_id, principal)
     return note, *(gr.update(choices=choices, value=kept(n, choices)) for n in names)
 
 
-def _choices(services: Services, model_id: str | None) -> tuple[list[tuple[str, str]], str]:
+def _choices(
+    services: Services, model_id: str | None, principal: Principal
+) -> tuple[list[tuple[str, str]], str]:
     try:
-        family = services.model_info(model_id or services.settings.default_model).record.family
+        info = services.model_info(model_id or services.settings.default_model, principal)
     except EaselError:  # a model the catalog lost: nothing fits it
         return [NONE], "Pick a model to see the LoRAs that fit it."
-    choices = lora_choices(services.list_loras(), family)
+    family = info.record.family
+    choices = lora_choices(services.list_loras(principal), family)
     return choices, picker_note(choices, family)

@@ -23,11 +23,12 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from easel.domain import GenerationParams, InvalidParams
+from easel.domain import GenerationParams, InvalidParams, Principal
 from easel.services import ModelInfo, Services
 from easel.ui import status
+from easel.ui.access import acting_for
 from easel.ui.forms import model_choices
-from easel.ui.jobs import OWNER, Waiting, follow_job, user_errors, waiting_now
+from easel.ui.jobs import Waiting, follow_job, user_errors, waiting_now
 
 # The trainer's defaults (easel.training.lora_config.LoraConfig; the UI may not import
 # easel.training), shown in the form. A test checks that they agree.
@@ -224,17 +225,22 @@ class TrainHandlers:
     def model_list(self) -> Any:
         return gr.update(choices=model_choices(trainable(self.services.list_models())))
 
-    def store_dataset(self, paths: list[str] | None) -> tuple[str | None, str]:
-        """Check and store the uploaded files as a dataset: (its id, the summary line); a
-        refused upload gives (None, the reason) and a pop-up, and nothing is stored."""
+    def store_dataset(
+        self, paths: list[str] | None, request: gr.Request | None = None
+    ) -> tuple[str | None, str]:
+        """Check and store the uploaded files as the signed-in key's dataset: (its id, the
+        summary line); a refused upload gives (None, the reason) and a pop-up, and nothing is
+        stored."""
         if not paths:
             return None, status.note_html(DATASET_HINT)
         files = [(Path(p).name, Path(p).read_bytes()) for p in paths]
-        try:
-            record = self.services.create_dataset(files)
-        except InvalidParams as exc:
-            gr.Warning(exc.message, title="Dataset refused")
-            return None, status.refused_html(exc.message)
+        with user_errors("Dataset refused"):  # a revoked key, one without the train scope
+            principal = acting_for(self.services, request)
+            try:
+                record = self.services.create_dataset(files, principal=principal)
+            except InvalidParams as exc:  # the files: say why, and keep the page as it is
+                gr.Warning(exc.message, title="Dataset refused")
+                return None, status.refused_html(exc.message)
         return record.id, status.dataset_html(record.images, record.captions)
 
     async def train(
@@ -246,11 +252,13 @@ class TrainHandlers:
         steps: float | None = DEFAULT_STEPS,
         rank: float | None = DEFAULT_RANK,
         learning_rate: float | None = DEFAULT_LEARNING_RATE,
+        request: gr.Request | None = None,
     ) -> AsyncIterator[tuple[Any, ...]]:
         """Submit a ``train_lora`` job and follow it: yields (status, loss chart, samples,
         result, job id); the last update is complete."""
         # 1. check the request and queue it (a bad field is an error naming it)
         with user_errors("Cannot train"):
+            principal = acting_for(self.services, request)
             if not dataset:
                 raise InvalidParams(
                     "dataset: upload one first (a .zip, or images with their .txt captions)",
@@ -267,7 +275,7 @@ class TrainHandlers:
                 rank=None if rank is None else int(rank),
                 learning_rate=learning_rate,
             )
-            job = await asyncio.to_thread(self.services.submit_job, params, owner=OWNER)
+            job = await asyncio.to_thread(self.services.submit_job, params, principal=principal)
         # 2. follow it: the loss chart and the samples grow as the events come
         run, skip = TrainRun(), gr.skip()
         waiting = await waiting_now(self.services, job.id)
@@ -281,7 +289,8 @@ class TrainHandlers:
                 step = event.data["step"]
                 if event.data.get("heldout_loss") is not None:
                     run.add_loss(step, event.data["heldout_loss"], "held-out")
-                items = [(self._path(s["id"]), s["prompt"]) for s in event.data["samples"]]
+                samples = event.data["samples"]
+                items = [(self._path(s["id"], principal), s["prompt"]) for s in samples]
                 run.add_samples(step, items)
                 yield skip, run.chart(), run.samples, skip, skip
             elif event.type == "progress":
@@ -304,13 +313,14 @@ class TrainHandlers:
                 note = made_note(lora["id"], job.params.trigger, job.model)
                 yield html, run.chart(), run.samples, note, None
 
-    def cancel(self, job_id: str | None) -> None:
+    def cancel(self, job_id: str | None, request: gr.Request | None = None) -> None:
         """Cancel this page's training job: it stops at its next step (keeping a checkpoint)."""
         if job_id:
-            self.services.cancel_job(job_id)
+            with user_errors("Cannot cancel"):
+                self.services.cancel_job(job_id, acting_for(self.services, request))
 
-    def _path(self, image_id: str) -> str:
-        return str(self.services.image_path(image_id))
+    def _path(self, image_id: str, principal: Principal) -> str:
+        return str(self.services.image_path(image_id, principal))
 
 
 def made_note(lora: str, trigger: str | None, model: str) -> str:
