@@ -6,6 +6,7 @@
     easel generate "a red circle" --lora ink:0.8 --lora paper
     easel loras list [--json] | add FILE [--name N] [--family F] [--base-model M]
     easel keys create NAME [--scope generate|train|admin]... | list [--json] | revoke NAME
+    easel backup /backups/easel-2025-06-01      # database, images, LoRAs, datasets
 
 Every user error (an EaselError, a bad argument, an unreadable file) ends as one line on stderr
 and exit code 2, never a traceback. torch is imported only by the commands that generate or
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from easel.api.server import register as register_serve
+from easel.backup import backup
 from easel.config import Settings
 from easel.domain import (
     IMAGE_FIELDS,
@@ -179,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     keys_revoke = keys_commands.add_parser("revoke", help="stop a key working, at once")
     keys_revoke.add_argument("name")
     keys_revoke.set_defaults(func=cmd_keys_revoke)
+
+    backup = commands.add_parser(
+        "backup", help="copy EASEL_HOME consistently, also while the server runs"
+    )
+    backup.add_argument("path", type=Path, help="a new or empty folder outside EASEL_HOME")
+    backup.set_defaults(func=cmd_backup)
 
     for register in EXTRA_COMMANDS:
         register(commands)
@@ -472,9 +480,16 @@ def cmd_keys_create(args: argparse.Namespace) -> None:
 
 
 def cmd_keys_list(args: argparse.Namespace) -> None:
-    records = _key_store().list(revoked=args.revoked)
+    store = _key_store()
+    records = store.list(revoked=args.revoked)
     if args.json:
         print(json.dumps([asdict(r) for r in records], indent=2, default=str))
+        return
+    if not records and store.any_made():
+        print(
+            "no active keys: the server refuses every request but health (revoked keys still "
+            "count); make one with `easel keys create`"
+        )
         return
     if not records:
         print("no keys: the server answers anyone on loopback; make one with `easel keys create`")
@@ -499,3 +514,30 @@ def cmd_models_pull(args: argparse.Namespace) -> None:
     _quiet_libraries()
     folder = pull(ModelCatalog(Settings()), args.id, progress=True)
     print(f"{args.id} is ready in {folder}")
+
+
+# --- backup -------------------------------------------------------------------------------------
+
+
+def cmd_backup(args: argparse.Namespace) -> None:
+    summary = backup(Settings(), args.path)
+    counts = [
+        _plural(summary.jobs, "job"),
+        _plural(summary.images, "image"),
+        _plural(summary.lora_files, "LoRA file"),
+        _plural(summary.datasets, "dataset"),
+    ]
+    print(
+        f"backed up {', '.join(counts)} to {summary.target} ({summary.bytes} bytes); "
+        f"restore with EASEL_HOME={summary.target}"
+    )
+    if summary.left_out:
+        print(
+            f"note: {summary.left_out} images were deleted while copying (pruned or "
+            "discarded); the copy leaves them out",
+            file=sys.stderr,
+        )
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"

@@ -6,6 +6,7 @@ Nothing here imports torch or diffusers; images travel as PIL images or PNG byte
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import datetime
@@ -166,6 +167,26 @@ class QuotaExceeded(EaselError):
     def __init__(self, message: str, *, retry_after_s: int, field: str | None = None) -> None:
         super().__init__(message, field=field)
         self.retry_after_s = retry_after_s
+
+
+# C0 control characters but tab, newline and carriage return, DEL, and UTF-16 surrogates
+# (which JSON's "\ud800" escapes can smuggle in, and no UTF-8 store can hold alone)
+_BAD_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+
+
+def check_text(value: object, field: str) -> None:
+    """Refuse text the system cannot hold or show: a lone surrogate, NUL or another control
+    character (InvalidParams naming the field and the character's position). Every way in
+    (API, UI, CLI, the drop-in protocols) reaches this through ``Services``."""
+    if not isinstance(value, str):
+        return
+    bad = _BAD_TEXT.search(value)
+    if bad is not None:
+        raise InvalidParams(
+            f"{field} holds U+{ord(bad.group()):04X} at character {bad.start()}: text may not "
+            "contain control characters (other than tab and newline) or unpaired surrogates",
+            field=field,
+        )
 
 
 class Canceled(Exception):  # noqa: N818 - a control-flow signal, not an error to report

@@ -21,7 +21,7 @@ import re
 import threading
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -47,13 +47,15 @@ from easel.domain import (
     ModelRecord,
     Principal,
     Unauthorized,
+    check_text,
 )
-from easel.imaging import decode_image, pixel_hash, png_bytes
+from easel.imaging import check_structure, decode_image, pixel_hash, png_bytes
 from easel.jobs.db import Database
 from easel.jobs.events import EventBus, JobEvent
 from easel.jobs.images import DiskImageStore, ImageNotFound
 from easel.jobs.keys import KeyStore, RateLimiter
 from easel.jobs.queue import QueueSummary, SqliteJobQueue, utcnow
+from easel.jobs.retention import Pruner, RetentionPolicy
 from easel.jobs.worker import Generator, Trainer, Worker
 from easel.models.catalog import ModelCatalog
 from easel.models.families import Family, get_family
@@ -106,6 +108,7 @@ class Services:
     model_managers: list[LoadedModels] = field(default_factory=list)
     wakeup: threading.Event = field(default_factory=threading.Event)
     limiter: RateLimiter = field(default_factory=RateLimiter)
+    pruner: Pruner | None = None  # None: keep everything (settings.keep_*_days are 0)
     _home_lock: IO[str] | None = field(default=None, init=False, repr=False)
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -126,10 +129,14 @@ class Services:
                     self.events.publish(job.id, "requeued", {"reason": "server restarted"})
         for worker in self.workers:
             worker.start()
+        if self.pruner is not None:
+            self.pruner.start()
 
     def stop(self) -> None:
         """Drain: no new claims; running jobs get ``drain_timeout_s`` to finish, then go back to
         the queue. Closes the database."""
+        if self.pruner is not None:
+            self.pruner.stop()  # first: it ends between batches, before the database closes
         threads = [
             threading.Thread(target=w.stop, args=(self.settings.drain_timeout_s,))
             for w in self.workers
@@ -166,8 +173,9 @@ class Services:
     # --- keys and who asks ----------------------------------------------------------------------
 
     def keys_required(self) -> bool:
-        """True once an active API key exists: then every request but health needs one."""
-        return self.keys.any_active()
+        """True once an API key was made (revoked ones count: revoking the last key must not
+        turn the server keyless, open to anyone): then every request but health needs one."""
+        return self.keys.any_made()
 
     def keyless_principal(self) -> Principal:
         """Who a request acts for on a server without keys: the local user, who may name model
@@ -191,11 +199,14 @@ class Services:
             )
         return self._admit(record)
 
-    def session_principal(self, token: str | None) -> Principal | None:
-        """The principal of a web UI session cookie (counted against its key's rate), or None
-        when the token is not a live session of an active key."""
+    def session_principal(self, token: str | None, *, count: bool = True) -> Principal | None:
+        """The principal of a web UI session cookie, or None when the token is not a live
+        session of an active key. ``count``: the request counts against the key's rate (the
+        page's own scripts, styles and heartbeats do not: one page load is ~120 of them)."""
         record = self.keys.session_key(token) if token else None
-        return self._admit(record) if record is not None else None
+        if record is None:
+            return None
+        return self._admit(record) if count else record.principal()
 
     def principal_for(self, key_id: str) -> Principal:
         """The principal of an authenticated key id (the web UI's user name); the keyless one
@@ -272,8 +283,10 @@ class Services:
         )
         self._check_limits(params, priority)
         # 2. resolve defaults and check every field against the model's family
+        name = params.model or self.settings.default_model
+        # the owner's default model may be a path; a request may name one only when trusted
         record = self.catalog.get(
-            params.model or self.settings.default_model, paths=principal.may_name_paths
+            name, paths=principal.may_name_paths or name == self.settings.default_model
         )
         if not record.available:
             raise ModelNotAvailable(
@@ -293,6 +306,8 @@ class Services:
         with self.db.transaction():
             if TASK_SPECS[resolved.task].kind == "train":
                 self._check_lora_name_free(resolved)  # in the transaction: no second claimant
+            if sizes:  # again under the write lock: the pruner may have deleted one since
+                self._input_sizes(resolved, principal)
             job = self.queue.submit(
                 resolved,
                 priority=priority,
@@ -367,7 +382,16 @@ class Services:
         principal: Principal = LOCAL,
     ) -> list[ImageRecord]:
         """The stored images ``principal`` sees, newest first; ``query`` filters by prompt
-        text (any case), ``kind`` ("generated" or "upload") by origin."""
+        text (any case; at most ``max_prompt_chars``), ``kind`` ("generated" or "upload") by
+        origin."""
+        if query is not None:
+            check_text(query, "q")
+            if len(query) > self.settings.max_prompt_chars:
+                raise InvalidParams(
+                    f"q must be at most {self.settings.max_prompt_chars} characters "
+                    f"(got {len(query)})",
+                    field="q",
+                )
         return self.images.list(query, limit, kind, owner=principal.owner_filter)
 
     def upload_image(self, data: bytes, principal: Principal = LOCAL) -> ImageRecord:
@@ -406,9 +430,11 @@ class Services:
 
     def read_image_info(self, png: bytes) -> dict[str, Any]:
         """Generation parameters stored in a PNG: ``{"parameters": A1111 text, "easel": dict}``
-        (either may be None); raises InvalidParams(field="image") for a non-image."""
+        (either may be None); raises InvalidParams(field="image") for a non-image, or one
+        that fails the upload checks (a bomb, a truncated file, megabytes of metadata)."""
         from easel.engine.metadata import read_metadata  # PIL only
 
+        check_structure(png, "image", self.settings.max_upload_pixels)
         return read_metadata(png)
 
     # --- datasets -------------------------------------------------------------------------------
@@ -559,6 +585,11 @@ class Services:
         return sizes
 
     def _check_limits(self, params: GenerationParams, priority: int) -> None:
+        for item in fields(params):
+            check_text(getattr(params, item.name), item.name)
+        for index, lora in enumerate(params.loras or []):
+            if isinstance(lora, dict):
+                check_text(lora.get("id"), f"loras[{index}].id")
         limit = self.settings.max_prompt_chars
         for name in ("prompt", "negative_prompt"):
             text = getattr(params, name)
@@ -668,6 +699,7 @@ def build_services(settings: Settings, *, generator: Generator | None = None) ->
         generators = _engines(settings, catalog, loras, managers)
     else:
         generators = [("cpu", generator)] * max(settings.cpu_workers, 1)
+    policy = RetentionPolicy(settings.keep_jobs_days, settings.keep_uploads_days)
     workers = [
         Worker(
             f"{device}-{i}",
@@ -694,6 +726,9 @@ def build_services(settings: Settings, *, generator: Generator | None = None) ->
         keys=KeyStore(db),
         model_managers=managers,
         wakeup=wakeup,
+        pruner=Pruner(db, settings.images_dir, policy, settings.prune_every_s)
+        if policy.active
+        else None,
     )
 
 

@@ -45,11 +45,11 @@ def allowed_hosts(services: Services) -> frozenset[str] | None:
     cannot send those), the bound address and ``settings.allowed_hosts``; None: any (bound to
     every interface with no list set, which needs keys)."""
     settings = services.settings
-    if settings.allowed_hosts:
-        return LOOPBACK_NAMES | {h.lower() for h in settings.allowed_hosts}
-    if settings.host in WILDCARD_HOSTS:
+    wildcard = settings.host in WILDCARD_HOSTS
+    if wildcard and not settings.allowed_hosts:
         return None
-    return LOOPBACK_NAMES | {settings.host.strip("[]").lower()}
+    names = LOOPBACK_NAMES | {h.lower() for h in settings.allowed_hosts}
+    return names if wildcard else names | {settings.host.strip("[]").lower()}
 
 
 def host_name(value: str) -> str:
@@ -149,7 +149,9 @@ class AuthGate:
         try:
             if key is not None or token is None:
                 return await asyncio.to_thread(self.services.authenticate, key)
-            principal = await asyncio.to_thread(self.services.session_principal, token)
+            # what the page does counts against the key's rate; loading the page does not
+            count = method not in SAFE_METHODS or path.startswith(API_PREFIXES)
+            principal = await asyncio.to_thread(self.services.session_principal, token, count=count)
         except QuotaExceeded as exc:
             return error(
                 429, "QuotaExceeded", exc.message, **{"Retry-After": str(exc.retry_after_s)}
@@ -267,9 +269,54 @@ def logout(request: Request) -> Response:
     return response
 
 
+def document_auth(app: FastAPI) -> None:
+    """State the gate in the OpenAPI schema: a bearer key on every operation but health, and
+    the answers the gate may give (401, 429; 403 on state-changing ones), so clients, the
+    docs' Authorize button and schema fuzzers know them."""
+    original = app.openapi
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = original()
+        schema.setdefault("components", {}).setdefault("securitySchemes", {})["apiKey"] = {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An API key from `easel keys create` (needed once a key exists; "
+            "HTTP Basic with the key as the password works too)",
+        }
+        for path, operations in schema["paths"].items():
+            if path in PUBLIC_PATHS:
+                continue
+            for method, operation in operations.items():
+                # or none: a server without keys answers without one
+                operation["security"] = [{"apiKey": []}, {}]
+                answers = operation.setdefault("responses", {})
+                answers.setdefault(
+                    "401", {"description": "No key, or an unknown or revoked one", "content": error}
+                )
+                answers.setdefault(
+                    "429",
+                    {
+                        "description": "The key's rate or job quota; see Retry-After",
+                        "content": error,
+                    },
+                )
+                if method.upper() not in SAFE_METHODS:
+                    answers.setdefault(
+                        "403",
+                        {"description": "Missing scope, or another web origin", "content": error},
+                    )
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install_auth(app: FastAPI, services: Services) -> None:
-    """The gate (outermost but CORS) and the sign-in routes."""
+    """The gate (outermost but CORS), the sign-in routes, and the gate in the OpenAPI schema."""
     app.include_router(router)
+    document_auth(app)
     app.add_middleware(AuthGate, services=services)
     if services.settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -281,12 +328,3 @@ def install_auth(app: FastAPI, services: Services) -> None:
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
             expose_headers=["Retry-After", "Location"],
         )
-
-
-def ui_user(request: Request) -> str | None:
-    """The web UI's user for Gradio (``auth_dependency``): the key id the gate found, or
-    "local" on a server without keys."""
-    principal: Any = request.scope.get("state", {}).get("principal")
-    if not isinstance(principal, Principal):
-        return None
-    return principal.key_id or principal.name

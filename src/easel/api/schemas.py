@@ -18,6 +18,9 @@ from easel.domain import (
 from easel.jobs.queue import QueueSummary
 from easel.services import ModelInfo
 
+MAX_ID_CHARS = 64  # image and dataset ids are 32 hex digits (a generated image's: + "-N")
+MAX_NAME_CHARS = 1024  # a model id, or a path from an admin key
+
 
 def image_url(image_id: str) -> str:
     return f"/api/v1/images/{image_id}"
@@ -28,7 +31,7 @@ class LoraUse(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(description="The LoRA's name.")
+    id: str = Field(max_length=64, description="The LoRA's name.")
     weight: float = Field(1.0, description="Its strength, -4..4 (0: no effect).")
 
 
@@ -50,7 +53,11 @@ class JobCreate(BaseModel):
         "optional image, style_strength, strength); train_lora (dataset, name, trigger, "
         "steps, rank, learning_rate).",
     )
-    model: str | None = Field(None, description="Catalog id or local path; default: the server's.")
+    model: str | None = Field(
+        None,
+        max_length=MAX_NAME_CHARS,
+        description="Catalog id (a local path or hub id: admin keys only); default: the server's.",
+    )
     prompt: str = Field("", description="Required for every task but train_lora.")
     negative_prompt: str = ""
     num_inference_steps: int | None = Field(
@@ -67,10 +74,14 @@ class JobCreate(BaseModel):
     height: int | None = None
     seed: int | None = Field(None, description="Random when omitted; image i uses seed + i.")
     num_images: int = 1
-    scheduler: str | None = None
-    image: str | None = Field(None, description="Input image id (POST /api/v1/images).")
+    scheduler: str | None = Field(None, max_length=64)
+    image: str | None = Field(
+        None, max_length=MAX_ID_CHARS, description="Input image id (POST /api/v1/images)."
+    )
     mask: str | None = Field(
-        None, description="Mask image id, the image's size: white (or alpha 0) = repaint."
+        None,
+        max_length=MAX_ID_CHARS,
+        description="Mask image id, the image's size: white (or alpha 0) = repaint.",
     )
     strength: float | None = Field(
         None, description="How much of the input is redrawn (0 < x <= 1). Default per task."
@@ -87,7 +98,9 @@ class JobCreate(BaseModel):
         None,
         description='Pixels to add on each side: {"left", "top", "right", "bottom"}.',
     )
-    style_image: str | None = Field(None, description="Reference image id whose look to take.")
+    style_image: str | None = Field(
+        None, max_length=MAX_ID_CHARS, description="Reference image id whose look to take."
+    )
     style_strength: float | None = Field(
         None, description="How much of the reference's colours (0..1; default 1)."
     )
@@ -97,15 +110,20 @@ class JobCreate(BaseModel):
         'family): [{"id": NAME, "weight": 0.8}].',
     )
     dataset: str | None = Field(
-        None, description="train_lora: a dataset id (POST /api/v1/datasets)."
+        None,
+        max_length=MAX_ID_CHARS,
+        description="train_lora: a dataset id (POST /api/v1/datasets).",
     )
     name: str | None = Field(
         None,
+        max_length=64,
         description="train_lora: the LoRA's name (letters, digits, . _ -; at most 64); not one a "
         "LoRA or a queued or running train_lora job has already.",
     )
     trigger: str | None = Field(
-        None, description="train_lora: the word that calls up what the LoRA learnt."
+        None,
+        max_length=64,
+        description="train_lora: the word that calls up what the LoRA learnt.",
     )
     steps: int | None = Field(None, description="train_lora: optimisation steps (default 600).")
     rank: int | None = Field(None, description="train_lora: LoRA rank, 1..256 (default 8).")

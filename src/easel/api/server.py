@@ -48,7 +48,7 @@ def check_binding(settings: Settings, *, insecure: bool) -> None:
         return
     db = Database(settings.db_path)
     try:
-        has_keys = KeyStore(db).any_active()
+        has_keys = KeyStore(db).any_made()  # all revoked: it refuses everyone, also safe
     finally:
         db.close()
     if not has_keys:
@@ -67,6 +67,8 @@ def serve(settings: Settings, *, ui: bool = True, insecure: bool = False) -> Non
     from easel.services import build_services
 
     check_binding(settings, insecure=insecure)
+    if not logging.getLogger().handlers:  # Easel's own INFO lines (recovery, pruning) too
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     services = build_services(settings)
     services.lock_home()
     app = create_app(services, mount_ui=find_ui() if ui else None)

@@ -145,6 +145,8 @@ MIGRATIONS: list[str] = [
         revoked_at TEXT
     );
     CREATE UNIQUE INDEX keys_active_name ON keys (name) WHERE revoked_at IS NULL;
+    -- each owner's last start: the queue's turn order reads it on every claim and position
+    CREATE INDEX jobs_owner_started ON jobs (owner, started_at);
 
     CREATE TABLE sessions (
         hash TEXT PRIMARY KEY,                   -- sha256 of the cookie's token

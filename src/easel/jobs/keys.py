@@ -122,8 +122,13 @@ class KeyStore:
         return self.get(row[0])
 
     def any_active(self) -> bool:
-        """Whether the server needs keys: true once one active key exists."""
+        """Whether one active key exists (someone can use a server that needs keys)."""
         return bool(self.db.query("SELECT 1 FROM keys WHERE revoked_at IS NULL LIMIT 1"))
+
+    def any_made(self) -> bool:
+        """Whether the server needs keys: true once a key was made, revoked ones included, so
+        that revoking the last key closes the server rather than opening it to everyone."""
+        return bool(self.db.query("SELECT 1 FROM keys LIMIT 1"))
 
     def authenticate(self, secret: str) -> KeyRecord | None:
         """The active key with this secret, or None."""

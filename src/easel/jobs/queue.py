@@ -66,13 +66,18 @@ PUT_BACK = (
 # The order waiting jobs start in, as a CTE ``places (seq, position)``: highest priority first;
 # within a priority the owners (API keys) take turns, each owner's jobs oldest first (the n-th
 # waiting job of every owner before the (n+1)-th of any), so one key's 500 jobs delay another
-# key's one by at most one job; submission order breaks ties. One statement, so the claim and
-# every position and ETA read the same order.
+# key's one by at most one job. Within a turn, the owner whose last job started longest ago (or
+# never) goes first: counting waiting jobs alone, the next of 500 would be the first waiting job
+# again as soon as the one before it started, and win on submission order every time. Submission
+# order breaks the remaining ties. One statement, so the claim and every position and ETA read
+# the same order.
 PLACES = (
-    "WITH turns AS (SELECT seq, priority, ROW_NUMBER() OVER"
+    "WITH waiting AS (SELECT seq, priority, owner, ROW_NUMBER() OVER"
     " (PARTITION BY priority, owner ORDER BY seq) AS turn FROM jobs WHERE status = 'queued'),"
-    " places AS (SELECT seq, ROW_NUMBER() OVER (ORDER BY priority DESC, turn, seq) AS position"
-    " FROM turns) "
+    " last_start AS MATERIALIZED (SELECT w.owner, (SELECT MAX(s.started_at) FROM jobs s"
+    " WHERE s.owner IS w.owner) AS at FROM (SELECT DISTINCT owner FROM waiting) w),"
+    " places AS (SELECT w.seq, ROW_NUMBER() OVER (ORDER BY w.priority DESC, w.turn, l.at, w.seq)"
+    " AS position FROM waiting w JOIN last_start l ON l.owner IS w.owner) "
 )
 
 

@@ -108,6 +108,7 @@ async def read_upload(request: Request) -> DatasetUpload:
     status_code=201,
     openapi_extra=UPLOAD_BODY,
     responses={
+        400: {"model": ErrorBody, "description": "Malformed multipart body"},
         413: {"model": ErrorBody, "description": "Body larger than max_dataset_upload_bytes"},
         422: {
             "model": ErrorBody,

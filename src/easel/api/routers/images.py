@@ -33,6 +33,7 @@ def list_images(
     "",
     status_code=201,
     responses={
+        400: {"model": ErrorBody, "description": "Malformed multipart body"},
         413: {"model": ErrorBody, "description": "File larger than max_upload_bytes"},
         422: {
             "model": ErrorBody,

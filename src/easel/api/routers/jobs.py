@@ -109,7 +109,9 @@ async def job_events(
     since = after or 0
     if last_event_id is not None:
         text = last_event_id.strip()
-        if not text.isdigit() or int(text) > MAX_EVENT_ID:
+        # ASCII digits only ("²".isdigit() is true), and no longer than the largest id
+        digits = text.isascii() and text.isdigit() and len(text) <= len(str(MAX_EVENT_ID))
+        if not digits or int(text) > MAX_EVENT_ID:
             raise InvalidParams(
                 f"Last-Event-ID must be an event id from 0 to {MAX_EVENT_ID} "
                 f"(got {last_event_id!r})",

@@ -28,7 +28,11 @@ def list_keys(services: ServicesDep, revoked: bool = False) -> list[KeyPublic]:
     return [KeyPublic.of(k) for k in services.list_keys(revoked=revoked)]
 
 
-@router.post("", status_code=201, responses=ERRORS)
+@router.post(
+    "",
+    status_code=201,
+    responses={**ERRORS, 400: {"model": ErrorBody, "description": "Malformed JSON"}},
+)
 def create_key(body: KeyCreate, services: ServicesDep) -> KeyCreated:
     """Make a key; the response holds its secret, shown this once (stored only hashed)."""
     record, secret = services.create_key(
