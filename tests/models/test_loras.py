@@ -97,7 +97,7 @@ def test_unknown_names_are_404_and_say_what_to_do(loras: LoraCatalog, tmp_path: 
     assert loras.list() == []
 
 
-@pytest.mark.parametrize("name", ["", ".hidden", "a/b", "a b", "x" * 65, "ü"])
+@pytest.mark.parametrize("name", ["", ".hidden", "a/b", "a b", "x" * 65, "ü", "ink\n", "a\x00"])
 def test_bad_names_are_refused(loras: LoraCatalog, tmp_path: Path, name: str) -> None:
     source = _file(tmp_path / "x.safetensors", _diffusers_unet(768))
     with pytest.raises(InvalidParams, match="LoRA name") as err:

@@ -15,7 +15,7 @@ from diffusers import StableDiffusionPipeline
 from fastapi.testclient import TestClient
 
 from easel.config import Settings
-from easel.domain import InvalidParams
+from easel.domain import InvalidParams, ModelNotFound
 from easel.models.catalog import ModelCatalog, pickled_weights
 from easel.models.loader import ModelManager
 from easel.services import Services
@@ -82,8 +82,10 @@ def test_the_catalog_refuses_a_folder_of_pickled_weights(
         "unet/diffusion_pytorch_model.bin",
         "vae/diffusion_pytorch_model.bin",
     ]
-    message = refusal(lambda: catalog.get(str(pickled_sd)), "model")
+    message = refusal(lambda: catalog.get(str(pickled_sd), explain=True), "model")
     assert "unet/diffusion_pytorch_model.bin" in message
+    with pytest.raises(ModelNotFound, match="no usable model at"):  # a server's answer
+        catalog.get(str(pickled_sd))
     refusal(lambda: catalog.add("mine", str(pickled_sd)), "source")
     refusal(lambda: catalog.add("mine", str(pickled_sd), family="sd"), "source")
     assert not catalog.settings.user_models_file.exists()  # nothing was added
@@ -99,8 +101,10 @@ def test_a_pickled_checkpoint_file_is_refused_by_name_not_opened(
     marker = tmp_path / "pickle-ran"
     file = tmp_path / name
     torch.save(_Trap(marker), file)
-    message = refusal(lambda: catalog.get(str(file)), "model")
+    message = refusal(lambda: catalog.get(str(file), explain=True), "model")
     assert message.startswith(f"{name} is a pickled checkpoint")
+    with pytest.raises(ModelNotFound, match="no usable model at"):
+        catalog.get(str(file))
     refusal(lambda: catalog.add("mine", str(file), family="sd"), "source")
     assert not marker.exists() and not catalog.settings.user_models_file.exists()
 
@@ -169,7 +173,7 @@ def root(app_services: Services) -> Iterator[dict[str, str]]:  # noqa: F811
     yield {"Authorization": f"Bearer {secret}"}
 
 
-def test_over_http_an_admin_naming_a_pickled_model_gets_a_422(
+def test_over_http_an_admin_naming_a_pickled_model_gets_the_404_of_a_missing_path(
     client: TestClient,  # noqa: F811
     app_services: Services,  # noqa: F811
     root: dict[str, str],
@@ -179,11 +183,16 @@ def test_over_http_an_admin_naming_a_pickled_model_gets_a_422(
 ) -> None:
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"not opened")
+    missing = client.post("/api/v1/jobs", json={**JOB, "model": "/no/such"}, headers=root)
     for source in (pickled_sd, ckpt):
         response = client.post("/api/v1/jobs", json={**JOB, "model": str(source)}, headers=root)
-        assert response.status_code == 422, response.text
+        assert response.status_code == missing.status_code == 404, response.text
         error = response.json()["error"]
         assert error["field"] == "model" and "only from .safetensors" in error["message"]
+        # no path oracle: the answer is that of a path that does not exist
+        assert error["message"] == missing.json()["error"]["message"].replace(
+            "/no/such", str(source)
+        )
     assert app_services.db.query("SELECT COUNT(*) FROM jobs")[0][0] == 0
     response = client.post("/api/v1/jobs", json={**JOB, "model": str(tiny_sd_path)}, headers=root)
     assert response.status_code == 202, response.text

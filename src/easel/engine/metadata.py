@@ -35,9 +35,11 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from easel import __version__
 from easel.domain import GenerationParams, InvalidParams
+from easel.safejson import loads_bounded
 
 PARAMETERS_KEY = "parameters"
 EASEL_KEY = "easel"
+_MAX_CHUNK = 4 << 20  # bytes of easel chunk read: all the metadata an upload may carry
 
 # stable scheduler name -> (A1111 "Sampler", A1111 "Schedule type" or None).
 # A1111 >= 1.9 writes the noise schedule separately ("DPM++ 2M" + "Karras"); Forge writes flow
@@ -172,10 +174,13 @@ def read_metadata(source: str | Path | bytes) -> dict[str, Any]:
     raw = image.info.get(EASEL_KEY)
     easel: dict[str, Any] | None = None
     if raw is not None:
-        try:
-            easel = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise InvalidParams(f"image has a damaged easel chunk ({exc})", field="image") from exc
+        # bounded: an upload's chunk may be crafted (100,000 nested brackets)
+        parsed = loads_bounded(
+            raw, what="the image's easel chunk", field="image", max_bytes=_MAX_CHUNK
+        )
+        if not isinstance(parsed, dict):
+            raise InvalidParams("the image's easel chunk is not a JSON object", field="image")
+        easel = parsed
     return {"parameters": text, "easel": easel}
 
 
@@ -248,4 +253,9 @@ def _quote(value: Any) -> str:
 
 def _unquote(value: str) -> str:
     value = value.strip()
-    return json.loads(value) if value.startswith('"') else value
+    if not value.startswith('"'):
+        return value
+    try:  # a JSON string (no nesting: the pattern matched one quoted run)
+        return str(json.loads(value))
+    except ValueError:  # not JSON's escapes (another tool's, or a crafted file): kept as written
+        return value

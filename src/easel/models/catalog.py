@@ -14,6 +14,7 @@ import builtins
 import dataclasses
 import difflib
 import json
+import logging
 import os
 import re
 import struct
@@ -22,8 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from easel.config import Settings
-from easel.domain import MODEL_DEFAULTS_FILE, InvalidParams, ModelNotFound, ModelRecord
+from easel.domain import (
+    MODEL_DEFAULTS_FILE,
+    EaselError,
+    InvalidParams,
+    ModelNotFound,
+    ModelRecord,
+)
 from easel.models.families import FAMILIES, family_for_pipeline, get_family
+from easel.safejson import MAX_DEPTH, loads_bounded, open_regular, read_json_bounded
+
+log = logging.getLogger(__name__)
 
 TINY_SHAPES_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-shapes"
 
@@ -94,6 +104,18 @@ CONVERT_HINT = (
     ".save_pretrained(NEW_FOLDER)`"
 )
 
+# the safetensors crate's own limit (MAX_HEADER_SIZE in safetensors/src/tensor.rs): a header
+# longer than it can load is refused before a byte of it is read
+MAX_SAFETENSORS_HEADER = 100_000_000
+# what a path that is not a usable model gets, whatever the reason (missing, not a model,
+# unreadable, crafted, pickled): the same words, so an error never tells whether a path exists
+# on the server. `easel models add` (run where the files are) says why; the server logs it
+UNUSABLE_PATH = (
+    "no usable model at {path}: name a diffusers folder with model_index.json, or a "
+    ".safetensors checkpoint (Easel loads weights only from .safetensors); "
+    "`easel models add NAME PATH` run where the files are says why a path is refused"
+)
+
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # state-dict key fragments that identify a single-file checkpoint's family (first match wins)
@@ -112,9 +134,10 @@ def folder_defaults(folder: Path) -> dict[str, Any]:
     if not file.is_file():
         return {}
     try:
-        defaults = json.loads(file.read_text(encoding="utf-8")).get("defaults", {})
-    except (OSError, ValueError, AttributeError) as exc:
-        raise InvalidParams(f"cannot read {file}: {exc}", field="model") from None
+        data = read_json_bounded(file, field="model", what="it")
+    except InvalidParams as exc:
+        raise InvalidParams(f"cannot read {file}: {exc.message}", field="model") from None
+    defaults = data.get("defaults", {}) if isinstance(data, dict) else None
     if not isinstance(defaults, dict):
         raise InvalidParams(f"{file}: `defaults` must be an object", field="model")
     return defaults
@@ -145,16 +168,36 @@ def cached_snapshot(repo_id: str) -> Path | None:
 def _pipeline_complete(folder: Path) -> bool:
     """Every component named in model_index.json has a non-empty subfolder."""
     try:
-        index = json.loads((folder / "model_index.json").read_text())
-    except (OSError, ValueError):
+        names = _component_names(folder)
+        return all((folder / n).is_dir() and any((folder / n).iterdir()) for n in names)
+    except (InvalidParams, OSError):
         return False
-    for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+
+
+def model_index(folder: Path, field: str = "model") -> dict[str, Any]:
+    """``folder``/model_index.json, read bounded (see easel.safejson); InvalidParams(field) when
+    it is missing, unreadable, malformed or not an object."""
+    index = read_json_bounded(folder / "model_index.json", field=field)
+    if not isinstance(index, dict):
+        raise InvalidParams(f"{folder / 'model_index.json'} is not a JSON object", field=field)
+    return index
+
+
+def _component_names(folder: Path) -> builtins.list[str]:
+    """The components model_index.json names (``"unet": ["diffusers", "UNet2DConditionModel"]``;
+    not the ``_class_name`` keys, settings or ``[null, null]`` ones); InvalidParams for an entry
+    that is not ``[library, class]`` or a name that is not a plain folder name (``../x``)."""
+    names = []
+    for name, spec in model_index(folder).items():
+        if name.startswith("_") or not isinstance(spec, list):
             continue
-        sub = folder / name
-        if not sub.is_dir() or not any(sub.iterdir()):
-            return False
-    return True
+        if len(spec) != 2 or not name.isidentifier():
+            raise InvalidParams(
+                f"model_index.json has a malformed component {name[:100]!r}", field="model"
+            )
+        if spec[0] is not None:
+            names.append(name)
+    return names
 
 
 def pickled_weights(path: Path) -> builtins.list[Path]:
@@ -195,9 +238,8 @@ def _component_folders(folder: Path) -> builtins.list[Path]:
     """The subfolders from_pretrained loads: those model_index.json names (every subfolder
     when it cannot be parsed)."""
     try:
-        index = json.loads((folder / "model_index.json").read_text())
-        names = [n for n, spec in index.items() if isinstance(spec, list) and spec[0] is not None]
-    except (OSError, ValueError, AttributeError, IndexError):
+        names = _component_names(folder)
+    except InvalidParams:
         names = [p.name for p in folder.iterdir() if p.is_dir()]
     return [folder / name for name in sorted(names) if (folder / name).is_dir()]
 
@@ -216,10 +258,13 @@ def detect_family(path: Path) -> str:
     check_safetensors(path)
     if path.is_dir():
         try:
-            class_name = json.loads((path / "model_index.json").read_text())["_class_name"]
-        except (OSError, ValueError, KeyError):
+            class_name = model_index(path).get("_class_name")
+            if not isinstance(class_name, str):
+                raise InvalidParams("model_index.json has no _class_name", field="model")
+        except InvalidParams as exc:
             raise InvalidParams(
-                f"{path} is not a diffusers pipeline folder (no readable model_index.json)",
+                f"{path} is not a diffusers pipeline folder (no readable model_index.json: "
+                f"{exc.message})",
                 field="model",
             ) from None
         family = family_for_pipeline(class_name)
@@ -245,16 +290,83 @@ def _safetensors_keys(path: Path) -> builtins.list[str]:
     return [k for k in safetensors_header(path) if k != "__metadata__"]
 
 
-def safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a .safetensors file: tensor name -> {dtype, shape, data_offsets}."""
-    # the file starts with an 8-byte little-endian header length, then the JSON header
+def safetensors_header(path: Path, field: str = "model") -> dict[str, Any]:
+    """The JSON header of a .safetensors file: tensor name -> {dtype, shape, data_offsets}, and
+    ``__metadata__`` (name -> text) when there is one.
+
+    Read as the safetensors crate reads it, and never more: the 8-byte little-endian length is
+    checked against MAX_SAFETENSORS_HEADER and the file's size before the header is read, the
+    header's nesting and item count before it is parsed (easel.safejson), then its shape
+    (an object of tensors with string dtypes, integer shapes and offsets inside the file).
+    Raises InvalidParams(field=``field``) saying what is wrong.
+    """
     try:
-        with path.open("rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header: dict[str, Any] = json.loads(f.read(size))
-    except (OSError, ValueError, struct.error):
-        raise InvalidParams(f"{path} is not a readable .safetensors file", field="model") from None
-    return header
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _not_safetensors(path, f"it has {len(prefix)} bytes", field)
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_SAFETENSORS_HEADER:
+                raise _not_safetensors(
+                    path,
+                    f"it declares a {length}-byte header; the format allows at most "
+                    f"{MAX_SAFETENSORS_HEADER}",
+                    field,
+                )
+            if length > size - 8:
+                raise _not_safetensors(
+                    path, f"it declares a {length}-byte header in a {size}-byte file", field
+                )
+            data = f.read(length)
+    except OSError as exc:
+        raise _not_safetensors(path, exc.strerror or type(exc).__name__, field) from None
+    try:
+        header = loads_bounded(
+            data,
+            what="its header",
+            field=field,
+            max_bytes=MAX_SAFETENSORS_HEADER,
+            max_depth=MAX_DEPTH,
+        )
+    except InvalidParams as exc:
+        raise _not_safetensors(path, exc.message, field) from None
+    reason = _header_problem(header, size - 8 - length)
+    if reason is not None:
+        raise _not_safetensors(path, f"its header {reason}", field)
+    return dict(header)
+
+
+def _not_safetensors(path: Path, reason: str, field: str) -> InvalidParams:
+    return InvalidParams(f"{path} is not a readable .safetensors file: {reason}", field=field)
+
+
+def _header_problem(header: Any, data_bytes: int) -> str | None:
+    """What is wrong with a parsed safetensors header (the crate's rules), or None."""
+    if not isinstance(header, dict):
+        return "is not a JSON object"
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                return "has a __metadata__ that is not an object of strings"
+            continue
+        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+            return f"has no dtype for {name[:100]!r}"
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not isinstance(shape, list) or not all(_is_size(n) for n in shape):
+            return f"has a shape for {name[:100]!r} that is not a list of sizes"
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_size(n) for n in offsets)
+            or not offsets[0] <= offsets[1] <= data_bytes
+        ):
+            return f"has data_offsets for {name[:100]!r} outside the file"
+    return None
+
+
+def _is_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 63
 
 
 IP_ADAPTER_FAMILIES = ("sd", "sdxl")  # whose pipelines load IP-Adapters the same way
@@ -326,12 +438,16 @@ class ModelCatalog:
         """Every catalog entry (built-ins first), with ``available`` filled in."""
         return [self._with_availability(r) for r in self._records().values()]
 
-    def get(self, id_or_path: str, *, paths: bool = True) -> ModelRecord:
+    def get(self, id_or_path: str, *, paths: bool = True, explain: bool = False) -> ModelRecord:
         """The entry for a catalog id, a source, a cached hub id, or a local folder/file.
 
         With ``paths=False`` (a request from a key that may not name paths) only catalog ids
         and entries' sources match: whether a path exists on this machine is not revealed.
         Raises ModelNotFound (field "model") with near-name suggestions when nothing matches.
+        A path or hub id that is not a usable model (missing, not a model, unreadable, crafted,
+        pickled) gets the same ModelNotFound as one that does not exist, the path text aside,
+        so no error tells whether a path exists; the reason is logged, and raised as it is with
+        ``explain=True`` (the CLI, whose user owns the files).
         """
         records = self._records()
         if id_or_path in records:
@@ -345,13 +461,37 @@ class ModelCatalog:
                 "see GET /api/v1/models); a path or hub id is taken only from an admin key",
                 field="model",
             )
+        try:
+            found = self._local(id_or_path)
+        except (EaselError, OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+            reason = exc.message if isinstance(exc, EaselError) else f"{exc}"
+            if explain:
+                raise InvalidParams(reason, field="model") from None
+            log.info("model %r refused: %r", id_or_path, reason)
+            found = None
+        if found is None:
+            raise ModelNotFound(self._not_found_message(id_or_path, records), field="model")
+        return found
+
+    def _local(self, id_or_path: str) -> ModelRecord | None:
+        """The record of a local model folder or file, or of a hub id complete in the local
+        cache; None when ``id_or_path`` names neither; EaselError or OSError when it names one
+        that cannot be used (the reason, for ``get`` to keep or to log)."""
         path = Path(id_or_path).expanduser()
         if _is_model_path(path):
             path = path.resolve()
-            record = ModelRecord(
-                id=str(path), family=detect_family(path), source=str(path), builtin=False
+            record = self._with_availability(
+                ModelRecord(
+                    id=str(path), family=detect_family(path), source=str(path), builtin=False
+                )
             )
-            return self._with_availability(record)
+            if not record.available:  # a pull cannot complete a path: it is not a model
+                raise InvalidParams(
+                    f"{path} is not a complete diffusers pipeline: a component that "
+                    "model_index.json names is missing or empty",
+                    field="model",
+                )
+            return record
         if _HUB_ID_RE.match(id_or_path) and not _looks_like_path(id_or_path):
             snapshot = cached_snapshot(id_or_path)
             if snapshot is not None:
@@ -359,7 +499,7 @@ class ModelCatalog:
                     id=id_or_path, family=detect_family(snapshot), source=id_or_path, builtin=False
                 )
                 return self._with_availability(record)
-        raise ModelNotFound(self._not_found_message(id_or_path, records), field="model")
+        return None
 
     def add(
         self,
@@ -386,8 +526,11 @@ class ModelCatalog:
         path = Path(source).expanduser()
         if path.exists():
             source = str(path.resolve())
-            check_safetensors(path.resolve(), field="source")
-            family = family or detect_family(path.resolve())
+            try:
+                check_safetensors(path.resolve(), field="source")
+                family = family or detect_family(path.resolve())
+            except OSError as exc:
+                raise InvalidParams(f"cannot read {source}: {exc}", field="source") from None
         elif _looks_like_path(source) or not _HUB_ID_RE.match(source):
             raise ModelNotFound(f"no model folder or file at {source}", field="source")
         elif (snapshot := cached_snapshot(source)) is not None:
@@ -418,10 +561,13 @@ class ModelCatalog:
     def is_available(self, record: ModelRecord) -> bool:
         """True when loadable weights are on this machine: a local path, or complete in the HF
         cache, with no weights that would have to be unpickled."""
-        local = local_weights(record.source)
-        if local is None or pickled_weights(local):
+        try:
+            local = local_weights(record.source)
+            if local is None or pickled_weights(local):
+                return False
+            return _pipeline_complete(local) if local.is_dir() else True
+        except OSError:  # a folder it may not list
             return False
-        return _pipeline_complete(local) if local.is_dir() else True
 
     # --- internals ------------------------------------------------------------------------------
 
@@ -449,7 +595,7 @@ class ModelCatalog:
 
     def _not_found_message(self, query: str, records: dict[str, ModelRecord]) -> str:
         if _looks_like_path(query):
-            return f"no model folder or .safetensors file at {query}"
+            return UNUSABLE_PATH.format(path=query)
         close = difflib.get_close_matches(query, builtins.list(records), n=3, cutoff=0.5)
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         if _HUB_ID_RE.match(query):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import json
 import math
 import platform
 import re
@@ -39,6 +38,7 @@ from easel.models.catalog import (
     hub_cache_dir,
     is_hub_id,
     local_weights,
+    model_index,
     safetensors_header,
 )
 from easel.models.cpu_graph import capture_unet, release_unet
@@ -495,7 +495,7 @@ def _load_single_file(
                 record.source, config=str(config), local_files_only=True, **kwargs
             )
         else:
-            class_name = json.loads((config / "model_index.json").read_text())[name][1]
+            class_name = model_index(config)[name][1]
             component = getattr(diffusers, class_name).from_single_file(
                 record.source, config=str(config), subfolder=name, local_files_only=True, **kwargs
             )

@@ -29,8 +29,14 @@ from easel.config import Settings
 from easel.domain import InvalidParams, LoraNotFound, LoraRecord
 from easel.models.catalog import PICKLED_SUFFIXES, safetensors_header
 from easel.models.families import FAMILIES, get_family
+from easel.safejson import read_json_bounded
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a whole name (fullmatch)
+# what a train_lora request may ask for (easel.training.lora_config checks these; the API's
+# schema states them)
+TRIGGER_RE = re.compile(r"[^\s<>:\"]{1,64}")  # one word (fullmatch)
+MAX_TRAIN_STEPS = 100_000
+MAX_RANK = 256
 # a down (A) projection of a LoRA in any of the formats diffusers reads: peft (`lora_A`),
 # diffusers' older `lora.down` / `to_k_lora.down`, kohya (`lora_down`)
 _DOWN_KEY = re.compile(r"(lora_A|lora\.down|lora_down)\.weight$")
@@ -68,7 +74,7 @@ def parse_lora_arg(text: str) -> dict[str, Any]:
 
 def check_name(name: str) -> str:
     """``name`` if it is a valid LoRA name (also a file name), else InvalidParams(field="name")."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidParams(
             "a LoRA name must be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter "
             f"or digit (got {name!r})",
@@ -146,12 +152,12 @@ class LoraCatalog:
         """Every LoRA, by name."""
         if not self.folder.is_dir():
             return []
-        names = sorted(p.stem for p in self.folder.glob("*.json") if NAME_RE.match(p.stem))
+        names = sorted(p.stem for p in self.folder.glob("*.json") if NAME_RE.fullmatch(p.stem))
         return [self._read(name) for name in names if self.path_for(name).is_file()]
 
     def get(self, name: str) -> LoraRecord:
         """The LoRA called ``name``; LoraNotFound (404, field "lora") when there is none."""
-        if isinstance(name, str) and NAME_RE.match(name):
+        if isinstance(name, str) and NAME_RE.fullmatch(name):
             if (self.folder / f"{name}.json").is_file() and self.path_for(name).is_file():
                 return self._read(name)
             if self.path_for(name).is_file():
@@ -209,10 +215,7 @@ class LoraCatalog:
             )
         if file.suffix.lower() != ".safetensors" or not file.is_file():
             raise InvalidParams(f"no .safetensors file at {file}", field="file")
-        try:
-            header = safetensors_header(file)
-        except InvalidParams as exc:
-            raise InvalidParams(exc.message, field="file") from None
+        header = safetensors_header(file, field="file")  # bounded, checked as the crate does
         if lora_rank(header) is None:
             raise InvalidParams(
                 f"{file.name} holds no LoRA weights (no lora_A / lora_down tensors); a full "
@@ -254,8 +257,10 @@ class LoraCatalog:
 
     def _read(self, name: str) -> LoraRecord:
         file = self.folder / f"{name}.json"
+        data = read_json_bounded(file, field="lora")
+        if not isinstance(data, dict):
+            raise InvalidParams(f"{file} is not a JSON object", field="lora")
         try:
-            data = json.loads(file.read_text(encoding="utf-8"))
             known = {f.name for f in dataclasses.fields(LoraRecord)}
             values = {k: v for k, v in data.items() if k in known}
             if values.get("created_at"):
