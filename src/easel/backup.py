@@ -25,6 +25,7 @@ from pathlib import Path
 
 from easel.config import Settings
 from easel.domain import EaselError
+from easel.jobs.db import inspect_database
 
 UNFINISHED = (".partial", ".tmp")  # the suffixes of files and folders still being written
 
@@ -50,7 +51,8 @@ def backup(settings: Settings, target: Path) -> BackupSummary:
     """
     # 1. check the source and the target
     source_db = settings.db_path
-    if not source_db.is_file():
+    # not SQLite, damaged or newer: the same line the server gives (its copy would fail too)
+    if inspect_database(source_db) is None:  # no file, or a zero-length one
         raise EaselError(
             f"no database at {source_db}: nothing to back up (is EASEL_HOME set?)", field="home"
         )
