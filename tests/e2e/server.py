@@ -34,8 +34,17 @@ def prepare_home(home: Path, tiny_sd_path: Path) -> None:
 class Server:
     """One server process over ``home``; ``start()`` waits until /api/v1/health answers."""
 
-    def __init__(self, home: Path, *, drain_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        home: Path,
+        *,
+        drain_timeout_s: float = 30.0,
+        env: dict[str, str] | None = None,
+        ui: bool = False,
+    ) -> None:
         self.home = home
+        self.env = env or {}  # more EASEL_* settings
+        self.ui = ui  # also the web UI (slower to start)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.drain_timeout_s = drain_timeout_s
@@ -50,8 +59,11 @@ class Server:
             "EASEL_DEVICE": "cpu",
             "EASEL_DRAIN_TIMEOUT_S": str(self.drain_timeout_s),
             "OMP_NUM_THREADS": "1",  # the build machine has 2 cores shared with the test runner
+            **self.env,
         }
-        command = [sys.executable, "-m", "easel", "serve", "--port", str(self.port), "--no-ui"]
+        command = [sys.executable, "-m", "easel", "serve", "--port", str(self.port)]
+        if not self.ui:
+            command.append("--no-ui")
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout

@@ -23,8 +23,20 @@ from easel.domain import JobNotFound, JobStatus
 from easel.jobs.db import Database
 from easel.jobs.queue import utcnow
 
-EventType = Literal["queued", "started", "progress", "succeeded", "failed", "canceled", "requeued"]
+EventType = Literal[
+    "queued",
+    "started",
+    "progress",
+    "succeeded",
+    "failed",
+    "canceled",
+    "requeued",
+    "server-stopping",
+]
 FINAL_EVENTS = frozenset({"succeeded", "failed", "canceled"})
+# Not stored and not a job's: the last event of every stream still open when the server stops
+# (id 0, so a client's Last-Event-ID stays at the job's last real event for its reconnect).
+SERVER_STOPPING: EventType = "server-stopping"
 
 
 @dataclass
@@ -39,7 +51,8 @@ class JobEvent:
 
     @property
     def final(self) -> bool:
-        return self.type in FINAL_EVENTS
+        """The last event of a subscription: the job's final one, or ``server-stopping``."""
+        return self.type in FINAL_EVENTS or self.type == SERVER_STOPPING
 
 
 class EventBus:
@@ -52,9 +65,13 @@ class EventBus:
         self._subscribers: dict[str, set[asyncio.Queue[JobEvent]]] = {}
         self._pump_task: asyncio.Task[None] | None = None  # held: the loop keeps weak refs
         self._attach_lock = threading.Lock()
+        self._stopping = False  # set on the loop by the pump: subscriptions end
 
     def publish(self, job_id: str, type: EventType, data: dict[str, Any] | None = None) -> JobEvent:
-        """Persist an event and forward it to live subscribers. Safe from any thread."""
+        """Persist an event and forward it to live subscribers once it has committed (with the
+        transaction it is part of, if any): a subscriber never sees an event that a failed
+        commit took back, such as a final event whose job is still running. Safe from any
+        thread."""
         payload = data or {}
         created = utcnow()
         with self.db.transaction() as conn:
@@ -63,11 +80,14 @@ class EventBus:
                 " RETURNING id",
                 (job_id, type, json.dumps(payload), created),
             ).fetchone()
-        event = JobEvent(id=row[0], job_id=job_id, type=type, data=payload, created_at=created)
+            event = JobEvent(id=row[0], job_id=job_id, type=type, data=payload, created_at=created)
+            self.db.after_commit(lambda: self._deliver(event))
+        return event
+
+    def _deliver(self, event: JobEvent) -> None:
         loop, inbox = self._loop, self._inbox
         if loop is not None and inbox is not None and not loop.is_closed():
             loop.call_soon_threadsafe(inbox.put_nowait, event)
-        return event
 
     def drop_previews(self, job_id: str) -> None:
         """Remove the preview images from a finished job's stored progress events: they matter
@@ -98,11 +118,14 @@ class EventBus:
     async def subscribe(self, job_id: str, last_event_id: int = 0) -> AsyncIterator[JobEvent]:
         """Events of one job after ``last_event_id``: the backlog, then live ones, until a final
         event (succeeded, failed, canceled), or the end of the backlog when the job is already
-        final (e.g. a client that saw the final event reconnects with its id). Raises
-        JobNotFound on the first step for an unknown job."""
+        final (e.g. a client that saw the final event reconnects with its id), or until a
+        ``server-stopping`` event after :meth:`stop_streams`. Raises JobNotFound on the first
+        step for an unknown job."""
         self._attach(asyncio.get_running_loop())
         mailbox: asyncio.Queue[JobEvent] = asyncio.Queue()
         self._subscribers.setdefault(job_id, set()).add(mailbox)
+        if self._stopping:
+            mailbox.put_nowait(stopping_event(job_id))
         try:
             seen = last_event_id
             ended, backlog = await asyncio.to_thread(self._backlog, job_id, last_event_id)
@@ -115,6 +138,9 @@ class EventBus:
                 return
             while True:
                 event = await mailbox.get()
+                if event.type == SERVER_STOPPING:
+                    yield event
+                    return
                 if event.id > seen:  # else it was in the backlog, or is before last_event_id
                     seen = event.id
                     yield event
@@ -143,8 +169,36 @@ class EventBus:
             self._loop = loop
             self._pump_task = loop.create_task(self._pump(self._inbox))
 
+    def stop_streams(self) -> None:
+        """End every subscription, now and from now on, with a ``server-stopping`` event (the
+        server is shutting down). It goes through the pump after the events already published,
+        so a subscriber sees those first (e.g. the ``requeued`` of a drained job). Safe from any
+        thread."""
+        loop, inbox = self._loop, self._inbox
+        if loop is not None and inbox is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(inbox.put_nowait, stopping_event(""))
+        else:  # nobody has subscribed yet: whoever does is told at once
+            self._stopping = True
+
     async def _pump(self, inbox: asyncio.Queue[JobEvent]) -> None:
         while True:
             event = await inbox.get()
+            if event.type == SERVER_STOPPING:
+                self._stopping = True
+                for job_id, mailboxes in self._subscribers.items():
+                    for mailbox in mailboxes:
+                        mailbox.put_nowait(stopping_event(job_id))
+                continue
             for mailbox in self._subscribers.get(event.job_id, ()):
                 mailbox.put_nowait(event)
+
+
+def stopping_event(job_id: str) -> JobEvent:
+    """The ``server-stopping`` event a subscription of ``job_id`` ends with."""
+    return JobEvent(
+        id=0,
+        job_id=job_id,
+        type=SERVER_STOPPING,
+        data={"reason": "the server is stopping; reconnect with Last-Event-ID once it is back"},
+        created_at=utcnow(),
+    )

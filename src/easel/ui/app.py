@@ -27,7 +27,9 @@ from typing import Any
 
 import gradio as gr
 from fastapi import FastAPI
+from gradio.routes import App
 from PIL import Image
+from starlette.routing import Mount
 
 from easel.domain import (
     OUTPAINT_SIDES,
@@ -541,7 +543,7 @@ def mount_ui(app: FastAPI, services: Services, path: str = "/") -> FastAPI:
     # Galleries take the stored PNGs (allowed_paths), which Gradio copies into its cache for the
     # page; its file route must not serve the store itself, where ids would be the only guard.
     app.add_middleware(PrivateImages, images_dir=images_dir)
-    return gr.mount_gradio_app(
+    gr.mount_gradio_app(
         app,
         build_ui(services),
         path=path,
@@ -549,9 +551,23 @@ def mount_ui(app: FastAPI, services: Services, path: str = "/") -> FastAPI:
         allowed_paths=[str(images_dir)],
         footer_links=["api"],
         run_history=False,  # Easel's History tab is the record; keep nothing in the browser
+        # per file: an input image, or a dataset's zip (the request as a whole is held to
+        # about the same by easel.api.limits.DeclaredBodyLimit)
+        max_file_size=max(
+            services.settings.max_upload_bytes, services.settings.max_dataset_upload_bytes
+        ),
         css=CSS,
         head=HEAD,
     )
+    # each open page holds a heartbeat stream; when the server stops, end them (Gradio's stop
+    # event) rather than leave uvicorn to cut them after its grace period
+    gradio_app = next(
+        r.app for r in reversed(app.routes) if isinstance(r, Mount) and isinstance(r.app, App)
+    )
+    on_stopping = getattr(app.state, "on_stopping", None)  # set by easel.api.app.create_app
+    if on_stopping is not None:
+        on_stopping.append(gradio_app.stop_event.set)
+    return app
 
 
 class _Handlers:
