@@ -363,3 +363,29 @@ def test_a_zip_bomb_is_refused_while_unpacking_whatever_its_header_says(
     # and the per-image cap stops it far sooner
     message = refused(zip_bomb, tmp_path / "out" / "ds", DatasetLimits())
     assert "zeros.png is larger than 20000000 bytes" in message
+
+
+@pytest.mark.parametrize("caption", [b"a \x00 b", b"esc \x1b[0m", b"del \x7f", b"bell \x07"])
+def test_control_characters_in_captions_are_refused_not_stripped(
+    tmp_path: Path, caption: bytes
+) -> None:
+    files = {"a.png": png(), "a.txt": caption, "b.png": png((0, 0, 200)), "b.txt": "blue"}
+    message = refused(write_folder(tmp_path / "set", files), tmp_path / "out" / "copy")
+    assert message.startswith("a.txt holds U+00"), message
+
+
+@pytest.mark.parametrize("text", ['"a \\ud800"', '"\\udfff"', '"nul \\u0000"'])
+def test_surrogates_and_nul_in_metadata_jsonl_are_refused(tmp_path: Path, text: str) -> None:
+    lines = f'{{"file_name": "a.png", "text": {text}}}\n{{"file_name": "b.png", "text": "b"}}\n'
+    files = {"a.png": png(), "b.png": png((0, 0, 200)), "metadata.jsonl": lines}
+    message = refused(write_folder(tmp_path / "set", files), tmp_path / "out" / "copy")
+    assert message.startswith("metadata.jsonl line 1: text holds U+"), message
+
+
+def test_a_file_name_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    """os.scandir gives such a name with lone surrogates (surrogateescape)."""
+    folder = write_folder(tmp_path / "set", {"a.png": png(), "a.txt": "red", "b.txt": "blue"})
+    with open(bytes(folder) + b"/b\xff.png", "wb") as file:  # a name os.fsdecode cannot decode
+        file.write(png((0, 0, 200)))
+    message = refused(folder, tmp_path / "out" / "copy")
+    assert "unpaired surrogates" in message, message

@@ -336,6 +336,9 @@ def _check_default_model(
     catalog: ModelCatalog, settings: Settings, params: GenerationParams
 ) -> None:
     if params.model is not None:
+        # here, not in the engine: the user owns these files, so a path gets the reason it is
+        # refused (the server says only that there is no usable model at it)
+        catalog.get(params.model, explain=True)
         return
     record = catalog.get(settings.default_model)
     if not record.available:
@@ -461,7 +464,11 @@ def cmd_loras_add(args: argparse.Namespace) -> None:
 
 
 def _key_store() -> KeyStore:
-    return KeyStore(Database(Settings().db_path))
+    from easel.services import check_home
+
+    settings = Settings()
+    check_home(settings)  # a damaged database, or a new one beside old images: one line
+    return KeyStore(Database(settings.db_path))
 
 
 def cmd_keys_create(args: argparse.Namespace) -> None:

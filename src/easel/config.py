@@ -90,6 +90,24 @@ class Settings(BaseSettings):
         4 * 1024 * 1024,
         description="Budget for width × height × num_images of one job.",
     )
+    max_streams: int = Field(
+        1000,
+        ge=1,
+        description="Most event streams (GET /api/v1/jobs/{id}/events) open at once on the "
+        "server; one more gets 503 with Retry-After.",
+    )
+    max_streams_per_client: int = Field(
+        50,
+        ge=1,
+        description="Most event streams one client (an API key, or an IP address on a keyless "
+        "server) may hold open at once; one more gets 429 with Retry-After.",
+    )
+    request_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds an API request's body may take to arrive (an upload's: the longest "
+        "pause between its parts); slower gets 408.",
+    )
     session_days: float = Field(
         7.0, description="How long a web UI sign-in (session cookie) lasts, in days."
     )
@@ -103,6 +121,13 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Web origins allowed to call the API from a browser (CORS), e.g. "
         '["https://app.example.org"]; empty: none (closed).',
+    )
+    min_free_disk_mb: int = Field(
+        500,
+        ge=0,
+        description="Free space (MiB) the disk holding EASEL_HOME must keep: below it new jobs, "
+        "uploads and datasets get 507 and a job's images are not written (the job fails saying "
+        "so); health reports it. 0 turns the check off.",
     )
     max_attempts: int = Field(3, description="A job interrupted this many times is marked failed.")
     drain_timeout_s: float = Field(

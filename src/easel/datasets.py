@@ -57,8 +57,9 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
 
-from easel.domain import EaselError, InvalidParams
+from easel.domain import EaselError, InvalidParams, check_text
 from easel.imaging import decode_image
+from easel.safejson import loads_bounded, read_json_bounded
 
 if TYPE_CHECKING:
     from easel.config import Settings
@@ -67,6 +68,7 @@ FIELD = "dataset"
 MANIFEST = "dataset.json"
 IMAGES_DIR = "images"
 METADATA = "metadata.jsonl"
+MAX_MANIFEST_BYTES = 64 << 20  # dataset.json: some 150 bytes an image
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 CAPTION_SUFFIX = ".txt"
 JUNK_NAMES = ("__macosx", "thumbs.db", "ehthumbs.db", "desktop.ini")
@@ -76,7 +78,7 @@ MAX_NAMED = 10  # files an error message names before "and N more"
 CHUNK = 1 << 20  # bytes read at a time while decompressing
 MANIFEST_VERSION = 1
 _DRIVE = re.compile(r"^[A-Za-z]:")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")  # and lone surrogates (os.fsdecode)
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 
 
@@ -522,6 +524,7 @@ def _read_captions(plan: _Plan, budget: _Budget, limits: DatasetLimits) -> dict[
     stems = {PurePosixPath(name).stem: name for name in plan.images}
     for stem, member in sorted(plan.captions.items()):
         text = _text(budget.read(member, caption_bytes, too_long), member.name).strip()
+        _check_caption(text, member.name)
         captions[stems[stem]] = text
         sources[stems[stem]] = member.name
     if plan.metadata is not None:
@@ -530,6 +533,8 @@ def _read_captions(plan: _Plan, budget: _Budget, limits: DatasetLimits) -> dict[
             if not line.strip():
                 continue
             name, text = _metadata_line(line, number)
+            _check_caption(name, f"{METADATA} line {number}: file_name")
+            _check_caption(text, f"{METADATA} line {number}: text")
             if name not in plan.images:
                 raise InvalidParams(
                     f"{METADATA} line {number} names {name!r}, which is not an image of the "
@@ -550,14 +555,21 @@ def _read_captions(plan: _Plan, budget: _Budget, limits: DatasetLimits) -> dict[
     return captions
 
 
-def _metadata_line(line: str, number: int) -> tuple[str, str]:
-    """(file name, caption) of one metadata.jsonl line."""
+def _check_caption(text: str, where: str) -> None:
+    """A caption (or a name in metadata.jsonl) is text the system can hold and show: no lone
+    surrogate, no control character but tab and newline (``domain.check_text``); refused, not
+    stripped, with where it is."""
     try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise InvalidParams(
-            f"{METADATA} line {number} is not JSON ({exc.msg})", field=FIELD
-        ) from None
+        check_text(text, where)
+    except InvalidParams as exc:
+        raise InvalidParams(exc.message, field=FIELD) from None
+
+
+def _metadata_line(line: str, number: int) -> tuple[str, str]:
+    """(file name, caption) of one metadata.jsonl line (its nesting bounded before parsing:
+    the file comes from the uploader)."""
+    # the file's size is bounded already (max_dataset_file_bytes)
+    row = loads_bounded(line, what=f"{METADATA} line {number}", field=FIELD, max_bytes=None)
     if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
         raise InvalidParams(
             f'{METADATA} line {number} must be an object with "file_name" and "text" '
@@ -623,18 +635,22 @@ def _write_manifest(path: Path, summary: DatasetSummary, items: list[dict[str, A
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        if manifest.get("version") != MANIFEST_VERSION or not isinstance(manifest["items"], list):
-            raise ValueError(f"unknown manifest version {manifest.get('version')!r}")
-        return dict(manifest)
-    except FileNotFoundError:
+    if not path.exists():
         raise InvalidParams(
             f"{folder} is not a prepared dataset (it has no {MANIFEST}); prepare it with "
             "`easel.datasets.prepare_dataset` or POST /api/v1/datasets",
             field=FIELD,
-        ) from None
-    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        )
+    try:
+        manifest = read_json_bounded(path, field=FIELD, max_bytes=MAX_MANIFEST_BYTES)
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("items"), list):
+            raise ValueError("it is not a manifest")
+        if manifest.get("version") != MANIFEST_VERSION:
+            raise ValueError(f"unknown manifest version {manifest.get('version')!r}")
+        return dict(manifest)
+    except InvalidParams as exc:
+        raise InvalidParams(f"{exc.message}; prepare the dataset again", field=FIELD) from None
+    except ValueError as exc:
         raise InvalidParams(
             f"{path} could not be read ({exc}); prepare the dataset again", field=FIELD
         ) from None
@@ -665,7 +681,7 @@ def _check_name(raw: str) -> str:
     elif _DRIVE.match(raw):
         reason = "starts with a drive letter"
     elif _CONTROL.search(raw):
-        reason = "has control characters"
+        reason = "has control characters or unpaired surrogates"
     elif ".." in raw.split("/"):
         reason = "goes up a folder (..)"
     else:

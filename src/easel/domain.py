@@ -147,6 +147,12 @@ class QueueFull(EaselError):
     status = 429
 
 
+class DiskFull(EaselError):
+    """Too little free space on the disk holding EASEL_HOME to store more (HTTP 507)."""
+
+    status = 507
+
+
 class Unauthorized(EaselError):
     """No API key, an unknown one, or a revoked one, on a server that has keys (HTTP 401)."""
 
@@ -169,9 +175,22 @@ class QuotaExceeded(EaselError):
         self.retry_after_s = retry_after_s
 
 
+class ServerBusy(QuotaExceeded):
+    """A limit of the whole server is reached, e.g. its open event streams (HTTP 503,
+    ``Retry-After``)."""
+
+    status = 503
+
+
 # C0 control characters but tab, newline and carriage return, DEL, and UTF-16 surrogates
 # (which JSON's "\ud800" escapes can smuggle in, and no UTF-8 store can hold alone)
-_BAD_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+_CONTROL_CHARS = r"\x00-\x08\x0b\x0c\x0e-\x1f\x7f"
+_BAD_TEXT = re.compile(rf"[{_CONTROL_CHARS}\ud800-\udfff]")
+# check_text's rule as a JSON Schema pattern, for the OpenAPI document (a lone surrogate is no
+# character a schema can name; the description says so)
+TEXT_PATTERN = rf"^[^{_CONTROL_CHARS}]*$"
+# and for text that must hold more than white space (a prompt)
+FILLED_TEXT_PATTERN = rf"^[^{_CONTROL_CHARS}]*[^\s{_CONTROL_CHARS}][^{_CONTROL_CHARS}]*$"
 
 
 def check_text(value: object, field: str) -> None:
@@ -415,6 +434,18 @@ class JobRecord:
 # --- keys -------------------------------------------------------------------------------------
 
 SCOPES = ("generate", "train", "admin")
+
+
+class KeyNotFound(EaselError):
+    """No active API key by that name (HTTP 404)."""
+
+    status = 404
+
+
+class NameTaken(EaselError):
+    """An active API key has that name already (HTTP 409)."""
+
+    status = 409
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import fcntl
 import ipaddress
+import os
 import re
+import tempfile
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -50,7 +52,8 @@ from easel.domain import (
     check_text,
 )
 from easel.imaging import check_structure, decode_image, pixel_hash, png_bytes
-from easel.jobs.db import Database
+from easel.jobs.db import Database, inspect_database
+from easel.jobs.disk import MIB, DiskGuard, DiskStatus
 from easel.jobs.events import EventBus, JobEvent
 from easel.jobs.images import DiskImageStore, ImageNotFound
 from easel.jobs.keys import KeyStore, RateLimiter
@@ -63,7 +66,22 @@ from easel.models.loras import LoraCatalog
 from easel.models.params import defaults_for, effective_family, resolve_params
 
 PRIORITY_RANGE = (-100, 100)
+TRAIN_REQUIRED = ("dataset", "name", "trigger")  # the fields a train_lora job must give
 DATASET_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex, like an uploaded image's id
+
+
+def _texts(value: object, where: str) -> Iterator[tuple[str, str]]:
+    """Every string in a request field's value, with where it is: ``loras[0].id`` for a value,
+    the object's own name for a key (``outpaint``)."""
+    if isinstance(value, str):
+        yield value, where
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _texts(key, where)
+            yield from _texts(item, f"{where}.{key}" if isinstance(key, str) else where)
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from _texts(item, f"{where}[{index}]")
 
 
 def is_loopback(host: str) -> bool:
@@ -105,6 +123,7 @@ class Services:
     events: EventBus
     workers: list[Worker]
     keys: KeyStore
+    disk: DiskGuard
     model_managers: list[LoadedModels] = field(default_factory=list)
     wakeup: threading.Event = field(default_factory=threading.Event)
     limiter: RateLimiter = field(default_factory=RateLimiter)
@@ -133,8 +152,17 @@ class Services:
             self.pruner.start()
 
     def stop(self) -> None:
-        """Drain: no new claims; running jobs get ``drain_timeout_s`` to finish, then go back to
-        the queue. Closes the database."""
+        """:meth:`drain` (if not done yet), then close the database."""
+        self.drain()
+        self.db.close()
+        if self._home_lock is not None:
+            self._home_lock.close()  # releases the flock
+            self._home_lock = None
+
+    def drain(self) -> None:
+        """No new claims; running jobs get ``drain_timeout_s`` to finish, then go back to the
+        queue (``requeued``). Event streams stay open meanwhile; end them after with
+        ``events.stop_streams()``. Calling it again returns at once."""
         if self.pruner is not None:
             self.pruner.stop()  # first: it ends between batches, before the database closes
         threads = [
@@ -145,10 +173,6 @@ class Services:
             thread.start()
         for thread in threads:
             thread.join()
-        self.db.close()
-        if self._home_lock is not None:
-            self._home_lock.close()  # releases the flock
-            self._home_lock = None
 
     def lock_home(self) -> None:
         """Hold an exclusive lock on ``EASEL_HOME/easel.lock`` while this server runs: a second
@@ -302,7 +326,9 @@ class Services:
         self._check_pixels(resolved)
         if TASK_SPECS[resolved.task].kind == "train":
             resolved = self._check_training(resolved, principal)
-        # 3. store the job and its first event together, then wake a worker
+        # 3. store the job and its first event together (if the disk has room), then wake a
+        # worker
+        self.disk.check()
         with self.db.transaction():
             if TASK_SPECS[resolved.task].kind == "train":
                 self._check_lora_name_free(resolved)  # in the transaction: no second claimant
@@ -360,6 +386,11 @@ class Services:
         summary = self.queue.summary()
         summary.running = [j for j in summary.running if principal.sees(j.owner)]
         return summary
+
+    def disk_status(self) -> DiskStatus:
+        """Free space on the disk holding EASEL_HOME, and whether it is under
+        ``settings.min_free_disk_mb`` (then new jobs and uploads get 507 DiskFull)."""
+        return self.disk.status()
 
     def retry_after_s(self) -> int:
         """Seconds a client should wait after QueueFull: until the running jobs are done."""
@@ -457,6 +488,7 @@ class Services:
             raise InvalidParams(
                 f"dataset upload must be at most {limit} bytes (got {total})", field="dataset"
             )
+        self.disk.check()
         dataset_id = uuid.uuid4().hex
         limits = DatasetLimits.from_settings(
             self.settings, allow_missing_captions=allow_missing_captions
@@ -585,11 +617,12 @@ class Services:
         return sizes
 
     def _check_limits(self, params: GenerationParams, priority: int) -> None:
+        """What holds for every request before its model is looked at: text is text (every
+        string of every field, keys of objects and items of lists too), prompts are bounded,
+        the priority is in range. The one place job text is checked, whatever the protocol."""
         for item in fields(params):
-            check_text(getattr(params, item.name), item.name)
-        for index, lora in enumerate(params.loras or []):
-            if isinstance(lora, dict):
-                check_text(lora.get("id"), f"loras[{index}].id")
+            for text, where in _texts(getattr(params, item.name), item.name):
+                check_text(text, where)
         limit = self.settings.max_prompt_chars
         for name in ("prompt", "negative_prompt"):
             text = getattr(params, name)
@@ -612,7 +645,7 @@ class Services:
         """A ``train_lora`` request: its settings pass the checks `LoraConfig` makes (the same
         as ``easel train lora``'s) and its dataset is stored. Returns the params with the
         training defaults filled in."""
-        for name in ("dataset", "name", "trigger"):
+        for name in TRAIN_REQUIRED:
             if not isinstance(getattr(params, name), str) or not getattr(params, name):
                 raise InvalidParams(f"{name} is required for train_lora", field=name)
         assert params.dataset
@@ -678,6 +711,77 @@ class _VisibleLoras:
         return record
 
 
+class HomeUnusable(EaselError):
+    """EASEL_HOME cannot be used as it is: not writable, or a new database beside an earlier
+    one's images (HTTP 503)."""
+
+    status = 503
+
+
+def check_home(settings: Settings, *, fresh_db: bool = False) -> None:
+    """Refuse to start on a home that would fail later or lose work, with one line that says
+    what is wrong and what to do (an EaselError: ``easel`` prints it and exits 2). Run before
+    anything opens the database, since opening makes and migrates it; writes nothing but a
+    missing EASEL_HOME folder.
+
+    Refuses: a home or database this user cannot write; a database that is not SQLite, is
+    damaged (``PRAGMA quick_check``) or newer than this code (:class:`DatabaseUnusable`); and a
+    new database (missing, zero-length, never migrated) while ``images/`` holds PNGs, unless
+    ``fresh_db``: those images' jobs and rows would be gone, a backup may bring them back.
+    """
+    home, db_path = settings.home, settings.db_path
+    # 1. the folder: made when missing, and new files can be made in it
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HomeUnusable(
+            f"cannot create EASEL_HOME={home} ({exc.strerror}); create it, or set EASEL_HOME "
+            "to a folder this user can write",
+            field="home",
+        ) from None
+    _check_writable(home, f"EASEL_HOME={home}")
+    if settings.images_dir.is_dir():
+        _check_writable(settings.images_dir, str(settings.images_dir))
+    # 2. the database: SQLite, every page readable, a schema this code knows, writable
+    version = inspect_database(db_path, quick_check=True)
+    for name in ("easel.db", "easel.db-wal", "easel.db-shm"):
+        if (home / name).is_file():
+            try:
+                (home / name).open("r+b").close()
+            except OSError as exc:
+                raise HomeUnusable(
+                    f"cannot write {home / name} ({exc.strerror}); make it writable by this user",
+                    field="home",
+                ) from None
+    # 3. a new database beside an earlier one's images would silently start a second history
+    if not version and not fresh_db and _has_images(settings.images_dir):
+        state = "empty" if db_path.exists() else "missing"
+        raise HomeUnusable(
+            f"{db_path} is {state} but {settings.images_dir} holds images: their jobs and "
+            "records would be gone. Restore easel.db from a backup made with `easel backup` "
+            "(or point EASEL_HOME at the backup), or start a new, empty queue beside the old "
+            "files with `easel serve --fresh-db`",
+            field="home",
+        )
+
+
+def _check_writable(folder: Path, name: str) -> None:
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".easel-write-check-")
+    except OSError as exc:
+        raise HomeUnusable(
+            f"cannot write to {name} ({exc.strerror}); make it writable by this user, or set "
+            "EASEL_HOME to another folder",
+            field="home",
+        ) from None
+    os.close(handle)
+    os.unlink(probe)
+
+
+def _has_images(images_dir: Path) -> bool:
+    return next(images_dir.rglob("*.png"), None) is not None if images_dir.is_dir() else False
+
+
 def build_services(settings: Settings, *, generator: Generator | None = None) -> Services:
     """Wire everything for ``settings``.
 
@@ -689,7 +793,8 @@ def build_services(settings: Settings, *, generator: Generator | None = None) ->
     queue = SqliteJobQueue(
         db, max_queued=settings.max_queued_jobs, max_attempts=settings.max_attempts
     )
-    images = DiskImageStore(db, settings.images_dir)
+    disk = DiskGuard(settings.home, settings.min_free_disk_mb * MIB)
+    images = DiskImageStore(db, settings.images_dir, disk)
     events = EventBus(db)
     catalog = ModelCatalog(settings)
     loras = LoraCatalog(settings)
@@ -724,6 +829,7 @@ def build_services(settings: Settings, *, generator: Generator | None = None) ->
         events=events,
         workers=workers,
         keys=KeyStore(db),
+        disk=disk,
         model_managers=managers,
         wakeup=wakeup,
         pruner=Pruner(db, settings.images_dir, policy, settings.prune_every_s)

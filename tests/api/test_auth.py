@@ -696,13 +696,13 @@ def test_keys_over_http(server: Server) -> None:
         response = client.request(method, path, headers=theirs, **kwargs)
         assert response.status_code == 403, (method, path)
     taken = client.post("/api/v1/keys", headers=root, json={"name": "carol"})
-    assert taken.status_code == 422 and taken.json()["error"]["field"] == "name"
+    assert taken.status_code == 409 and taken.json()["error"]["field"] == "name"
     bad = client.post("/api/v1/keys", headers=root, json={"name": "e", "scopes": ["root"]})
     assert bad.status_code == 422 and bad.json()["error"]["field"].startswith("scopes")
     revoked = client.delete("/api/v1/keys/carol", headers=root)
     assert revoked.status_code == 200 and revoked.json()["revoked_at"] is not None
     assert client.get("/api/v1/jobs", headers=theirs).status_code == 401
-    assert client.delete("/api/v1/keys/carol", headers=root).status_code == 422
+    assert client.delete("/api/v1/keys/carol", headers=root).status_code == 404
     names = [k["name"] for k in client.get("/api/v1/keys?revoked=true", headers=root).json()]
     assert "carol" in names
 

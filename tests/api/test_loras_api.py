@@ -60,8 +60,8 @@ def test_a_job_takes_loras_with_weights(with_loras: Settings, client: TestClient
         ([{"id": "ink", "weight": 5}], "loras[0].weight", "between -4 and 4"),
         ([{"id": "ink"}, {"id": "ink"}], "loras[1].id", "listed twice"),
         ([{"id": "ink"}] * 9, "loras", "at most 8"),
-        ([{"id": "ink", "scale": 1}], "loras.0.scale", "not a known field"),
-        ([{"id": "ink", "weight": "lots"}], "loras.0.weight", "valid number"),
+        ([{"id": "ink", "scale": 1}], "loras[0].scale", "not a known field"),
+        ([{"id": "ink", "weight": "lots"}], "loras[0].weight", "valid number"),
     ],
 )
 def test_bad_loras_are_422_naming_the_field(

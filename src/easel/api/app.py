@@ -16,11 +16,15 @@ from fastapi import FastAPI
 from easel import __version__
 from easel.api.auth import install_auth
 from easel.api.errors import install_error_handlers
-from easel.api.limits import BodySizeLimit
+from easel.api.limits import BodySizeLimit, DeclaredBodyLimit
 from easel.api.routers import datasets, images, jobs, keys, loras, models, system
+from easel.api.schemas import state_limits
+from easel.api.streams import StreamSlots
+from easel.config import Settings
 from easel.services import Services
 
 API_PREFIX = "/api/v1"
+UI_UPLOAD_PATH = "/gradio_api/upload"  # the web UI's (Gradio's) upload route
 
 MountUI = Callable[[FastAPI, Services], Any]
 
@@ -45,6 +49,12 @@ def create_app(services: Services, *, mount_ui: MountUI | None = None) -> FastAP
     )
     app.state.services = services
     settings = services.settings
+    app.state.streams = StreamSlots(
+        total=settings.max_streams, per_client=settings.max_streams_per_client
+    )
+    # run on the loop when the server stops, after the drain: each ends long-lived streams
+    # (easel.api.graceful); the web UI adds its own
+    app.state.on_stopping = [services.events.stop_streams]
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_body_bytes,
@@ -54,11 +64,25 @@ def create_app(services: Services, *, mount_ui: MountUI | None = None) -> FastAP
             # a few hundred bytes of framing for each of up to thousands of files
             f"{API_PREFIX}/datasets": settings.max_dataset_upload_bytes + 2_000_000,
         },
+        timeout_s=settings.request_timeout_s,
+    )
+    # the rest (the web UI): a declared length, at most max_body_bytes; its upload route takes
+    # what the API's two upload routes take (the training tab uploads whole datasets)
+    app.add_middleware(
+        DeclaredBodyLimit,
+        max_bytes=settings.max_body_bytes,
+        paths={UI_UPLOAD_PATH: ui_upload_bytes(settings) + 2_000_000},
     )
     install_auth(app, services)  # outside the body limit: no body is read for a stranger
     install_error_handlers(app, services)
+    state_limits(app, services)  # the OpenAPI document states this server's limits
     for module in (system, models, jobs, images, datasets, loras, keys):
         app.include_router(module.router, prefix=API_PREFIX)
     if mount_ui is not None:
         mount_ui(app, services)
     return app
+
+
+def ui_upload_bytes(settings: Settings) -> int:
+    """The largest file the web UI accepts: an input image or a whole dataset."""
+    return max(settings.max_upload_bytes, settings.max_dataset_upload_bytes)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import html
 from typing import Any
 from urllib.parse import urlsplit
@@ -71,7 +70,7 @@ def same_origin(origin: str, host: str) -> bool:
 def basic_password(value: str) -> str | None:
     try:
         decoded = base64.b64decode(value, validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # not base64 (binascii.Error), not ASCII, not UTF-8 once decoded
         return None
     return decoded.partition(":")[2] or None
 

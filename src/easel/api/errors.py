@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from easel.domain import EaselError, QueueFull, QuotaExceeded, Unauthorized
+from easel.jobs.disk import storage_failure
 from easel.services import Services
 
 log = logging.getLogger(__name__)
+STORAGE_RETRY_AFTER_S = 30  # a full disk or an I/O error is not over in a second
 
 
 def error_response(
@@ -21,6 +25,16 @@ def error_response(
 ) -> JSONResponse:
     body = {"error": {"type": type_, "message": message, "field": field}}
     return JSONResponse(body, status_code=status, headers=headers or None)
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method some route of the request's path takes (RFC 9110's ``Allow``)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        route_methods = getattr(route, "methods", None)
+        if route_methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route_methods
+    return ", ".join(sorted(methods))
 
 
 def install_error_handlers(app: FastAPI, services: Services) -> None:
@@ -44,7 +58,9 @@ def install_error_handlers(app: FastAPI, services: Services) -> None:
             return error_response(
                 400, "MalformedJSON", f"request body is not valid JSON: {first['msg']}"
             )
-        field = ".".join(str(p) for p in first["loc"] if p not in ("body", "query", "path"))
+        # loras[0].id, as the services name a field in a list
+        parts = [p for p in first["loc"] if p not in ("body", "query", "path", "header")]
+        field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".")
         if not field:  # the body as a whole (missing, or not an object)
             return error_response(
                 422, "InvalidRequest", f"request body must be a JSON object ({first['msg']})"
@@ -59,7 +75,27 @@ def install_error_handlers(app: FastAPI, services: Services) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(exc.status_code, "HTTPError", str(exc.detail), **(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Starlette names the methods of one route of the path
+            headers["Allow"] = allowed_methods(request)
+        return error_response(exc.status_code, "HTTPError", str(exc.detail), **headers)
+
+    @app.exception_handler(OSError)
+    @app.exception_handler(sqlite3.Error)
+    async def storage_error(request: Request, exc: Exception) -> JSONResponse:
+        # a write failed all the same (the disk filled after the DiskFull check): its
+        # transaction rolled back and its file was removed, so the request changed nothing
+        reason = storage_failure(exc)
+        if reason is None:
+            return await internal_error(request, exc)
+        log.warning("could not store %s %s: %s", request.method, request.url.path, exc)
+        return error_response(
+            503,
+            "StorageUnavailable",
+            f"the server could not write to its disk ({reason}); the "
+            "request changed nothing, retry later",
+            **{"Retry-After": str(STORAGE_RETRY_AFTER_S)},
+        )
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -2,24 +2,73 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import FastAPI
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from easel.domain import (
+    FILLED_TEXT_PATTERN,
+    OUTPAINT_SIDES,
+    TASK_SPECS,
+    TEXT_PATTERN,
     DatasetRecord,
+    EaselError,
     GenerationParams,
     ImageRecord,
     JobRecord,
     KeyRecord,
     LoraRecord,
 )
+from easel.jobs.keys import MAX_LIMIT
+from easel.jobs.keys import NAME_RE as KEY_NAME_RE
 from easel.jobs.queue import QueueSummary
-from easel.services import ModelInfo
+from easel.models.families import FAMILIES, Family
+from easel.models.loras import MAX_RANK, MAX_TRAIN_STEPS, TRIGGER_RE
+from easel.models.loras import NAME_RE as LORA_NAME_RE
+from easel.models.params import LORA_WEIGHT_RANGE, MAX_LORAS, MAX_MASK_BLUR, MAX_SEED
+from easel.services import DATASET_ID, PRIORITY_RANGE, TRAIN_REQUIRED, ModelInfo, Services
 
 MAX_ID_CHARS = 64  # image and dataset ids are 32 hex digits (a generated image's: + "-N")
 MAX_NAME_CHARS = 1024  # a model id, or a path from an admin key
+# the widest over the families (a catalog entry cannot change these)
+GUIDANCE_RANGE = (
+    min(f.guidance_range[0] for f in FAMILIES.values()),
+    max(f.guidance_range[1] for f in FAMILIES.values()),
+)
+SCHEDULERS = sorted({name for f in FAMILIES.values() for name in f.schedulers})
+
+
+def _whole(value: Any) -> Any:
+    """JSON's 5.0 is the integer 5 (as JSON Schema counts it); "5" and true stay no integer."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# a whole number in a strict request model
+Int = Annotated[int, BeforeValidator(_whole)]
+
+
+def limits(**keywords: Any) -> Callable[[dict[str, Any]], None]:
+    """JSON Schema keywords a field's value must meet, for the OpenAPI document (inside
+    ``anyOf`` for an optional field, so none applies to its null). They state what the services
+    check (``resolve_params``, ``Services``), which still do the checking and name the field."""
+
+    def state(schema: dict[str, Any]) -> None:
+        for branch in _typed(schema):
+            branch.update(keywords)
+
+    return state
+
+
+def _typed(schema: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The branches of a property's schema that are not ``null``."""
+    for branch in schema.get("anyOf", [schema]):
+        if branch.get("type") != "null":
+            yield branch
 
 
 def image_url(image_id: str) -> str:
@@ -29,18 +78,29 @@ def image_url(image_id: str) -> str:
 class LoraUse(BaseModel):
     """One LoRA applied to a generation: its name (``GET /api/v1/loras``) and weight."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    id: str = Field(max_length=64, description="The LoRA's name.")
-    weight: float = Field(1.0, description="Its strength, -4..4 (0: no effect).")
+    id: str = Field(
+        max_length=64,
+        description="The LoRA's name.",
+        json_schema_extra=limits(pattern=f"^{LORA_NAME_RE.pattern}$"),
+    )
+    weight: float = Field(
+        1.0,
+        description="Its strength, -4..4 (0: no effect).",
+        json_schema_extra=limits(minimum=LORA_WEIGHT_RANGE[0], maximum=LORA_WEIGHT_RANGE[1]),
+    )
 
 
 class JobCreate(BaseModel):
     """A generation request. Omitted fields take the model's defaults; ranges are checked
-    against the model's family (the error names the field and the allowed values)."""
+    against the model's family (the error names the field and the allowed values): the ranges
+    stated here are the widest any model on this server takes. Text may not hold control
+    characters (but tab and newline) or unpaired surrogates."""
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,  # "5" and true are not numbers, 1 is not true (but 5.0 is 5: see Int)
         json_schema_extra={
             "examples": [{"prompt": "a red circle on a blue square", "model": "tiny-shapes"}]
         },
@@ -60,21 +120,34 @@ class JobCreate(BaseModel):
     )
     prompt: str = Field("", description="Required for every task but train_lora.")
     negative_prompt: str = ""
-    num_inference_steps: int | None = Field(
+    num_inference_steps: Int | None = Field(
         None,
         description="Denoising steps (train_lora: of its sample images). Default: the model's.",
+        json_schema_extra=limits(minimum=1),  # maximum: state_limits
     )
-    guidance_scale: float | None = None
+    guidance_scale: float | None = Field(
+        None, json_schema_extra=limits(minimum=GUIDANCE_RANGE[0], maximum=GUIDANCE_RANGE[1])
+    )
     guidance_end: float | None = Field(
         None,
         description="Share of the steps, from the first, that use classifier-free guidance "
         "(0 < x <= 1; below 1 only for sd models). Default: the model's.",
+        json_schema_extra=limits(exclusiveMinimum=0, maximum=1),
     )
-    width: int | None = None
-    height: int | None = None
-    seed: int | None = Field(None, description="Random when omitted; image i uses seed + i.")
-    num_images: int = 1
-    scheduler: str | None = Field(None, max_length=64)
+    width: Int | None = None  # limits: state_limits (the catalog's models)
+    height: Int | None = None
+    seed: Int | None = Field(
+        None,
+        description="Random when omitted; image i uses seed + i.",
+        json_schema_extra=limits(minimum=0, maximum=MAX_SEED),
+    )
+    num_images: Int = Field(1, json_schema_extra=limits(minimum=1))
+    scheduler: str | None = Field(
+        None,
+        max_length=64,
+        description="One of the model family's (GET /api/v1/models).",
+        json_schema_extra=limits(enum=SCHEDULERS),
+    )
     image: str | None = Field(
         None, max_length=MAX_ID_CHARS, description="Input image id (POST /api/v1/images)."
     )
@@ -84,17 +157,21 @@ class JobCreate(BaseModel):
         description="Mask image id, the image's size: white (or alpha 0) = repaint.",
     )
     strength: float | None = Field(
-        None, description="How much of the input is redrawn (0 < x <= 1). Default per task."
+        None,
+        description="How much of the input is redrawn (0 < x <= 1). Default per task.",
+        json_schema_extra=limits(exclusiveMinimum=0, maximum=1),
     )
-    mask_blur: int | None = Field(
-        None, description="Pixels over which the mask's edge is feathered (0..64; default 4)."
+    mask_blur: Int | None = Field(
+        None,
+        description="Pixels over which the mask's edge is feathered (0..64; default 4).",
+        json_schema_extra=limits(minimum=0, maximum=MAX_MASK_BLUR),
     )
     only_masked: bool | None = Field(
         None,
         description="Inpaint a crop around the mask at the model's resolution, then paste it "
         "back (more detail for small masks).",
     )
-    outpaint: dict[str, int] | None = Field(
+    outpaint: dict[str, Int] | None = Field(
         None,
         description='Pixels to add on each side: {"left", "top", "right", "bottom"}.',
     )
@@ -102,35 +179,55 @@ class JobCreate(BaseModel):
         None, max_length=MAX_ID_CHARS, description="Reference image id whose look to take."
     )
     style_strength: float | None = Field(
-        None, description="How much of the reference's colours (0..1; default 1)."
+        None,
+        description="How much of the reference's colours (0..1; default 1).",
+        json_schema_extra=limits(minimum=0, maximum=1),
     )
     loras: list[LoraUse] | None = Field(
         None,
         description="LoRAs to apply, in order (at most 8, each once, made for the model's "
         'family): [{"id": NAME, "weight": 0.8}].',
+        json_schema_extra=limits(maxItems=MAX_LORAS),
     )
     dataset: str | None = Field(
         None,
         max_length=MAX_ID_CHARS,
         description="train_lora: a dataset id (POST /api/v1/datasets).",
+        json_schema_extra=limits(pattern=f"^{DATASET_ID.pattern}$"),
     )
     name: str | None = Field(
         None,
         max_length=64,
         description="train_lora: the LoRA's name (letters, digits, . _ -; at most 64); not one a "
         "LoRA or a queued or running train_lora job has already.",
+        json_schema_extra=limits(pattern=f"^{LORA_NAME_RE.pattern}$"),
     )
     trigger: str | None = Field(
         None,
         max_length=64,
         description="train_lora: the word that calls up what the LoRA learnt.",
+        json_schema_extra=limits(pattern=f"^{TRIGGER_RE.pattern}$"),
     )
-    steps: int | None = Field(None, description="train_lora: optimisation steps (default 600).")
-    rank: int | None = Field(None, description="train_lora: LoRA rank, 1..256 (default 8).")
+    steps: Int | None = Field(
+        None,
+        description="train_lora: optimisation steps (default 600).",
+        json_schema_extra=limits(minimum=1, maximum=MAX_TRAIN_STEPS),
+    )
+    rank: Int | None = Field(
+        None,
+        description="train_lora: LoRA rank, 1..256 (default 8).",
+        json_schema_extra=limits(minimum=1, maximum=MAX_RANK),
+    )
     learning_rate: float | None = Field(
-        None, description="train_lora: AdamW learning rate, 0 < x <= 1 (default 0.001)."
+        None,
+        description="train_lora: AdamW learning rate, 0 < x <= 1 (default 0.001).",
+        json_schema_extra=limits(exclusiveMinimum=0, maximum=1),
     )
-    priority: int = Field(0, description="Higher runs first (-100..100); FIFO within a priority.")
+    priority: Int = Field(
+        0,
+        description="Higher runs first (-100..100); FIFO within a priority.",
+        json_schema_extra=limits(minimum=PRIORITY_RANGE[0], maximum=PRIORITY_RANGE[1]),
+    )
 
     def to_params(self) -> GenerationParams:
         return GenerationParams.from_dict(self.model_dump(exclude={"priority"}))
@@ -316,10 +413,19 @@ class QueuePublic(BaseModel):
         )
 
 
+class DiskPublic(BaseModel):
+    free_bytes: int = Field(description="Free bytes on the disk holding EASEL_HOME.")
+    min_free_bytes: int = Field(description="EASEL_MIN_FREE_DISK_MB in bytes.")
+    low: bool = Field(description="Under the minimum: new jobs and uploads get 507 DiskFull.")
+
+
 class Health(BaseModel):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "degraded"] = Field(
+        "ok", description="degraded: the server answers but cannot take new work (disk.low)."
+    )
     version: str
     workers: int
+    disk: DiskPublic
 
 
 class ErrorDetail(BaseModel):
@@ -381,17 +487,24 @@ class DatasetDetail(DatasetPublic):
 class KeyCreate(BaseModel):
     """A new API key (admin keys only)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: str = Field(description="1-64 letters, digits, '.', '_' or '-'; unique among active keys")
+    name: str = Field(
+        description="1-64 letters, digits, '.', '_' or '-'; unique among active keys",
+        json_schema_extra=limits(pattern=f"^{KEY_NAME_RE.pattern}$"),
+    )
     scopes: list[Literal["generate", "train", "admin"]] = Field(
         ["generate"], min_length=1, max_length=3, description="What the key may do"
     )
-    rate_per_minute: int | None = Field(
-        None, ge=1, le=1_000_000, description="Requests per minute (none: no limit)"
+    rate_per_minute: Int | None = Field(
+        None,
+        description="Requests per minute (none: no limit)",
+        json_schema_extra=limits(minimum=1, maximum=MAX_LIMIT),
     )
-    max_jobs: int | None = Field(
-        None, ge=1, le=1_000_000, description="Jobs queued or running at once (none: no limit)"
+    max_jobs: Int | None = Field(
+        None,
+        description="Jobs queued or running at once (none: no limit)",
+        json_schema_extra=limits(minimum=1, maximum=MAX_LIMIT),
     )
 
 
@@ -419,3 +532,144 @@ class KeyPublic(BaseModel):
 
 class KeyCreated(KeyPublic):
     secret: str = Field(description="The key itself: shown this once, stored only hashed")
+
+
+# --- limits that depend on the server -----------------------------------------------------------
+
+REQUEST_MODELS = (JobCreate, LoraUse, KeyCreate)  # bodies whose text check_text holds to
+SEARCH_PARAMETERS = ("q",)  # query text bounded by max_prompt_chars (Services.list_images)
+
+
+def widest(services: Services) -> Family:
+    """A family with the widest size, step and image limits any family or catalog model takes
+    (an entry may widen its family's: tiny-shapes takes 32 px); sizes step by the largest step
+    every model's multiple is a multiple of."""
+    families = [*FAMILIES.values(), *(info.family for info in services.list_models())]
+    try:  # the default model may be a folder outside the catalog
+        families.append(services.model_info(services.settings.default_model).family)
+    except EaselError:
+        pass
+    return replace(
+        families[0],
+        size_multiple=math.gcd(*(f.size_multiple for f in families)),
+        min_size=min(f.min_size for f in families),
+        max_size=max(f.max_size for f in families),
+        max_steps=max(f.max_steps for f in families),
+        max_images=max(f.max_images for f in families),
+    )
+
+
+def state_limits(app: FastAPI, services: Services) -> None:
+    """State in the OpenAPI document the limits that depend on this server: text lengths
+    (``settings.max_prompt_chars``), sizes, steps and images (the widest of its models), and
+    check_text's rule on every text field of a request body and every text query parameter.
+    Fuzzers and clients then send what the queue takes, and know what it refuses."""
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = original()
+        models = schema["components"]["schemas"]
+        job = models[JobCreate.__name__]["properties"]
+        family = widest(services)
+        text: dict[str, Any] = {"maxLength": services.settings.max_prompt_chars}
+        size: dict[str, Any] = {
+            "minimum": family.min_size,
+            "maximum": family.max_size,
+            "multipleOf": family.size_multiple,
+        }
+        stated: dict[str, dict[str, Any]] = {
+            "prompt": text,
+            "negative_prompt": text,
+            "width": size,
+            "height": size,
+            "num_inference_steps": {"maximum": family.max_steps},
+            "num_images": {"maximum": family.max_images},
+            "outpaint": {
+                "properties": {
+                    side: {"type": "integer", "minimum": 0, "maximum": family.max_size}
+                    for side in OUTPAINT_SIDES
+                },
+                "additionalProperties": False,
+                "minProperties": 1,
+            },
+        }
+        for name, keywords in stated.items():
+            limits(**keywords)(job[name])
+        for model in REQUEST_MODELS:
+            for field in models[model.__name__]["properties"].values():
+                _state_text(field)
+        models[JobCreate.__name__] = _by_task(models[JobCreate.__name__])
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                for parameter in operation.get("parameters", []):
+                    if parameter["in"] == "query":
+                        bounded = parameter["name"] in SEARCH_PARAMETERS
+                        _state_text(parameter["schema"], text if bounded else None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _by_task(job: dict[str, Any]) -> dict[str, Any]:
+    """JobCreate as one object schema per task (``domain.TASK_SPECS``): fields only other tasks
+    use may be null only, the task's input images are required, and so is a prompt that holds
+    more than white space for a task that generates (train_lora needs TRAIN_REQUIRED instead,
+    and no LoRAs). What resolve_params and Services check first, so valid bodies reach them."""
+    properties = job["properties"]
+    specific = {f for spec in TASK_SPECS.values() for f in (*spec.image_fields, *spec.fields)}
+    default_task = JobCreate.model_fields["task"].default
+    variants = []
+    for task, spec in TASK_SPECS.items():
+        own = {*spec.image_fields, *spec.fields}
+        variant = {
+            name: {"type": "null"} if name in specific - own else value
+            for name, value in properties.items()
+        }
+        variant["task"] = {**properties["task"], "enum": [task]}
+        required = [] if task == default_task else ["task"]
+        given = TRAIN_REQUIRED if spec.kind == "train" else spec.inputs
+        for name in given:  # an id or a name, not null and not ""
+            variant[name] = {**_only_text(properties[name]), "minLength": 1}
+        if task == "outpaint":  # the pixels to add (resolve_params._check_outpaint)
+            variant["outpaint"] = next(_typed(properties["outpaint"]))
+            required.append("outpaint")
+        if spec.kind == "train":
+            variant["loras"] = {"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}]}
+        else:
+            variant["prompt"] = {**properties["prompt"], "pattern": FILLED_TEXT_PATTERN}
+            required.append("prompt")
+        variants.append(
+            {
+                "type": "object",
+                "title": task,
+                "properties": variant,
+                "required": [*required, *given],
+                "additionalProperties": False,
+            }
+        )
+    return {key: value for key, value in job.items() if key not in _OBJECT_KEYS} | {
+        "oneOf": variants
+    }
+
+
+_OBJECT_KEYS = ("type", "properties", "required", "additionalProperties")
+
+
+def _only_text(schema: dict[str, Any]) -> dict[str, Any]:
+    """The string branch of a property's schema."""
+    return next(branch for branch in _typed(schema) if branch.get("type") == "string")
+
+
+def _state_text(schema: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    """TEXT_PATTERN (and ``extra``) on the text branches of a property (not an enum's, nor a
+    binary file's); beside a pattern of its own (a trigger word's), in ``allOf``."""
+    for branch in _typed(schema):
+        if branch.get("type") != "string" or {"enum", "format"} & set(branch):
+            continue
+        if "pattern" in branch:
+            branch["allOf"] = [{"pattern": TEXT_PATTERN}]
+        else:
+            branch["pattern"] = TEXT_PATTERN
+        branch.update(extra or {})

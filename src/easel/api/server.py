@@ -2,7 +2,8 @@
 
 SIGTERM or Ctrl-C drains: workers claim nothing new, the running job gets
 ``settings.drain_timeout_s`` to finish and is otherwise put back in the queue, so nothing
-accepted is lost. Also runnable as ``python -m easel.api.server [--host H] [--port P]``.
+accepted is lost; then every open event stream gets a ``server-stopping`` event and closes
+(:mod:`easel.api.graceful`). Also runnable as ``python -m easel.api.server [--host H] [--port P]``.
 
 Module-level imports stay light (the CLI imports :func:`register` for every command); the
 server's dependencies load in :func:`serve`.
@@ -21,8 +22,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# uvicorn waits this long for open connections (SSE streams never end by themselves) before
-# the lifespan shutdown, which then drains the workers.
+# After the drain has ended every event stream (easel.api.graceful), uvicorn waits this long
+# for the connections still open to finish their responses before it cuts them.
 CONNECTIONS_GRACE_S = 3
 
 
@@ -59,13 +60,19 @@ def check_binding(settings: Settings, *, insecure: bool) -> None:
         )
 
 
-def serve(settings: Settings, *, ui: bool = True, insecure: bool = False) -> None:
-    """Run the server until SIGTERM/SIGINT, then drain the queue's workers."""
+def serve(
+    settings: Settings, *, ui: bool = True, insecure: bool = False, fresh_db: bool = False
+) -> None:
+    """Run the server until SIGTERM/SIGINT, then drain the queue's workers. A home that cannot
+    be used (unwritable, a damaged database, a new one beside old images without ``fresh_db``)
+    raises EaselError before uvicorn starts, so ``easel serve`` prints one line and exits 2."""
     import uvicorn
 
     from easel.api.app import create_app
-    from easel.services import build_services
+    from easel.api.graceful import GracefulServer
+    from easel.services import build_services, check_home
 
+    check_home(settings, fresh_db=fresh_db)  # first: anything else would open (make) the db
     check_binding(settings, insecure=insecure)
     if not logging.getLogger().handlers:  # Easel's own INFO lines (recovery, pruning) too
         logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
@@ -81,7 +88,7 @@ def serve(settings: Settings, *, ui: bool = True, insecure: bool = False) -> Non
     )
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     print(f"Easel on http://{host}:{settings.port}/  (API docs: /docs)", flush=True)
-    uvicorn.Server(config).run()
+    GracefulServer(config, app).run()
 
 
 def register(commands: Any) -> None:
@@ -96,6 +103,12 @@ def register(commands: Any) -> None:
         help="allow a non-loopback --host without API keys (only behind something that "
         "authenticates)",
     )
+    parser.add_argument(
+        "--fresh-db",
+        action="store_true",
+        help="start a new, empty database although EASEL_HOME/images holds images from an "
+        "earlier one (refused otherwise)",
+    )
     parser.set_defaults(func=cmd_serve)
 
 
@@ -103,7 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from easel.config import Settings
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    serve(Settings(**overrides), ui=not args.no_ui, insecure=args.insecure)
+    serve(Settings(**overrides), ui=not args.no_ui, insecure=args.insecure, fresh_db=args.fresh_db)
 
 
 if __name__ == "__main__":

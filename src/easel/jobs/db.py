@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+
+from easel.domain import EaselError
 
 # Numbered migrations: MIGRATIONS[n - 1] takes the schema from version n - 1 to n
 # (``PRAGMA user_version``). Append new ones; never edit a released one.
@@ -171,21 +173,163 @@ MIGRATIONS: list[str] = [
 ]
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+# what to do about a database that cannot be opened as it is: the CLI prints it on one line
+RECOVER = (
+    "move it away, then restore EASEL_HOME from a backup made with `easel backup` (or point "
+    "EASEL_HOME at the backup), or start a new, empty queue with `easel serve --fresh-db`"
+)
+
+
+class DatabaseUnusable(EaselError):
+    """``easel.db`` cannot be used as it is: not SQLite, damaged, newer than this code, or not
+    readable and writable. The message says what is wrong and what to do (HTTP 503)."""
+
+    status = 503
+
+
+def inspect_database(path: Path, *, quick_check: bool = True) -> int | None:
+    """Check the database file at ``path`` without changing it, before anything opens it for
+    writing: None when there is none yet (no file, or a zero-length one, which SQLite takes as
+    empty), else its schema version (``PRAGMA user_version``; 0 is SQLite without Easel's
+    tables). ``quick_check`` reads every page (``PRAGMA quick_check``: seconds for a
+    gigabyte). Raises :class:`DatabaseUnusable`.
+
+        >>> inspect_database(Settings().db_path)  # doctest: +SKIP
+        4
+    """
+    # 1. the file: there, a regular file, starting with SQLite's header
+    try:
+        if not path.exists():
+            return None
+        if not path.is_file():
+            raise DatabaseUnusable(f"{path} is not a file; {RECOVER}", field="home")
+        with path.open("rb") as handle:
+            header = handle.read(100)
+    except OSError as exc:
+        raise DatabaseUnusable(
+            f"cannot read {path}: {exc.strerror}; make EASEL_HOME and easel.db readable and "
+            "writable by this user",
+            field="home",
+        ) from None
+    wal = path.with_name(path.name + "-wal")
+    if not header and not (wal.is_file() and wal.stat().st_size):
+        return None
+    if not header.startswith(SQLITE_MAGIC):
+        raise DatabaseUnusable(
+            f"{path} is not an SQLite database (it starts with {header[:16]!r}); {RECOVER}",
+            field="home",
+        )
+    # 2. its pages, read-only. Without a -wal file no connection is open, and immutable=1
+    # opens it without making -wal and -shm files; with one, mode=ro reads what it holds.
+    mode = "ro" if wal.exists() else "ro&immutable=1"
+    try:
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode={mode}", uri=True)
+    except sqlite3.Error as exc:
+        raise _unusable(path, exc) from None
+    try:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check")] if quick_check else []
+    except sqlite3.Error as exc:
+        raise _unusable(path, exc) from None
+    finally:
+        conn.close()
+    if problems and problems != ["ok"]:
+        first = problems[0].replace("*** in database main ***", "").strip().splitlines()
+        detail = _truncation(path, header) or f"PRAGMA quick_check: {first[0] if first else '?'}"
+        raise DatabaseUnusable(f"{path} is damaged ({detail}); {RECOVER}", field="home")
+    # 3. a schema this code knows
+    if version > len(MIGRATIONS):
+        raise DatabaseUnusable(
+            f"{path} was written by a newer Easel (schema version {version}; this one knows up "
+            f"to {len(MIGRATIONS)}); upgrade Easel, or restore a backup this version made",
+            field="home",
+        )
+    return version
+
+
+def _truncation(path: Path, header: bytes) -> str | None:
+    """A note like "truncated: N of M bytes" when the file is shorter than its header says."""
+    if len(header) < 100:
+        return f"truncated: {len(header)} bytes, shorter than SQLite's header"
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    # the page count is valid only while the change counter matches "version-valid-for"
+    valid = header[24:28] == header[92:96]
+    size = path.stat().st_size
+    if valid and size < pages * page_size:
+        return f"truncated: {size} of {pages * page_size} bytes"
+    return None
+
+
+def _unusable(path: Path, exc: sqlite3.Error) -> DatabaseUnusable:
+    """The one-line message for an error SQLite gave while opening ``path``."""
+    name = getattr(exc, "sqlite_errorname", "")
+    if name.startswith("SQLITE_READONLY"):
+        problem = (
+            f"cannot write {path} (read-only); make EASEL_HOME and the files in it writable by "
+            "this user"
+        )
+    elif name.startswith("SQLITE_CANTOPEN"):
+        problem = (
+            f"cannot open {path}; make EASEL_HOME and the files in it readable and writable "
+            "by this user"
+        )
+    elif name.startswith("SQLITE_FULL"):
+        problem = f"the disk holding {path} is full; free some space and start again"
+    elif name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+        detail = _truncation(path, _head(path)) or f"SQLite: {exc}"
+        problem = f"{path} is damaged ({detail}); {RECOVER}"
+    else:
+        problem = f"cannot use {path}: {exc}"
+    return DatabaseUnusable(problem, field="home")
+
+
+def _head(path: Path) -> bytes:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(100)
+    except OSError:
+        return b""
+
+
 class Database:
     """One SQLite file, migrated on open, with a :meth:`transaction` context manager."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Open the database at ``path`` (made, with its folder, when missing) and migrate it.
+        Raises :class:`DatabaseUnusable`, before writing anything, when the file is not
+        SQLite, is newer than this code, or cannot be read and written (``check_home`` in
+        easel.services also reads every page first)."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DatabaseUnusable(
+                f"cannot create {path.parent}: {exc.strerror}; create it, or set EASEL_HOME to "
+                "a folder this user can write",
+                field="home",
+            ) from None
+        inspect_database(path, quick_check=False)
         self.path = path
         self._lock = threading.RLock()
+        self._depth = 0  # 1 inside transaction() (nested calls join it)
+        self._after_commit: list[Callable[[], None]] = []
         # isolation_level=None: we issue BEGIN/COMMIT ourselves in transaction()
-        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        self._conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable on crash
-        self._conn.execute("PRAGMA foreign_keys = ON")
-        self._conn.execute("PRAGMA busy_timeout = 5000")
-        self.migrate()
+        try:
+            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:  # a folder this user cannot write
+            raise _unusable(path, exc) from None
+        try:
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            self._conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable on crash
+            self._conn.execute("PRAGMA foreign_keys = ON")
+            self._conn.execute("PRAGMA busy_timeout = 5000")
+            self.migrate()
+        except sqlite3.Error as exc:  # read-only file, damaged page, disk full
+            self._conn.close()
+            raise _unusable(path, exc) from None
 
     @property
     def version(self) -> int:
@@ -210,16 +354,37 @@ class Database:
         same thread joins the outer transaction (so a job row and its first event commit together).
         """
         with self._lock:
-            if self._conn.in_transaction:
+            if self._depth:
                 yield self._conn
                 return
+            if self._conn.in_transaction:  # a failed COMMIT or ROLLBACK left one open
+                self._conn.execute("ROLLBACK")
             self._conn.execute("BEGIN IMMEDIATE")
+            self._depth = 1
             try:
                 yield self._conn
+                # a COMMIT can fail too (disk full, I/O error): then nothing of the block
+                # happened, and the connection must not stay inside it (depth, not
+                # in_transaction, says whether a call is nested)
+                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._after_commit.clear()
+                if self._conn.in_transaction:
+                    with suppress(sqlite3.Error):  # the next transaction retries it
+                        self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
+            finally:
+                self._depth = 0
+            callbacks, self._after_commit = self._after_commit, []
+            for callback in callbacks:
+                callback()
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the current transaction has committed; never if it rolls
+        back. For what others must not see before it is durable (live events)."""
+        with self._lock:
+            assert self._depth, "after_commit is for use inside transaction()"
+            self._after_commit.append(callback)
 
     def query(self, sql: str, args: tuple[object, ...] = ()) -> list[sqlite3.Row]:
         """Run one read statement and return all rows."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 import builtins
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -18,6 +20,7 @@ from PIL import Image
 
 from easel.domain import EaselError, ImageRecord
 from easel.jobs.db import Database
+from easel.jobs.disk import DiskGuard
 from easel.jobs.queue import image_record, utcnow
 
 
@@ -49,9 +52,10 @@ class ImageStore(Protocol):
 class DiskImageStore:
     """PNG files in ``root/<YYYY-MM-DD>/<id>.png`` with their rows in the database."""
 
-    def __init__(self, db: Database, root: Path) -> None:
+    def __init__(self, db: Database, root: Path, disk: DiskGuard | None = None) -> None:
         self.db = db
         self.root = root
+        self.disk = disk  # checked before each file is written (DiskFull when space is low)
 
     def save(
         self,
@@ -71,8 +75,7 @@ class DiskImageStore:
         image_id = f"{job_id}-{index}"
         created = utcnow()
         relative = f"{created[:10]}/{image_id}.png"
-        self._write(relative, png)
-        with self.db.transaction() as conn:
+        with self._write(relative, png), self.db.transaction() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO images (id, job_id, kind, idx, seed, path, width, height,"
                 " prompt, created_at, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
@@ -101,8 +104,7 @@ class DiskImageStore:
         image_id = uuid.uuid4().hex
         created = utcnow()
         relative = f"uploads/{created[:10]}/{image_id}.png"
-        self._write(relative, png)
-        with self.db.transaction() as conn:
+        with self._write(relative, png), self.db.transaction() as conn:
             conn.execute(
                 "INSERT INTO images (id, job_id, kind, path, width, height, prompt, sha256,"
                 " created_at, owner) VALUES (?, NULL, 'upload', ?, ?, ?, '', ?, ?, ?)",
@@ -116,7 +118,13 @@ class DiskImageStore:
             image.load()
             return image.convert("RGBA" if "A" in image.getbands() else "RGB")
 
-    def _write(self, relative: str, data: bytes) -> None:
+    @contextmanager
+    def _write(self, relative: str, data: bytes) -> Iterator[None]:
+        """Write a file atomically (temp file + rename) for the block that stores its row;
+        if that block fails (the database is full too), the file goes again: no file is
+        left without a row, nor half a file."""
+        if self.disk is not None:
+            self.disk.check()
         target = self.root / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         temp = target.with_suffix(".tmp")
@@ -125,6 +133,11 @@ class DiskImageStore:
             os.replace(temp, target)
         except BaseException:
             temp.unlink(missing_ok=True)  # a full disk must not also collect half files
+            raise
+        try:
+            yield
+        except BaseException:
+            target.unlink(missing_ok=True)
             raise
 
     def discard(self, job_id: str) -> None:

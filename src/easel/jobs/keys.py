@@ -23,11 +23,12 @@ import uuid
 from collections import deque
 from datetime import UTC, datetime, timedelta
 
-from easel.domain import SCOPES, InvalidParams, KeyRecord, QuotaExceeded
+from easel.domain import SCOPES, InvalidParams, KeyNotFound, KeyRecord, NameTaken, QuotaExceeded
 from easel.jobs.db import Database
 from easel.jobs.queue import parse_time, utcnow
 
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a whole name (fullmatch)
+MAX_LIMIT = 1_000_000  # the most rate_per_minute and max_jobs a key may be given
 SECRET_PREFIX = "easel_"
 MAX_SECRET_CHARS = 200  # longer than any secret we make: refused before hashing
 
@@ -53,8 +54,8 @@ class KeyStore:
         max_jobs: int | None = None,
     ) -> tuple[KeyRecord, str]:
         """A new key and its secret (the only time the secret exists outside the caller).
-        Raises InvalidParams naming the field: a malformed or taken name, an unknown scope,
-        a limit under 1."""
+        Raises InvalidParams naming the field (a malformed name, an unknown scope, a limit
+        under 1), NameTaken (409) for the name of an active key."""
         if not NAME_RE.fullmatch(name):
             raise InvalidParams(
                 "name must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or "
@@ -68,9 +69,9 @@ class KeyStore:
                 field="scope",
             )
         for field, value in (("rate_per_minute", rate_per_minute), ("max_jobs", max_jobs)):
-            if value is not None and (isinstance(value, bool) or not 1 <= value <= 1_000_000):
+            if value is not None and (isinstance(value, bool) or not 1 <= value <= MAX_LIMIT):
                 raise InvalidParams(
-                    f"{field} must be a whole number from 1 to 1000000 (got {value!r})",
+                    f"{field} must be a whole number from 1 to {MAX_LIMIT} (got {value!r})",
                     field=field,
                 )
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
@@ -92,7 +93,7 @@ class KeyStore:
                     ),
                 )
         except sqlite3.IntegrityError:
-            raise InvalidParams(
+            raise NameTaken(
                 f"a key named {name!r} exists already; revoke it first or pick another name",
                 field="name",
             ) from None
@@ -110,14 +111,17 @@ class KeyStore:
         return [_key(r) for r in self.db.query(f"SELECT * FROM keys{where} ORDER BY name, id")]
 
     def revoke(self, name: str) -> KeyRecord:
-        """Revoke the active key called ``name`` and end its web sessions."""
+        """Revoke the active key called ``name`` and end its web sessions; KeyNotFound (404)
+        when there is none."""
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):  # no key has such a name
+            raise KeyNotFound(f"no active key named {name!r}", field="name")
         with self.db.transaction() as conn:
             row = conn.execute(
                 "UPDATE keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL RETURNING id",
                 (utcnow(), name),
             ).fetchone()
             if row is None:
-                raise InvalidParams(f"no active key named {name!r}", field="name")
+                raise KeyNotFound(f"no active key named {name!r}", field="name")
             conn.execute("DELETE FROM sessions WHERE key_id = ?", (row[0],))
         return self.get(row[0])
 

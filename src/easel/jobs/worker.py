@@ -39,6 +39,7 @@ from easel.domain import (
 from easel.engine.metadata import to_png_bytes
 from easel.imaging import png_bytes
 from easel.jobs.db import Database
+from easel.jobs.disk import is_storage_error, storage_failure
 from easel.jobs.events import EventBus, EventType
 from easel.jobs.images import ImageStore
 from easel.jobs.queue import JobQueue
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 PREVIEW_SIZE = 128  # longest side of preview images sent with progress events
 IDLE_POLL_S = 0.5  # how long an idle worker sleeps when nobody wakes it
 TRAIN_EVENT_EVERY_S = 0.5  # training steps can come faster than anyone reads them
+RECORD_RETRY_S = (0.1, 5.0)  # first and longest wait between tries to record a job's end
 END_EVENTS: dict[JobStatus, EventType] = {  # a run's last event, by the job's status after it
     JobStatus.SUCCEEDED: "succeeded",
     JobStatus.FAILED: "failed",
@@ -149,8 +151,11 @@ class Worker:
         while not self._stopping.is_set():
             try:
                 busy = self.run_once()
-            except Exception:  # e.g. the database is unreadable: keep the thread, retry later
-                log.exception("worker %s: could not run a job", self.name)
+            except Exception as exc:  # the claim failed (a full disk, an unreadable database)
+                if is_storage_error(exc):  # no job is taken: it waits in the queue
+                    log.warning("worker %s: could not claim a job: %s", self.name, exc)
+                else:
+                    log.exception("worker %s: could not claim a job", self.name)
                 busy = False
             if not busy:
                 self.wakeup.wait(IDLE_POLL_S)
@@ -164,14 +169,22 @@ class Worker:
         job = None if self._stopping.is_set() else self.queue.claim()
         if job is None:
             return False
-        self._run(job)
+        try:
+            self._run(job)
+        except Exception:  # a bug, not a fault of the store (those are retried in _record)
+            log.exception(
+                "worker %s: job %s: its outcome could not be recorded; it stays running "
+                "until the server restarts (then it is requeued)",
+                self.name,
+                job.id,
+            )
         return True
 
     def _run(self, job: JobRecord) -> None:
-        # 2. announce it
-        self.events.publish(job.id, "started", {"attempt": job.attempts, "worker": self.name})
         run = self._train if TASK_SPECS[job.params.task].kind == "train" else self._generate
         try:
+            # 2. announce it
+            self.events.publish(job.id, "started", {"attempt": job.attempts, "worker": self.name})
             # 3. run the task, reporting steps and honouring cancel
             data, seconds = run(job)
         except Canceled:
@@ -181,13 +194,22 @@ class Worker:
             self._fail(job, exc.message)
             return
         except Exception as exc:  # a worker survives any one job; the log keeps the traceback
-            log.exception("job %s failed", job.id)
-            self._fail(job, f"internal error: {type(exc).__name__}: {exc}")
+            if reason := storage_failure(exc):  # the store failed, not the job
+                log.warning("job %s failed: could not store its work: %s", job.id, exc)
+                self._fail(job, f"could not store the job's work: {reason}")
+            else:
+                log.exception("job %s failed", job.id)
+                self._fail(job, f"internal error: {type(exc).__name__}: {exc}")
             return
         # 4. finish: status and the final event, then speed for ETAs (of generations)
         self._end(job, JobStatus.SUCCEEDED, data)
         if seconds is not None:
-            self.queue.record_speed(job, self.device, seconds)
+            try:
+                self.queue.record_speed(job, self.device, seconds)
+            except Exception as exc:  # only ETAs suffer; the job is recorded
+                if not is_storage_error(exc):
+                    raise
+                log.warning("job %s: could not record its speed: %s", job.id, exc)
 
     def _should_stop(self, job: JobRecord) -> bool:
         return self._abort.is_set() or self.queue.cancel_requested(job.id)
@@ -301,7 +323,6 @@ class Worker:
             self._end(job, JobStatus.QUEUED, {"reason": "server stopping"})
 
     def _fail(self, job: JobRecord, message: str) -> None:
-        self.images.discard(job.id)
         self._end(job, JobStatus.FAILED, {"error": message}, error=message)
 
     def _end(
@@ -311,9 +332,46 @@ class Worker:
         data: dict[str, object],
         error: str | None = None,
     ) -> None:
-        """Record how the run ended: the job's status and its last event in one transaction,
-        so a crash can never leave a final job without its final event (SSE clients wait for
-        it). Stored previews are dropped first: whoever sees this event finds them gone."""
+        """Record how the run ended, retrying while the store fails (a full disk, an I/O
+        error): a job is never left ``running`` with nobody recording it. Meanwhile this
+        worker takes no other job; a drain that gives up (``stop``) leaves the job to the
+        start-up recovery, which requeues it."""
+        delay = RECORD_RETRY_S[0]
+        while True:
+            try:
+                self._record(job, status, data, error)
+                return
+            except Exception as exc:
+                if not is_storage_error(exc):
+                    raise
+                log.warning(
+                    "worker %s: job %s: could not record its end (%s): %s; retrying in %.1f s",
+                    self.name,
+                    job.id,
+                    status,
+                    exc,
+                    delay,
+                )
+            if self._abort.wait(delay):  # stopping: the next start requeues it
+                log.warning(
+                    "worker %s: job %s is left for the start-up recovery", self.name, job.id
+                )
+                return
+            delay = min(delay * 2, RECORD_RETRY_S[1])
+
+    def _record(
+        self,
+        job: JobRecord,
+        status: JobStatus,
+        data: dict[str, object],
+        error: str | None = None,
+    ) -> None:
+        """The job's status and its last event in one transaction, so a crash can never leave
+        a final job without its final event (SSE clients wait for it). A failed job's images
+        (some of a batch) and the previews of its progress events are dropped first: whoever
+        sees this event finds them gone."""
+        if status is JobStatus.FAILED:
+            self.images.discard(job.id)
         with self.db.transaction():
             ended = self.queue.finish(job.id, status, error)
             if ended is None:

@@ -8,16 +8,12 @@ captioned images in under three minutes on a 2-core CPU (docs/TRAINING.md).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, replace
 
 from easel.domain import GenerationParams, InvalidParams
+from easel.models.loras import MAX_RANK, MAX_TRAIN_STEPS, NAME_RE, TRIGGER_RE
 from easel.models.params import check_int, check_number
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-TRIGGER_PATTERN = re.compile(r"[^\s<>:\"]{1,64}")
-MAX_STEPS = 100_000
-MAX_RANK = 256
 JOB_CHECKPOINTS = 10  # a train_lora job checkpoints about this often over its run
 
 
@@ -69,14 +65,14 @@ class LoraConfig:
     def __post_init__(self) -> None:
         check_name(self.name)
         check_trigger(self.trigger)
-        check_int("steps", self.steps, 1, MAX_STEPS)
+        check_int("steps", self.steps, 1, MAX_TRAIN_STEPS)
         check_int("batch_size", self.batch_size, 1, 256)
         check_int("rank", self.rank, 1, MAX_RANK)
-        check_int("warmup_steps", self.warmup_steps, 0, MAX_STEPS)
+        check_int("warmup_steps", self.warmup_steps, 0, MAX_TRAIN_STEPS)
         check_int("prior_images", self.prior_images, 1, 1000)
         check_int("keep_checkpoints", self.keep_checkpoints, 1, 100)
-        check_int("sample_every", self.sample_every, 0, MAX_STEPS)
-        check_int("checkpoint_every", self.checkpoint_every, 1, MAX_STEPS)
+        check_int("sample_every", self.sample_every, 0, MAX_TRAIN_STEPS)
+        check_int("checkpoint_every", self.checkpoint_every, 1, MAX_TRAIN_STEPS)
         if self.sample_steps is not None:
             check_int("sample_steps", self.sample_steps, 1, 200)
         if self.size is not None:
@@ -124,7 +120,7 @@ def config_from_params(params: GenerationParams, dataset: str, out_dir: str) -> 
 
 def check_name(name: str) -> None:
     """A LoRA name is also a file name: letters, digits, '.', '_', '-', at most 64."""
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidParams(
             "name must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or "
             f"digit (got {name!r})",
@@ -133,7 +129,7 @@ def check_name(name: str) -> None:
 
 
 def check_trigger(trigger: str) -> None:
-    if not isinstance(trigger, str) or not TRIGGER_PATTERN.fullmatch(trigger):
+    if not isinstance(trigger, str) or not TRIGGER_RE.fullmatch(trigger):
         raise InvalidParams(
             "trigger must be one word of 1-64 characters, without spaces, '<', '>', ':' or "
             f"quotes (got {trigger!r})",

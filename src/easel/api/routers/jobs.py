@@ -8,12 +8,13 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import TypeAdapter
 
 from easel.api.deps import PrincipalDep, ServicesDep
 from easel.api.schemas import ErrorBody, JobCreate, JobPublic
+from easel.api.streams import EventStreamResponse, StreamSlots, client_of
 from easel.domain import InvalidParams, JobRecord, JobStatus
 from easel.jobs.events import JobEvent
 from easel.services import Services
@@ -90,14 +91,38 @@ def cancel_job(job_id: str, services: ServicesDep, principal: PrincipalDep) -> J
 
 @router.get(
     "/{job_id}/events",
-    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}},
+    responses={
+        **ERRORS,
+        200: {"content": {"text/event-stream": {}}},
+        429: {
+            "model": ErrorBody,
+            "description": "The client has max_streams_per_client streams open, or the key's "
+            "rate is used up; see Retry-After",
+        },
+        503: {
+            "model": ErrorBody,
+            "description": "The server has max_streams streams open; see Retry-After",
+        },
+    },
     response_class=StreamingResponse,
 )
 async def job_events(
+    request: Request,
     job_id: str,
     services: ServicesDep,
     principal: PrincipalDep,
-    last_event_id: Annotated[str | None, Header()] = None,
+    last_event_id: Annotated[
+        str | None,
+        Header(
+            description="The id of the last event received: the stream starts after it",
+            # what the route takes: the decimal digits of an event id (read below, so that
+            # "²", which str.isdigit() accepts, or 5000 zeros, get a 422 naming the header);
+            # a header is absent rather than null
+            json_schema_extra=lambda schema: schema.update(
+                anyOf=[{"type": "integer", "minimum": 0, "maximum": MAX_EVENT_ID}]
+            ),
+        ),
+    ] = None,
     after: Annotated[
         int | None, Query(ge=0, le=MAX_EVENT_ID, description="Same as Last-Event-ID")
     ] = None,
@@ -105,7 +130,9 @@ async def job_events(
     """Server-Sent Events of one job: ``queued``, ``started``, ``progress``, ``succeeded``,
     ``failed``, ``canceled`` (and ``requeued`` after a restart). Each has an ``id``; reconnect
     with ``Last-Event-ID`` to get exactly the events after it. The stream ends after the final
-    event."""
+    event, or after ``server-stopping`` (no ``id``) when the server shuts down. A client may
+    hold ``max_streams_per_client`` streams at once (429 past it), the server ``max_streams``
+    (503)."""
     since = after or 0
     if last_event_id is not None:
         text = last_event_id.strip()
@@ -118,12 +145,17 @@ async def job_events(
                 field="last_event_id",
             )
         since = int(text)
-    # 404 now, not mid-stream: a database read, off the loop
-    await asyncio.to_thread(services.get_job, job_id, principal)
-    events = services.subscribe(job_id, since)
-    return StreamingResponse(
-        sse_stream(events),
-        media_type="text/event-stream",
+    slots: StreamSlots = request.app.state.streams
+    slot = slots.take(client_of(principal, request.client.host if request.client else None))
+    try:
+        # 404 now, not mid-stream: a database read, off the loop
+        await asyncio.to_thread(services.get_job, job_id, principal)
+    except BaseException:
+        slot.release()
+        raise
+    return EventStreamResponse(
+        sse_stream(services.subscribe(job_id, since)),
+        slot=slot,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
@@ -131,7 +163,9 @@ async def job_events(
 def sse_format(event: JobEvent) -> str:
     created_at = TIMESTAMP.dump_python(datetime.fromisoformat(event.created_at), mode="json")
     data = {"job_id": event.job_id, "created_at": created_at, **event.data}
-    return f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(data)}\n\n"
+    # server-stopping has no id: a reconnect's Last-Event-ID stays the job's last real event
+    id_line = f"id: {event.id}\n" if event.id else ""
+    return f"{id_line}event: {event.type}\ndata: {json.dumps(data)}\n\n"
 
 
 async def sse_stream(events: AsyncIterator[JobEvent]) -> AsyncIterator[str]:

@@ -18,7 +18,7 @@ def require_admin(services: ServicesDep, principal: PrincipalDep) -> None:
 router = APIRouter(prefix="/keys", tags=["keys"], dependencies=[Depends(require_admin)])
 ERRORS: dict[int | str, dict[str, Any]] = {
     403: {"model": ErrorBody, "description": "Not an admin key"},
-    422: {"model": ErrorBody, "description": "Malformed or taken name, unknown scope"},
+    422: {"model": ErrorBody, "description": "Malformed name, unknown scope, limit out of range"},
 }
 
 
@@ -31,7 +31,11 @@ def list_keys(services: ServicesDep, revoked: bool = False) -> list[KeyPublic]:
 @router.post(
     "",
     status_code=201,
-    responses={**ERRORS, 400: {"model": ErrorBody, "description": "Malformed JSON"}},
+    responses={
+        **ERRORS,
+        400: {"model": ErrorBody, "description": "Malformed JSON"},
+        409: {"model": ErrorBody, "description": "An active key has that name"},
+    },
 )
 def create_key(body: KeyCreate, services: ServicesDep) -> KeyCreated:
     """Make a key; the response holds its secret, shown this once (stored only hashed)."""
@@ -44,7 +48,9 @@ def create_key(body: KeyCreate, services: ServicesDep) -> KeyCreated:
     return KeyCreated(**KeyPublic.of(record).model_dump(), secret=secret)
 
 
-@router.delete("/{name}", responses=ERRORS)
+@router.delete(
+    "/{name}", responses={**ERRORS, 404: {"model": ErrorBody, "description": "No active key"}}
+)
 def revoke_key(name: str, services: ServicesDep) -> KeyPublic:
     """Revoke the active key ``name``: it stops working at once, its sessions end; what it
     made keeps its owner (admins still see it)."""
