@@ -170,6 +170,37 @@ MIGRATIONS: list[str] = [
         WHERE job_id IS NOT NULL;
     CREATE INDEX images_owner ON images (owner, created_at)
     """,
+    # 5: webhooks. A job's URL is a column, not a field of its params: it is no generation
+    # setting and must not reach the PNG metadata. The outbox (easel.jobs.webhooks) gets its
+    # row in the transaction that records the job's end; it names the job without a foreign
+    # key, so a delivery still due outlives a job that retention deletes.
+    """
+    ALTER TABLE jobs ADD COLUMN webhook TEXT;
+
+    CREATE TABLE webhook_deliveries (
+        id TEXT PRIMARY KEY,                     -- the Easel-Delivery header (same on retries)
+        job_id TEXT NOT NULL UNIQUE,             -- one delivery per job: its end
+        owner TEXT,                              -- the job's key: whose secret signs it
+        url TEXT NOT NULL,
+        event TEXT NOT NULL,                     -- job.succeeded, job.failed, job.canceled
+        body TEXT NOT NULL,                      -- the job's JSON at its end, sent as is
+        status TEXT NOT NULL CHECK (status IN ('pending', 'delivered', 'dead')),
+        attempts INTEGER NOT NULL DEFAULT 0,     -- tries made (counted before each)
+        next_at REAL NOT NULL,                   -- Unix time the next try is due
+        last_error TEXT,
+        created_at TEXT NOT NULL,
+        finished_at TEXT                         -- delivered or given up
+    );
+    CREATE INDEX webhook_due ON webhook_deliveries (status, next_at);
+
+    -- the server secret the keys' signing secrets derive from, made on first use (a backup
+    -- carries it). The webhook_secret setting, when set, is used instead.
+    CREATE TABLE webhook_secret (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        secret TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    )
+    """,
 ]
 
 
@@ -196,7 +227,7 @@ def inspect_database(path: Path, *, quick_check: bool = True) -> int | None:
     gigabyte). Raises :class:`DatabaseUnusable`.
 
         >>> inspect_database(Settings().db_path)  # doctest: +SKIP
-        4
+        5
     """
     # 1. the file: there, a regular file, starting with SQLite's header
     try:

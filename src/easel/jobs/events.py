@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -66,12 +66,15 @@ class EventBus:
         self._pump_task: asyncio.Task[None] | None = None  # held: the loop keeps weak refs
         self._attach_lock = threading.Lock()
         self._stopping = False  # set on the loop by the pump: subscriptions end
+        # run inside the transaction of each final event (the webhook outbox's enqueue), so
+        # what they write commits, or rolls back, with the job's end
+        self.final_hooks: list[Callable[[JobEvent], None]] = []
 
     def publish(self, job_id: str, type: EventType, data: dict[str, Any] | None = None) -> JobEvent:
         """Persist an event and forward it to live subscribers once it has committed (with the
         transaction it is part of, if any): a subscriber never sees an event that a failed
-        commit took back, such as a final event whose job is still running. Safe from any
-        thread."""
+        commit took back, such as a final event whose job is still running. A final event
+        runs ``final_hooks`` in the same transaction. Safe from any thread."""
         payload = data or {}
         created = utcnow()
         with self.db.transaction() as conn:
@@ -81,6 +84,9 @@ class EventBus:
                 (job_id, type, json.dumps(payload), created),
             ).fetchone()
             event = JobEvent(id=row[0], job_id=job_id, type=type, data=payload, created_at=created)
+            if type in FINAL_EVENTS:
+                for hook in self.final_hooks:
+                    hook(event)
             self.db.after_commit(lambda: self._deliver(event))
         return event
 

@@ -136,10 +136,12 @@ class SqliteJobQueue:
         priority: int = 0,
         owner: str | None = None,
         max_jobs: int | None = None,
+        webhook: str | None = None,
     ) -> JobRecord:
-        """Add a job with resolved ``params``. Raises QueueFull when max_queued are waiting,
-        QuotaExceeded when ``owner`` has ``max_jobs`` queued or running (counted in the same
-        transaction as the insert, so a burst cannot slip past)."""
+        """Add a job with resolved ``params`` (and a checked ``webhook`` URL, POSTed when it
+        ends). Raises QueueFull when max_queued are waiting, QuotaExceeded when ``owner`` has
+        ``max_jobs`` queued or running (counted in the same transaction as the insert, so a
+        burst cannot slip past)."""
         assert params.model is not None, "submit resolved params (model set)"
         job_id = uuid.uuid4().hex
         with self.db.transaction() as conn:
@@ -164,7 +166,8 @@ class SqliteJobQueue:
                     )
             conn.execute(
                 "INSERT INTO jobs (id, task, model, params, width, height, priority, owner,"
-                " status, total_steps, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+                " status, total_steps, created_at, webhook)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
                 (
                     job_id,
                     params.task,
@@ -176,6 +179,7 @@ class SqliteJobQueue:
                     owner,
                     planned_steps(params),
                     utcnow(),
+                    webhook,
                 ),
             )
         return self.get(job_id)
@@ -393,6 +397,7 @@ def _job(row: sqlite3.Row) -> JobRecord:
         started_at=parse_time(row["started_at"]),
         finished_at=parse_time(row["finished_at"]),
         position=row["position"] if "position" in row.keys() else None,
+        webhook=row["webhook"],
     )
 
 

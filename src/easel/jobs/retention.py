@@ -5,7 +5,8 @@ What goes (``RetentionPolicy``, from ``Settings.keep_jobs_days`` and ``keep_uplo
 0 keeps forever):
 
 - a job that finished (succeeded, failed, canceled) more than ``keep_jobs_days`` ago, with its
-  events and its images (generated and training samples), rows and PNG files;
+  events, its images (generated and training samples), rows and PNG files, and its webhook
+  delivery once that is delivered or given up;
 - an uploaded input image stored more than ``keep_uploads_days`` ago.
 
 What stays, whatever its age: queued and running jobs, and every image a queued or running job
@@ -48,6 +49,12 @@ LIVE_INPUTS = (
     + ") "
 )
 BATCH = 200  # jobs or uploads per transaction: a long prune never holds the write lock long
+# the webhook deliveries of deleted jobs, once delivered or given up: one still being tried
+# outlives its job (it holds the job's JSON) and goes with a later prune
+DONE_DELIVERIES = (
+    "DELETE FROM webhook_deliveries WHERE status != 'pending'"
+    " AND job_id NOT IN (SELECT id FROM jobs)"
+)
 
 
 @dataclass(frozen=True)
@@ -133,6 +140,7 @@ def _prune_jobs(db: Database, cutoff: str) -> tuple[PruneCounts, list[str]]:
             )
         ]
         if not ids:
+            conn.execute(DONE_DELIVERIES)
             return PruneCounts(), []
         marks = ", ".join("?" * len(ids))
         paths = [
@@ -143,6 +151,7 @@ def _prune_jobs(db: Database, cutoff: str) -> tuple[PruneCounts, list[str]]:
         ]
         events = conn.execute(f"DELETE FROM events WHERE job_id IN ({marks})", ids).rowcount
         conn.execute(f"DELETE FROM jobs WHERE id IN ({marks})", ids)
+        conn.execute(DONE_DELIVERIES)
     return PruneCounts(jobs=len(ids), events=events, images=len(paths)), paths
 
 
