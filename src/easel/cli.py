@@ -7,6 +7,7 @@
     easel loras list [--json] | add FILE [--name N] [--family F] [--base-model M]
     easel keys create NAME [--scope generate|train|admin]... | list [--json] | revoke NAME
     easel backup /backups/easel-2025-06-01      # database, images, LoRAs, datasets
+    easel mcp [--url URL]                       # tools for agents (Model Context Protocol)
 
 Every user error (an EaselError, a bad argument, an unreadable file) ends as one line on stderr
 and exit code 2, never a traceback. torch is imported only by the commands that generate or
@@ -42,6 +43,7 @@ from easel.domain import (
 )
 from easel.jobs.db import Database
 from easel.jobs.keys import KeyStore
+from easel.mcp_server import register as register_mcp
 from easel.models.catalog import ModelCatalog
 from easel.models.loras import LoraCatalog, parse_lora_arg
 from easel.training.commands import register as register_training
@@ -49,8 +51,8 @@ from easel.training.commands import register as register_training
 # Commands from other packages plug in here: each function adds its subcommand(s) to the
 # `easel` subparsers and sets a handler with `parser.set_defaults(func=handler)`, where
 # `handler(args: argparse.Namespace) -> int | None` returns the exit code (None means 0).
-# The lead registers `serve` (easel.api), `train` and `eval` (easel.training) here.
-EXTRA_COMMANDS: list[Callable[[Any], None]] = [register_serve, register_training]
+# The lead registers `serve` (easel.api), `train` and `eval` (easel.training), `mcp` here.
+EXTRA_COMMANDS: list[Callable[[Any], None]] = [register_serve, register_training, register_mcp]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from platformdirs import user_data_dir
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -150,6 +150,35 @@ class Settings(BaseSettings):
         gt=0,
         description="How often the server deletes what keep_jobs_days and keep_uploads_days "
         "no longer keep (also once at start-up).",
+    )
+
+    webhook_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts a job's `webhook` URL may name: host names or IP addresses (these "
+        'may be loopback or private), "*.example.com", or "*" (any host with a public address), '
+        'e.g. ["hooks.example.com"]. Empty: webhooks are off (a job naming one gets 422).',
+    )
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="The server secret each key's webhook signing secret is derived from. "
+        "Unset: one is generated on first use and kept in easel.db (backups carry it); set "
+        "it to rotate every key's secret.",
+    )
+    webhook_attempts: int = Field(
+        8, ge=1, le=100, description="Tries of one webhook delivery before it is given up."
+    )
+    webhook_backoff_s: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds before a failed webhook delivery is tried again; the wait doubles "
+        "after each try (30 s and 8 tries: about an hour in all), at most an hour.",
+    )
+    webhook_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="Seconds a webhook delivery may take to connect, and to send or read each "
+        "part (no redirect is followed; at most 4 KiB of an answer is read).",
     )
 
     @property

@@ -429,6 +429,7 @@ class JobRecord:
     finished_at: datetime | None = None
     images: list[ImageRecord] = field(default_factory=list)
     position: int | None = None  # 1 = next to start; None unless queued (read with the status)
+    webhook: str | None = None  # POSTed once the job ends (easel.jobs.webhooks)
 
 
 # --- keys -------------------------------------------------------------------------------------

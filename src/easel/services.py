@@ -30,6 +30,7 @@ from typing import IO, Any, Protocol
 from easel.config import Settings
 from easel.datasets import Dataset, DatasetLimits, load_dataset, prepare_upload, read_summary
 from easel.domain import (
+    IMAGE_FIELDS,
     LOCAL,
     TASK_SPECS,
     DatasetNotFound,
@@ -59,6 +60,7 @@ from easel.jobs.images import DiskImageStore, ImageNotFound
 from easel.jobs.keys import KeyStore, RateLimiter
 from easel.jobs.queue import QueueSummary, SqliteJobQueue, utcnow
 from easel.jobs.retention import Pruner, RetentionPolicy
+from easel.jobs.webhooks import WebhookPolicy, Webhooks, check_url
 from easel.jobs.worker import Generator, Trainer, Worker
 from easel.models.catalog import ModelCatalog
 from easel.models.families import Family, get_family
@@ -128,6 +130,7 @@ class Services:
     wakeup: threading.Event = field(default_factory=threading.Event)
     limiter: RateLimiter = field(default_factory=RateLimiter)
     pruner: Pruner | None = None  # None: keep everything (settings.keep_*_days are 0)
+    webhooks: Webhooks | None = None  # the outbox and its sender (build_services makes one)
     _home_lock: IO[str] | None = field(default=None, init=False, repr=False)
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -150,10 +153,16 @@ class Services:
             worker.start()
         if self.pruner is not None:
             self.pruner.start()
+        if self.webhooks is not None:
+            self.webhooks.start()  # pending deliveries of an earlier run go on
 
     def stop(self) -> None:
-        """:meth:`drain` (if not done yet), then close the database."""
+        """:meth:`drain` (if not done yet), end the webhook sender (what it has not sent
+        stays in the outbox), then close the database."""
         self.drain()
+        if self.webhooks is not None:
+            self.webhooks.stop()
+            self.webhooks.close()
         self.db.close()
         if self._home_lock is not None:
             self._home_lock.close()  # releases the flock
@@ -290,10 +299,16 @@ class Services:
     # --- jobs -----------------------------------------------------------------------------------
 
     def submit_job(
-        self, params: GenerationParams, *, priority: int = 0, principal: Principal = LOCAL
+        self,
+        params: GenerationParams,
+        *,
+        priority: int = 0,
+        principal: Principal = LOCAL,
+        webhook: str | None = None,
     ) -> JobRecord:
         """Validate ``params`` against the model (no model load) and queue a job owned by
-        ``principal``'s key.
+        ``principal``'s key; ``webhook``: a URL the job is POSTed to when it ends (hosts in
+        ``settings.webhook_hosts`` only; see easel.jobs.webhooks).
 
         Raises Forbidden (403: a task outside the key's scopes), ModelNotFound (404),
         ModelNotAvailable (409), InvalidParams (422, names the field), QueueFull or
@@ -306,6 +321,8 @@ class Services:
             principal, "train" if spec is not None and spec.kind == "train" else "generate"
         )
         self._check_limits(params, priority)
+        if webhook is not None:
+            webhook = check_url(webhook, self._webhook_policy())
         # 2. resolve defaults and check every field against the model's family
         name = params.model or self.settings.default_model
         # the owner's default model may be a path; a request may name one only when trusted
@@ -339,6 +356,7 @@ class Services:
                 priority=priority,
                 owner=principal.key_id,
                 max_jobs=principal.max_jobs,
+                webhook=webhook,
             )
             self.events.publish(
                 job.id,
@@ -373,6 +391,20 @@ class Services:
                 self.events.publish(job_id, "canceled", {"while": "queued"})
         return job
 
+    def webhook_secret(self, principal: Principal = LOCAL) -> str:
+        """The secret that signs the deliveries of ``principal``'s jobs (derived from the
+        server's, one per key: see easel.jobs.webhooks)."""
+        if self.webhooks is None:
+            raise EaselError("this server sends no webhooks")
+        return self.webhooks.secret_for(principal.key_id)
+
+    def _webhook_policy(self) -> WebhookPolicy:
+        return (
+            self.webhooks.policy
+            if self.webhooks is not None
+            else WebhookPolicy.from_settings(self.settings)
+        )
+
     def job_position(self, job_id: str) -> int | None:
         """1-based place among waiting jobs (1 starts next); None unless queued."""
         return self.queue.position(job_id)
@@ -386,6 +418,31 @@ class Services:
         summary = self.queue.summary()
         summary.running = [j for j in summary.running if principal.sees(j.owner)]
         return summary
+
+    def active_jobs(self, principal: Principal = LOCAL) -> tuple[list[JobRecord], int]:
+        """The running jobs ``principal`` sees (its own; an admin all), oldest first, and how
+        many of the jobs it sees wait in the queue (what A1111's ``/progress`` reports)."""
+        running = self.queue.list(
+            status=JobStatus.RUNNING, owner=principal.owner_filter, limit=len(self.workers) + 8
+        )
+        owner = principal.owner_filter
+        rows = self.db.query(
+            "SELECT COUNT(*) FROM jobs WHERE status = 'queued'"
+            + (" AND owner = ?" if owner is not None else ""),
+            (owner,) if owner is not None else (),
+        )
+        return running[::-1], int(rows[0][0])
+
+    def latest_preview(self, job_id: str, principal: Principal = LOCAL) -> str | None:
+        """The newest preview image (a ``data:`` URL) among a job's progress events; None
+        before the first. Raises JobNotFound (404), also for another key's job."""
+        self.get_job(job_id, principal)
+        rows = self.db.query(
+            "SELECT json_extract(data, '$.preview') FROM events WHERE job_id = ? AND type = "
+            "'progress' AND json_extract(data, '$.preview') IS NOT NULL ORDER BY id DESC LIMIT 1",
+            (job_id,),
+        )
+        return str(rows[0][0]) if rows else None
 
     def disk_status(self) -> DiskStatus:
         """Free space on the disk holding EASEL_HOME, and whether it is under
@@ -442,6 +499,23 @@ class Services:
         return self.images.save_upload(
             image, png=png_bytes(image), sha256=pixel_hash(image), owner=principal.key_id
         )
+
+    def discard_upload(self, image_id: str, principal: Principal = LOCAL) -> bool:
+        """Delete an upload of ``principal``'s own key that no job names, row and file: what a
+        one-request protocol (A1111's img2img) stored before the job it was for was refused,
+        so that a refused request leaves nothing behind. Anything else (another key's image,
+        a generated one, one a job names) is left alone; returns whether it was deleted."""
+        names = " OR ".join(f"json_extract(params, '$.{name}') = :id" for name in IMAGE_FIELDS)
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                "DELETE FROM images WHERE id = :id AND kind = 'upload' AND owner IS :owner"
+                f" AND NOT EXISTS (SELECT 1 FROM jobs WHERE {names}) RETURNING path",
+                {"id": image_id, "owner": principal.key_id},
+            ).fetchone()
+        if row is None:
+            return False
+        (self.settings.images_dir / row[0]).unlink(missing_ok=True)
+        return True
 
     def get_image(self, image_id: str, principal: Principal = LOCAL) -> ImageRecord:
         """One image's record; raises ImageNotFound (404), also for another key's image."""
@@ -805,6 +879,8 @@ def build_services(settings: Settings, *, generator: Generator | None = None) ->
     else:
         generators = [("cpu", generator)] * max(settings.cpu_workers, 1)
     policy = RetentionPolicy(settings.keep_jobs_days, settings.keep_uploads_days)
+    webhooks = Webhooks(db, queue, WebhookPolicy.from_settings(settings))
+    events.final_hooks.append(webhooks.enqueue)  # a job's end and its delivery: one commit
     workers = [
         Worker(
             f"{device}-{i}",
@@ -835,6 +911,7 @@ def build_services(settings: Settings, *, generator: Generator | None = None) ->
         pruner=Pruner(db, settings.images_dir, policy, settings.prune_every_s)
         if policy.active
         else None,
+        webhooks=webhooks,
     )
 
 

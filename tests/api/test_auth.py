@@ -6,6 +6,7 @@ keys API and `easel keys` / `easel serve`'s refusal to leave loopback without ke
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -21,6 +22,7 @@ from fastapi.testclient import TestClient
 from starlette.routing import Mount
 
 from easel.api.app import create_app
+from easel.api.errors import OPENAI_CODES
 from easel.api.server import check_binding
 from easel.cli import main
 from easel.config import Settings
@@ -119,6 +121,7 @@ class World:
     dataset: str
     lora: str
     victim: str = "victim"  # a key's name (for the keys routes)
+    model: str = "tiny"  # a catalog model (for /v1/models/{model})
 
 
 @pytest.fixture
@@ -224,6 +227,53 @@ ROUTES: dict[tuple[str, str], Call] = {
     ("GET", "/api/v1/keys"): Call(200, scope="admin"),
     ("POST", "/api/v1/keys"): Call(201, kwargs=lambda w: {"json": {"name": "made"}}, scope="admin"),
     ("DELETE", "/api/v1/keys/{name}"): Call(200, {"name": "victim"}, scope="admin"),
+    ("GET", "/api/v1/webhooks/secret"): Call(200),  # the asking key's own
+    # AUTOMATIC1111's API (easel.api.a1111): no worker runs here, so a generation is called
+    # with a size the services refuse after the scope check (422 proves the route is reached;
+    # tests/e2e/test_a1111.py runs real ones)
+    ("GET", "/sdapi/v1/options"): Call(200),
+    ("POST", "/sdapi/v1/options"): Call(
+        200, kwargs=lambda w: {"json": {"sd_model_checkpoint": "tiny", "sd_vae": "Automatic"}}
+    ),
+    ("GET", "/sdapi/v1/sd-models"): Call(200),
+    ("GET", "/sdapi/v1/samplers"): Call(200),
+    ("GET", "/sdapi/v1/schedulers"): Call(200),
+    ("GET", "/sdapi/v1/upscalers"): Call(200),
+    ("GET", "/sdapi/v1/latent-upscale-modes"): Call(200),
+    ("GET", "/sdapi/v1/sd-vae"): Call(200),
+    ("POST", "/sdapi/v1/txt2img"): Call(
+        422, kwargs=lambda w: {"json": {"prompt": "a", "width": 8}}, scope="generate"
+    ),
+    ("POST", "/sdapi/v1/img2img"): Call(
+        422,
+        kwargs=lambda w: {"json": {"prompt": "a", "init_images": [b64png()], "width": 8}},
+        scope="generate",
+    ),
+    ("GET", "/sdapi/v1/progress"): Call(200, others="list"),  # the key's jobs only
+    ("POST", "/sdapi/v1/interrupt"): Call(200),  # the key's running jobs only
+    ("POST", "/sdapi/v1/skip"): Call(200),
+    ("POST", "/sdapi/v1/png-info"): Call(200, kwargs=lambda w: {"json": {"image": b64png()}}),
+    # OpenAI's Images API (easel.api.openai): a generation waits for its job, so it is called
+    # with a size the services refuse after the scope check (400: the route is reached;
+    # tests/e2e/test_openai.py runs real ones with the openai client)
+    ("POST", "/v1/images/generations"): Call(
+        400, kwargs=lambda w: {"json": {"prompt": "a", "size": "8x8"}}, scope="generate"
+    ),
+    ("POST", "/v1/images/edits"): Call(
+        400,
+        kwargs=lambda w: {
+            "files": {"image": ("a.png", png())},
+            "data": {"prompt": "a", "size": "8x8"},
+        },
+        scope="generate",
+    ),
+    ("POST", "/v1/images/variations"): Call(
+        400,
+        kwargs=lambda w: {"files": {"image": ("a.png", png())}, "data": {"size": "8x8"}},
+        scope="generate",
+    ),
+    ("GET", "/v1/models"): Call(200),
+    ("GET", "/v1/models/{model}"): Call(200, {"model": "model"}),
 }
 # open to everyone; checked in test_public_routes_need_no_key
 PUBLIC = {("GET", "/api/v1/health"), ("GET", "/login"), ("POST", "/login"), ("POST", "/logout")}
@@ -232,6 +282,22 @@ LACKS = {"generate": "train", "train": "gen", "admin": "alice"}
 # ids like alice's that name nothing
 FAKES = {"lora": "nolora"}
 FAKE_ID = "0" * 32
+
+
+def b64png() -> str:
+    return base64.b64encode(png()).decode()
+
+
+def error_type(response: Response) -> str:
+    """An error's type in its protocol's shape (``easel.api.errors.error_body``): Easel's
+    ``error.type``; A1111's ``error``, a string; OpenAI's ``error.code``, as
+    ``OPENAI_CODES`` names Easel's types."""
+    error = response.json()["error"]
+    if isinstance(error, str):
+        return error
+    if "code" in error:
+        return {code: kind for kind, code in OPENAI_CODES.items()}.get(error["code"], "?")
+    return str(error["type"])
 
 
 def app_routes(client: TestClient) -> list[tuple[str, str]]:
@@ -295,8 +361,7 @@ def check_route(world: World, method: str, path: str, call: Call) -> None:
         before = snapshot(server.services)
         response = send(headers)
         assert response.status_code == status, (label, name, response.text)
-        error = response.json()["error"]
-        assert error["type"] == {401: "Unauthorized", 403: "Forbidden"}[status], label
+        assert error_type(response) == {401: "Unauthorized", 403: "Forbidden"}[status], label
         if status == 401:
             assert response.headers["www-authenticate"].startswith("Bearer"), label
         assert snapshot(server.services) == before, f"{label} ({name}) changed something"

@@ -27,6 +27,7 @@ from fastapi import APIRouter, FastAPI, Form, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from easel.api.errors import error_response
 from easel.domain import EaselError, Principal, QuotaExceeded
 from easel.services import Services
 
@@ -94,9 +95,9 @@ def credentials(headers: dict[str, str]) -> tuple[str | None, str | None]:
     return key, token
 
 
-def error(status: int, type_: str, message: str, **headers: str) -> JSONResponse:
-    body = {"error": {"type": type_, "message": message, "field": "authorization"}}
-    return JSONResponse(body, status_code=status, headers=headers or None)
+def error(scope: Scope, status: int, type_: str, message: str, **headers: str) -> JSONResponse:
+    """The gate's answer, in the shape of the path's protocol (``errors.error_body``)."""
+    return error_response(status, type_, message, "authorization", path=scope["path"], **headers)
 
 
 class AuthGate:
@@ -126,6 +127,7 @@ class AuthGate:
         hosts = allowed_hosts(self.services)
         if hosts is not None and host_name(host) not in hosts:
             return error(
+                scope,
                 400,
                 "InvalidHost",
                 f"this server does not answer for host {host_name(host)!r} (settings: "
@@ -140,7 +142,7 @@ class AuthGate:
             and not same_origin(origin, host)
             and origin not in cors
         ):
-            return error(403, "CrossOrigin", f"requests from origin {origin!r} are refused")
+            return error(scope, 403, "CrossOrigin", f"requests from origin {origin!r} are refused")
         path = scope["path"]
         if path in PUBLIC_PATHS:
             return self.services.keyless_principal()
@@ -153,7 +155,7 @@ class AuthGate:
             principal = await asyncio.to_thread(self.services.session_principal, token, count=count)
         except QuotaExceeded as exc:
             return error(
-                429, "QuotaExceeded", exc.message, **{"Retry-After": str(exc.retry_after_s)}
+                scope, 429, "QuotaExceeded", exc.message, **{"Retry-After": str(exc.retry_after_s)}
             )
         except EaselError as exc:
             return self.unauthorized(scope, headers, exc.message)
@@ -166,6 +168,7 @@ class AuthGate:
             referer = headers.get("referer")
             if not (origin or referer) or not same_origin(origin or referer or "", host):
                 return error(
+                    scope,
                     403,
                     "CrossOrigin",
                     "a request signed in by cookie must come from this server's pages "
@@ -183,7 +186,9 @@ class AuthGate:
         )
         if wants_page:
             return RedirectResponse(f"/login?next={path if path.startswith('/') else '/'}", 303)
-        return error(401, "Unauthorized", message, **{"WWW-Authenticate": 'Bearer realm="easel"'})
+        return error(
+            scope, 401, "Unauthorized", message, **{"WWW-Authenticate": 'Bearer realm="easel"'}
+        )
 
 
 # --- the sign-in page ---------------------------------------------------------------------------

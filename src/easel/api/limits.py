@@ -18,6 +18,8 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from easel.api.errors import error_body, error_status
+
 
 class BodySizeLimit:
     def __init__(
@@ -25,13 +27,13 @@ class BodySizeLimit:
         app: ASGIApp,
         *,
         max_bytes: int,
-        prefix: str = "/api/",
+        prefix: str | tuple[str, ...] = "/api/",
         paths: dict[str, int] | None = None,
         timeout_s: float = 60.0,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        self.prefix = prefix
+        self.prefix = prefix  # one path prefix, or several (the API, the drop-in protocols)
         self.paths = paths or {}  # exact paths with a limit of their own (uploads)
         self.timeout_s = timeout_s
 
@@ -43,7 +45,7 @@ class BodySizeLimit:
         limit = self.paths.get(scope["path"].rstrip("/"), self.max_bytes)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and _exceeds(declared, limit):
-            await self._reject(send, limit)
+            await self._reject(scope, send, limit)
             return
         chunks: list[bytes] = []
         size = 0
@@ -56,6 +58,7 @@ class BodySizeLimit:
                 message = await asyncio.wait_for(receive(), max(wait, 0.0))
             except TimeoutError:
                 await _send_error(
+                    scope,
                     send,
                     408,
                     "RequestTimeout",
@@ -68,7 +71,7 @@ class BodySizeLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                await self._reject(send, limit)
+                await self._reject(scope, send, limit)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -85,9 +88,9 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def _reject(self, send: Send, limit: int) -> None:
+    async def _reject(self, scope: Scope, send: Send, limit: int) -> None:
         await _send_error(
-            send, 413, "PayloadTooLarge", f"request body is larger than {limit} bytes"
+            scope, send, 413, "PayloadTooLarge", f"request body is larger than {limit} bytes"
         )
 
 
@@ -101,7 +104,7 @@ class DeclaredBodyLimit:
         app: ASGIApp,
         *,
         max_bytes: int,
-        skip_prefix: str = "/api/",
+        skip_prefix: str | tuple[str, ...] = "/api/",
         paths: dict[str, int] | None = None,
     ) -> None:
         self.app = app
@@ -117,14 +120,18 @@ class DeclaredBodyLimit:
         declared = headers.get(b"content-length")
         if b"transfer-encoding" in headers:
             await _send_error(
-                send, 411, "LengthRequired", "a request body here must state its Content-Length"
+                scope,
+                send,
+                411,
+                "LengthRequired",
+                "a request body here must state its Content-Length",
             )
             return
         path = scope["path"]
         limit = next((n for p, n in self.paths.items() if path.startswith(p)), self.max_bytes)
         if declared is not None and (not declared.isdigit() or _exceeds(declared, limit)):
             await _send_error(
-                send, 413, "PayloadTooLarge", f"request body is larger than {limit} bytes"
+                scope, send, 413, "PayloadTooLarge", f"request body is larger than {limit} bytes"
             )
             return
         await self.app(scope, receive, send)
@@ -137,9 +144,11 @@ def _exceeds(declared: bytes, limit: int) -> bool:
     return len(digits) > len(str(limit)) or int(digits or b"0") > limit
 
 
-async def _send_error(send: Send, status: int, type_: str, message: str) -> None:
-    """A typed JSON error, closing the connection (the rest of the body is never read)."""
-    body = json.dumps({"error": {"type": type_, "message": message, "field": None}}).encode()
+async def _send_error(scope: Scope, send: Send, status: int, type_: str, message: str) -> None:
+    """A typed JSON error in the shape of the path's protocol, closing the connection (the
+    rest of the body is never read)."""
+    status = error_status(scope["path"], status)
+    body = json.dumps(error_body(scope["path"], status, type_, message, None)).encode()
     await send(
         {
             "type": "http.response.start",

@@ -27,6 +27,7 @@ from easel.domain import (
 from easel.jobs.keys import MAX_LIMIT
 from easel.jobs.keys import NAME_RE as KEY_NAME_RE
 from easel.jobs.queue import QueueSummary
+from easel.jobs.webhooks import MAX_URL_CHARS as WEBHOOK_URL_CHARS
 from easel.models.families import FAMILIES, Family
 from easel.models.loras import MAX_RANK, MAX_TRAIN_STEPS, TRIGGER_RE
 from easel.models.loras import NAME_RE as LORA_NAME_RE
@@ -228,9 +229,15 @@ class JobCreate(BaseModel):
         description="Higher runs first (-100..100); FIFO within a priority.",
         json_schema_extra=limits(minimum=PRIORITY_RANGE[0], maximum=PRIORITY_RANGE[1]),
     )
+    webhook: str | None = Field(
+        None,
+        max_length=WEBHOOK_URL_CHARS,
+        description="An http(s) URL the job is POSTed to (signed) when it ends; its host must "
+        "be in the server's webhook_hosts setting (empty: webhooks off, 422). See WEBHOOKS.md.",
+    )
 
     def to_params(self) -> GenerationParams:
-        return GenerationParams.from_dict(self.model_dump(exclude={"priority"}))
+        return GenerationParams.from_dict(self.model_dump(exclude={"priority", "webhook"}))
 
 
 class LoraPublic(BaseModel):
@@ -323,6 +330,7 @@ class JobPublic(BaseModel):
     error: str | None
     attempts: int
     params: dict[str, Any]
+    webhook: str | None = Field(description="the URL the job is POSTed to when it ends")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -346,6 +354,7 @@ class JobPublic(BaseModel):
             error=job.error,
             attempts=job.attempts,
             params=job.params.to_dict(),
+            webhook=job.webhook,
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,
@@ -673,3 +682,13 @@ def _state_text(schema: dict[str, Any], extra: dict[str, Any] | None = None) -> 
         else:
             branch["pattern"] = TEXT_PATTERN
         branch.update(extra or {})
+
+
+class WebhookSecret(BaseModel):
+    """The secret that signs the webhook deliveries of the asking key's jobs."""
+
+    secret: str = Field(
+        description="HMAC-SHA256 key for the Easel-Signature header (see WEBHOOKS.md)"
+    )
+    owner: str | None = Field(description="the key it belongs to (null: the keyless user)")
+    enabled: bool = Field(description="whether this server sends webhooks (webhook_hosts)")

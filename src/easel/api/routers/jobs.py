@@ -58,7 +58,9 @@ def create_job(
 ) -> JobPublic:
     """Queue a job: a generation, an edit or a ``train_lora`` fine-tune (scope ``train``).
     Returns at once (202) with the job; follow it with GET or events."""
-    job = services.submit_job(body.to_params(), priority=body.priority, principal=principal)
+    job = services.submit_job(
+        body.to_params(), priority=body.priority, principal=principal, webhook=body.webhook
+    )
     response.headers["Location"] = f"/api/v1/jobs/{job.id}"
     return job_public(services, job)
 
