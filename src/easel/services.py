@@ -500,6 +500,19 @@ class Services:
             image, png=png_bytes(image), sha256=pixel_hash(image), owner=principal.key_id
         )
 
+    def submit_with_uploads(self, params: GenerationParams, principal: Principal) -> JobRecord:
+        """``submit_job`` for a one-request protocol (OpenAI's edits, A1111's img2img) whose
+        input images were uploaded for this request alone: a refused request leaves none of
+        them behind."""
+        try:
+            return self.submit_job(params, principal=principal)
+        except EaselError:
+            for name in IMAGE_FIELDS:
+                image_id = getattr(params, name)
+                if isinstance(image_id, str):
+                    self.discard_upload(image_id, principal)
+            raise
+
     def discard_upload(self, image_id: str, principal: Principal = LOCAL) -> bool:
         """Delete an upload of ``principal``'s own key that no job names, row and file: what a
         one-request protocol (A1111's img2img) stored before the job it was for was refused,

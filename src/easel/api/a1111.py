@@ -357,13 +357,7 @@ def submit(
         # 3. an edit's inputs, stored as the key's uploads
         if isinstance(body, Img2ImgRequest):
             params = edit_params(services, principal, body, params)
-        try:
-            return services.submit_job(params, principal=principal)
-        except EaselError:  # a refused request leaves nothing: its uploads go too
-            for image_id in (params.image, params.mask):
-                if image_id is not None:
-                    services.discard_upload(image_id, principal)
-            raise
+        return services.submit_with_uploads(params, principal)  # a refusal leaves no uploads
     except EaselError as exc:
         raise renamed(exc) from None
 

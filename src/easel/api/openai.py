@@ -37,7 +37,7 @@ import json
 import math
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -63,6 +63,7 @@ from easel.domain import (
     Principal,
     check_text,
 )
+from easel.jobs.events import with_ticks
 from easel.services import Services
 
 # not in /openapi.json: OpenAI's reference is these routes' schema (see the module docstring)
@@ -312,13 +313,7 @@ def submit(
         params.model = catalog_model(services, params.model)
         if params.num_inference_steps is None and quality is not None:
             params.num_inference_steps = steps_for(services, principal, params.model, quality)
-        try:
-            return services.submit_job(params, principal=principal)
-        except EaselError:  # a refused request leaves nothing: its uploads go too
-            for image_id in (params.image, params.mask):
-                if image_id is not None:
-                    services.discard_upload(image_id, principal)
-            raise
+        return services.submit_with_uploads(params, principal)  # a refusal leaves no uploads
     except InvalidParams as exc:
         param = RENAMED.get(exc.field or "")
         if param is None and exc.field == "num_inference_steps" and quality is not None:
@@ -504,7 +499,7 @@ async def stream_job(
     event per image, or an ``error`` event."""
     params = job.params
     sent = 0
-    async with aclosing(keepalive(services.subscribe(job.id))) as events:
+    async with aclosing(with_ticks(services.subscribe(job.id), KEEPALIVE_S)) as events:
         async for event in events:
             if event is None:
                 yield ": keep-alive\n\n"
@@ -532,31 +527,6 @@ async def stream_job(
             f"{output.kind}.completed",
             {**common(params, output), "b64_json": item["b64_json"], "usage": answer["usage"]},
         )
-
-
-async def keepalive(events: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
-    """``events``, with None whenever KEEPALIVE_S pass without one (proxies keep the stream
-    open); closing it closes ``events``."""
-    pending: asyncio.Future[Any] | None = None
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(events))
-            done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE_S)
-            if not done:
-                yield None
-                continue
-            try:
-                event = pending.result()
-            except StopAsyncIteration:
-                return
-            pending = None
-            yield event
-    finally:
-        if pending is not None and not pending.done():
-            pending.cancel()  # ends ``events`` too (the cancellation runs its cleanup)
-        elif isinstance(events, AsyncGenerator):
-            await events.aclose()
 
 
 def common(params: GenerationParams, output: Output) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -208,3 +208,28 @@ def stopping_event(job_id: str) -> JobEvent:
         data={"reason": "the server is stopping; reconnect with Last-Event-ID once it is back"},
         created_at=utcnow(),
     )
+
+
+async def with_ticks(events: AsyncIterator[Any], every_s: float) -> AsyncGenerator[Any, None]:
+    """``events``, with None whenever ``every_s`` pass without one (an SSE keep-alive, a page
+    refreshing its ETA). Closing it closes ``events`` (use ``contextlib.aclosing``)."""
+    pending: asyncio.Future[Any] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait({pending}, timeout=every_s)
+            if not done:
+                yield None
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield event
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()  # ends ``events`` too (the cancellation runs its cleanup)
+        elif isinstance(events, AsyncGenerator):
+            await events.aclose()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from easel.domain import EaselError
-from easel.jobs.events import JobEvent
+from easel.jobs.events import JobEvent, with_ticks
 from easel.services import Services
 from easel.ui import status
 
@@ -64,29 +64,13 @@ async def follow_job(services: Services, job_id: str) -> AsyncIterator[JobEvent 
 
 
 async def _events(services: Services, job_id: str) -> AsyncIterator[JobEvent | None]:
-    """The job's events until its final one, and None after each quiet ``REFRESH_S``."""
-    events = services.subscribe(job_id)
-    pending = asyncio.ensure_future(anext(events))
-    try:
-        while True:
-            done, _ = await asyncio.wait({pending}, timeout=REFRESH_S)
-            if not done:
-                yield None
-                continue
-            try:
-                event = pending.result()
-            except StopAsyncIteration:
-                return
+    """The job's events until its final one, and None after each quiet ``REFRESH_S``; the
+    subscription ends cleanly when the page goes away."""
+    async with contextlib.aclosing(with_ticks(services.subscribe(job_id), REFRESH_S)) as ticks:
+        async for event in ticks:
             yield event
-            if event.final:
+            if event is not None and event.final:
                 return
-            pending = asyncio.ensure_future(anext(events))
-    finally:
-        # the page went away or the job ended: stop the subscription cleanly
-        pending.cancel()
-        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-            await pending
-        await events.aclose()  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -16,7 +17,7 @@ from easel.api.deps import PrincipalDep, ServicesDep
 from easel.api.schemas import ErrorBody, JobCreate, JobPublic
 from easel.api.streams import EventStreamResponse, StreamSlots, client_of
 from easel.domain import InvalidParams, JobRecord, JobStatus
-from easel.jobs.events import JobEvent
+from easel.jobs.events import JobEvent, with_ticks
 from easel.services import Services
 
 KEEPALIVE_S = 15.0  # SSE comment this often so proxies keep an idle stream open
@@ -172,22 +173,7 @@ def sse_format(event: JobEvent) -> str:
 
 async def sse_stream(events: AsyncIterator[JobEvent]) -> AsyncIterator[str]:
     """Format events for SSE, with a keep-alive comment while nothing happens."""
-    next_event: asyncio.Future[JobEvent] | None = None
-    try:
-        yield "retry: 1000\n\n"
-        while True:
-            if next_event is None:
-                next_event = asyncio.ensure_future(anext(events))
-            done, _ = await asyncio.wait({next_event}, timeout=KEEPALIVE_S)
-            if not done:
-                yield ": keep-alive\n\n"
-                continue
-            try:
-                event = next_event.result()
-            except StopAsyncIteration:
-                return
-            next_event = None
-            yield sse_format(event)
-    finally:
-        if next_event is not None and not next_event.done():
-            next_event.cancel()
+    yield "retry: 1000\n\n"
+    async with aclosing(with_ticks(events, KEEPALIVE_S)) as ticks:
+        async for event in ticks:
+            yield ": keep-alive\n\n" if event is None else sse_format(event)
