@@ -219,18 +219,18 @@ class Services:
         """The principal for a request's API key (Bearer, or Basic's password), counted
         against its rate. Raises Unauthorized (401) without a valid key once keys exist,
         QuotaExceeded (429) past the key's requests per minute."""
+        record = self.keys.authenticate(secret) if secret else None
+        if record is not None:  # one read for the usual request: a valid key
+            return self._admit(record)
         if not self.keys_required():
             return self.keyless_principal()
-        record = self.keys.authenticate(secret) if secret else None
-        if record is None:
-            raise Unauthorized(
-                "an API key is required: send `Authorization: Bearer KEY` (make one with "
-                "`easel keys create NAME`)"
-                if not secret
-                else "the API key is not valid (unknown or revoked)",
-                field="authorization",
-            )
-        return self._admit(record)
+        raise Unauthorized(
+            "an API key is required: send `Authorization: Bearer KEY` (make one with "
+            "`easel keys create NAME`)"
+            if not secret
+            else "the API key is not valid (unknown or revoked)",
+            field="authorization",
+        )
 
     def session_principal(self, token: str | None, *, count: bool = True) -> Principal | None:
         """The principal of a web UI session cookie, or None when the token is not a live

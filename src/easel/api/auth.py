@@ -106,6 +106,7 @@ class AuthGate:
     def __init__(self, app: ASGIApp, *, services: Services) -> None:
         self.app = app
         self.services = services
+        self.hosts = allowed_hosts(services)  # settings are fixed while the app runs
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -124,8 +125,7 @@ class AuthGate:
     async def check(self, scope: Scope) -> Principal | Response:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         host = headers.get("host", "")
-        hosts = allowed_hosts(self.services)
-        if hosts is not None and host_name(host) not in hosts:
+        if self.hosts is not None and host_name(host) not in self.hosts:
             return error(
                 scope,
                 400,

@@ -125,10 +125,6 @@ class KeyStore:
             conn.execute("DELETE FROM sessions WHERE key_id = ?", (row[0],))
         return self.get(row[0])
 
-    def any_active(self) -> bool:
-        """Whether one active key exists (someone can use a server that needs keys)."""
-        return bool(self.db.query("SELECT 1 FROM keys WHERE revoked_at IS NULL LIMIT 1"))
-
     def any_made(self) -> bool:
         """Whether the server needs keys: true once a key was made, revoked ones included, so
         that revoking the last key closes the server rather than opening it to everyone."""
