@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderTiny,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
@@ -343,6 +344,20 @@ def populate_hub_cache(cache_dir: Path | str, repo_id: str, folder: Path | str) 
     (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
     (repo_dir / "refs" / "main").write_text(commit)
     return snapshot
+
+
+def make_tiny_taesd(path: Path | str, *, latent_channels: int = 4) -> Path:
+    """A tiny AutoencoderTiny (the TAESD family's class) in diffusers format: two decoder blocks,
+    so it decodes a latent to twice its size, as the tiny VAEs above do."""
+    torch.manual_seed(SEED)
+    taesd = AutoencoderTiny(
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1),
+        latent_channels=latent_channels,
+    )
+    return _save(taesd, path)
 
 
 def _save(pipe: object, path: Path | str) -> Path:

@@ -53,9 +53,55 @@ class Settings(BaseSettings):
     preview_every: int = Field(
         2, description="Send a preview image every N denoising steps (0 turns previews off)."
     )
+    preview_taesd: bool = Field(
+        True,
+        description="Decode previews with the VAE's tiny decoder (TAESD family) when its "
+        "weights are in the local Hugging Face cache; off: always the cheaper linear projection.",
+    )
     host: str = Field("127.0.0.1", description="Address `easel serve` binds to.")
     port: int = Field(7860, description="Port `easel serve` listens on.")
     cpu_workers: int = Field(1, description="Number of generation workers when running on the CPU.")
+    max_batch: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Dynamic batching: most images one pipeline call makes, from one job's "
+        "images and compatible queued jobs' (same model, task, size, steps, scheduler, guidance "
+        "and LoRAs); each job keeps its own pixels, progress and cancel. 1 turns batching off.",
+    )
+    batch_window_ms: float = Field(
+        0.0,
+        ge=0,
+        le=10_000,
+        description="Dynamic batching: how long a worker that took a job waits for compatible "
+        "jobs to arrive before it starts, in milliseconds, when fewer than `max_batch` images "
+        "are waiting (0: take only the jobs queued already).",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="Run the workers as actors on this Ray cluster (`auto`: the cluster this "
+        "machine belongs to, or a new one on it; else `HOST:PORT` or `ray://HOST:PORT`). "
+        "Unset: one worker thread in the server, no Ray needed.",
+    )
+    ray_workers: int | None = Field(
+        None,
+        ge=1,
+        description="Ray worker actors to keep (unset: one per GPU in the cluster, or on a "
+        "cluster without GPUs one per `ray_cpus_per_worker` CPUs); follows nodes that join "
+        "or leave.",
+    )
+    ray_cpus_per_worker: float = Field(
+        2.0, gt=0, description="CPUs each Ray worker actor reserves on a cluster without GPUs."
+    )
+    ray_jobs_per_worker: int = Field(
+        1, ge=1, le=8, description="Jobs the dispatcher keeps in flight per Ray worker."
+    )
+    ray_starve_after_s: float = Field(
+        120.0,
+        gt=0,
+        description="A job waiting this long goes to the next free Ray worker, even one that "
+        "must load its model (fairness across models).",
+    )
     max_queued_jobs: int = Field(
         1000, description="Queued jobs accepted before new ones get 429 with Retry-After."
     )

@@ -17,6 +17,9 @@ from PIL import Image
 Task = Literal["txt2img", "img2img", "inpaint", "outpaint", "style", "train_lora"]
 
 
+TaskKind = Literal["generate", "train"]
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """One kind of work, as a row of :data:`TASK_SPECS`: the input images it takes, the request
@@ -34,7 +37,9 @@ class TaskSpec:
     description: str = ""
     # "generate": the engine makes images; "train": the trainer fits a LoRA (its samples are
     # the job's images)
-    kind: Literal["generate", "train"] = "generate"
+    kind: TaskKind = "generate"
+    # whether compatible jobs of this task may share pipeline calls (see `batch_key`)
+    batches: bool = True
 
     @property
     def image_fields(self) -> tuple[str, ...]:
@@ -71,6 +76,8 @@ TASK_SPECS: dict[str, TaskSpec] = {
         optional_inputs=("image",),
         fields=("strength", "style_strength"),
         description="the look of style_image: restyle image, or a new picture in that look",
+        # two passes per image with a colour transfer between them, or an image prompt
+        batches=False,
     ),
     "train_lora": TaskSpec(
         "train_lora",
@@ -78,6 +85,7 @@ TASK_SPECS: dict[str, TaskSpec] = {
         fields=("dataset", "name", "trigger", "steps", "rank", "learning_rate"),
         description="fit a LoRA on a dataset of captioned images; samples show its progress",
         kind="train",
+        batches=False,
     ),
 }
 TASKS: tuple[str, ...] = tuple(TASK_SPECS)
@@ -212,6 +220,11 @@ class Canceled(Exception):  # noqa: N818 - a control-flow signal, not an error t
     """Raised inside a generation when the caller asked to stop."""
 
 
+class WorkerLost(Exception):  # noqa: N818 - not the job's fault: it goes back to the queue
+    """Raised when the process running a job died under it (a Ray actor killed, its node
+    gone); the job is requeued and counts one more attempt."""
+
+
 # --- generation ---------------------------------------------------------------------------------
 
 
@@ -269,6 +282,39 @@ class GenerationParams:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+# Request fields in which jobs of one batch may differ: each image's own prompts and seed, how
+# many images, its input images (any, once brought to the common work size) and what is done
+# with them before and after the pipeline call (the inpaint crop and feather, the outpaint
+# margins). Every other field changes the pipeline call and must match; so must whether a
+# negative prompt is given (Flux runs true CFG only with one).
+BATCH_FREE = frozenset(
+    {
+        "prompt",
+        "negative_prompt",
+        "seed",
+        "num_images",
+        "image",
+        "mask",
+        "input_hashes",
+        "mask_blur",
+        "only_masked",
+        "outpaint",
+    }
+)
+
+
+def batch_key(params: GenerationParams) -> str | None:
+    """Jobs whose keys are equal may run in the same pipeline calls (dynamic batching: each
+    still gets the pixels it would get alone); None for a job that never shares (its task's
+    ``batches`` is off). Compare keys of params resolved the same way (the queue's are)."""
+    spec = TASK_SPECS.get(params.task)
+    if spec is None or not spec.batches or spec.kind != "generate":
+        return None
+    shared = {k: v for k, v in params.to_dict().items() if k not in BATCH_FREE}
+    shared["negative_prompt"] = bool(params.negative_prompt)
+    return repr(sorted(shared.items()))
+
+
 @dataclass
 class InputImages:
     """The decoded input images of an editing request (the worker reads them from the image
@@ -324,13 +370,32 @@ class GenerationResult:
 
     images: list[Image.Image]
     params: GenerationParams  # resolved: every field concrete
-    seconds: float
+    seconds: float  # from the start of its generation to its last image
     dropped_tokens: int = 0  # prompt tokens beyond the text encoder's limit
+    # its share of the compute: a batched pipeline call's time split evenly over the call's
+    # images (what speed estimates use); None: ``seconds``, it ran alone
+    compute_seconds: float | None = None
 
     @property
     def seeds(self) -> list[int]:
         assert self.params.seed is not None
         return [self.params.seed + i for i in range(len(self.images))]
+
+
+@dataclass
+class GenerationRequest:
+    """One job of a batch (``Engine.generate_batch``): its request, decoded input images and
+    callbacks. ``is_canceled`` is asked at every step end; once it answers true the job is
+    over (``on_end`` gets Canceled, its images are dropped) while the rest of the batch goes
+    on. ``on_end`` gets the job's outcome -- its GenerationResult, or the exception that ended
+    it (Canceled, an EaselError, a failure of its pipeline call) -- as soon as it is known,
+    exactly once, from the generating thread; it must not raise."""
+
+    params: GenerationParams
+    inputs: InputImages | None = None
+    on_progress: ProgressCallback | None = None
+    is_canceled: CancelCheck | None = None
+    on_end: Callable[[GenerationResult | Exception], None] | None = None
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -430,6 +495,52 @@ class JobRecord:
     images: list[ImageRecord] = field(default_factory=list)
     position: int | None = None  # 1 = next to start; None unless queued (read with the status)
     webhook: str | None = None  # POSTed once the job ends (easel.jobs.webhooks)
+
+
+# --- workers ------------------------------------------------------------------------------------
+
+WorkerState = Literal["idle", "busy", "starting", "stopping", "stopped", "dead"]
+WORKER_STATES: tuple[WorkerState, ...] = (
+    "idle",
+    "busy",
+    "starting",
+    "stopping",
+    "stopped",
+    "dead",
+)
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """One worker as it is now: what ``GET /api/v1/workers``, ``/metrics`` and the web UI read.
+
+    ``state``: ``idle`` (waits for a job), ``busy`` (runs ``job``), ``starting`` (not ready
+    yet), ``stopping`` (draining: takes no new job), ``stopped`` (ended on purpose), ``dead``
+    (ended on its own: a crashed thread or process). ``jobs_done`` counts the jobs it ended, in
+    any status; ``busy_s`` of ``up_s`` seconds were spent running them. ``loads`` and
+    ``load_seconds``: per model id, how often it was loaded from disk and the seconds that took
+    (a pipeline derived with ``from_pipe`` is no load). ``job_owner``: the key that owns
+    ``job`` (read by ``Services.list_workers``, which hides another key's job id).
+    """
+
+    id: str  # the worker's name, e.g. "cpu-0"
+    node: str  # hostname (a Ray node id for a Ray actor)
+    device: str
+    pid: int
+    state: WorkerState
+    models: list[str] = field(default_factory=list)  # loaded model ids, least recent first
+    job: str | None = None
+    job_owner: str | None = None
+    jobs_done: int = 0
+    busy_s: float = 0.0
+    up_s: float = 0.0
+    loads: dict[str, int] = field(default_factory=dict)
+    load_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def busy_ratio(self) -> float:
+        """Share of its up time spent running jobs, 0..1."""
+        return min(self.busy_s / self.up_s, 1.0) if self.up_s > 0 else 0.0
 
 
 # --- keys -------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ without torch.
 from __future__ import annotations
 
 import fcntl
+import functools
 import ipaddress
 import os
 import re
@@ -50,6 +51,7 @@ from easel.domain import (
     ModelRecord,
     Principal,
     Unauthorized,
+    WorkerStatus,
     check_text,
 )
 from easel.imaging import check_structure, decode_image, pixel_hash, png_bytes
@@ -58,7 +60,10 @@ from easel.jobs.disk import MIB, DiskGuard, DiskStatus
 from easel.jobs.events import EventBus, JobEvent
 from easel.jobs.images import DiskImageStore, ImageNotFound
 from easel.jobs.keys import KeyStore, RateLimiter
+from easel.jobs.metrics import Metrics
 from easel.jobs.queue import QueueSummary, SqliteJobQueue, utcnow
+from easel.jobs.ray_actor import make_engine
+from easel.jobs.raypool import RayPool
 from easel.jobs.retention import Pruner, RetentionPolicy
 from easel.jobs.webhooks import WebhookPolicy, Webhooks, check_url
 from easel.jobs.worker import Generator, Trainer, Worker
@@ -131,7 +136,13 @@ class Services:
     limiter: RateLimiter = field(default_factory=RateLimiter)
     pruner: Pruner | None = None  # None: keep everything (settings.keep_*_days are 0)
     webhooks: Webhooks | None = None  # the outbox and its sender (build_services makes one)
+    metrics: Metrics = field(default_factory=Metrics)  # the workers observe jobs into it
+    pool: RayPool | None = None  # Ray actors for generation jobs (`serve --ray`)
     _home_lock: IO[str] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # what /metrics reads at each scrape
+        self.metrics.watch(queue_counts=self.queue.counts, worker_statuses=self.worker_statuses)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -151,6 +162,8 @@ class Services:
                     self.events.publish(job.id, "requeued", {"reason": "server restarted"})
         for worker in self.workers:
             worker.start()
+        if self.pool is not None:
+            self.pool.start()
         if self.pruner is not None:
             self.pruner.start()
         if self.webhooks is not None:
@@ -175,8 +188,9 @@ class Services:
         if self.pruner is not None:
             self.pruner.stop()  # first: it ends between batches, before the database closes
         threads = [
-            threading.Thread(target=w.stop, args=(self.settings.drain_timeout_s,))
-            for w in self.workers
+            threading.Thread(target=stop, args=(self.settings.drain_timeout_s,))
+            for stop in [w.stop for w in self.workers]
+            + ([self.pool.stop] if self.pool is not None else [])
         ]
         for thread in threads:
             thread.start()
@@ -411,7 +425,7 @@ class Services:
 
     def job_eta(self, job_id: str) -> float | None:
         """Estimated seconds until the job finishes; None while the speed is unknown."""
-        return self.queue.eta_seconds(job_id, workers=len(self.workers))
+        return self.queue.eta_seconds(job_id, workers=self.worker_count())
 
     def queue_summary(self, principal: Principal = LOCAL) -> QueueSummary:
         """Job counts by status (all keys') and the running jobs ``principal`` sees."""
@@ -423,7 +437,7 @@ class Services:
         """The running jobs ``principal`` sees (its own; an admin all), oldest first, and how
         many of the jobs it sees wait in the queue (what A1111's ``/progress`` reports)."""
         running = self.queue.list(
-            status=JobStatus.RUNNING, owner=principal.owner_filter, limit=len(self.workers) + 8
+            status=JobStatus.RUNNING, owner=principal.owner_filter, limit=self.worker_count() + 8
         )
         owner = principal.owner_filter
         rows = self.db.query(
@@ -444,6 +458,37 @@ class Services:
         )
         return str(rows[0][0]) if rows else None
 
+    # --- workers and metrics --------------------------------------------------------------------
+
+    def worker_statuses(self) -> list[WorkerStatus]:
+        """Every worker's status now, as it is (the one place that knows all the workers: the
+        API, the UI and /metrics read it)."""
+        statuses = [worker.status() for worker in self.workers]
+        return statuses + (self.pool.statuses() if self.pool is not None else [])
+
+    def worker_count(self) -> int:
+        """Workers that run generations (for ETAs): the Ray actors that are up, or the
+        embedded workers."""
+        if self.pool is not None:
+            return max(self.pool.ready_workers, 1)
+        return len(self.workers)
+
+    def list_workers(self, principal: Principal = LOCAL) -> list[WorkerStatus]:
+        """The workers as ``principal`` may see them: any key sees every worker, but the id
+        of a job it does not own only with the ``admin`` scope (else ``job`` is None)."""
+        return [
+            status
+            if principal.sees(status.job_owner)
+            else replace(status, job=None, job_owner=None)
+            for status in self.worker_statuses()
+        ]
+
+    def metrics_text(self, principal: Principal = LOCAL) -> bytes:
+        """The Prometheus text of :attr:`metrics` (``easel.jobs.metrics``); raises Forbidden
+        (403) without the ``admin`` scope (it counts every key's jobs)."""
+        self.require(principal, "admin")
+        return self.metrics.render()
+
     def disk_status(self) -> DiskStatus:
         """Free space on the disk holding EASEL_HOME, and whether it is under
         ``settings.min_free_disk_mb`` (then new jobs and uploads get 507 DiskFull)."""
@@ -451,7 +496,7 @@ class Services:
 
     def retry_after_s(self) -> int:
         """Seconds a client should wait after QueueFull: until the running jobs are done."""
-        seconds = self.queue.seconds_until_free(workers=len(self.workers))
+        seconds = self.queue.seconds_until_free(workers=self.worker_count())
         return max(1, min(3600, round(seconds))) if seconds is not None else 10
 
     def subscribe(self, job_id: str, last_event_id: int = 0) -> AsyncIterator[JobEvent]:
@@ -894,9 +939,24 @@ def build_services(settings: Settings, *, generator: Generator | None = None) ->
     policy = RetentionPolicy(settings.keep_jobs_days, settings.keep_uploads_days)
     webhooks = Webhooks(db, queue, WebhookPolicy.from_settings(settings))
     events.final_hooks.append(webhooks.enqueue)  # a job's end and its delivery: one commit
+    metrics = Metrics()
+    pool = None
+    if settings.ray_address:
+        # generations go to Ray actors; this process keeps one worker for training jobs
+        pool = RayPool(
+            settings,
+            db=db,
+            queue=queue,
+            images=images,
+            events=events,
+            kick=wakeup,
+            metrics=metrics,
+            make_generator=make_engine if generator is None else _Same(generator),
+        )
+        generators = generators[:1]
     workers = [
         Worker(
-            f"{device}-{i}",
+            f"{device}-{i}" if pool is None else f"{device}-train",  # with Ray: training only
             device,
             db=db,
             queue=queue,
@@ -905,6 +965,10 @@ def build_services(settings: Settings, *, generator: Generator | None = None) ->
             generator=gen,
             trainer=None if generator is not None else _trainer(settings, loras, device),
             wakeup=wakeup,
+            metrics=metrics,
+            claim=None if pool is None else functools.partial(queue.claim, kind="train"),
+            max_batch=settings.max_batch,
+            batch_window_s=settings.batch_window_ms / 1000,
         )
         for i, (device, gen) in enumerate(generators)
     ]
@@ -925,7 +989,20 @@ def build_services(settings: Settings, *, generator: Generator | None = None) ->
         if policy.active
         else None,
         webhooks=webhooks,
+        metrics=metrics,
+        pool=pool,
     )
+
+
+@dataclass(frozen=True)
+class _Same:
+    """A Ray worker's generator factory that gives every actor a copy of one generator (a
+    stand-in: tests and benchmarks)."""
+
+    generator: Generator
+
+    def __call__(self, settings: Settings) -> Generator:
+        return self.generator
 
 
 def _trainer(settings: Settings, loras: LoraCatalog, device: str) -> Trainer:

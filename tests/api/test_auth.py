@@ -228,6 +228,9 @@ ROUTES: dict[tuple[str, str], Call] = {
     ("POST", "/api/v1/keys"): Call(201, kwargs=lambda w: {"json": {"name": "made"}}, scope="admin"),
     ("DELETE", "/api/v1/keys/{name}"): Call(200, {"name": "victim"}, scope="admin"),
     ("GET", "/api/v1/webhooks/secret"): Call(200),  # the asking key's own
+    # every worker, for any key; the id of a running job only for its owner (and admins)
+    ("GET", "/api/v1/workers"): Call(200, others="list"),
+    ("GET", "/metrics"): Call(200, scope="admin"),  # every key's jobs counted
     # AUTOMATIC1111's API (easel.api.a1111): no worker runs here, so a generation is called
     # with a size the services refuse after the scope check (422 proves the route is reached;
     # tests/e2e/test_a1111.py runs real ones)

@@ -123,19 +123,22 @@ def test_image_i_equals_a_single_image_request_with_seed_plus_i(
     assert not np.array_equal(_pixels(batch.images[0]), _pixels(batch.images[1]))
 
 
+@pytest.mark.parametrize("max_batch", [1, 4])
 def test_progress_counts_up_over_all_images_with_previews(
-    engine: Engine, tiny_sd_path: Path
+    engine: Engine, tiny_sd_path: Path, max_batch: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(engine.settings, "max_batch", max_batch)
     seen: list[Progress] = []
     engine.generate(
         _params(tiny_sd_path, num_inference_steps=4, num_images=2), on_progress=seen.append
     )
-    assert [p.step for p in seen] == list(range(1, 9))
+    # one image per call: image 0's steps, then image 1's; both in one call: two steps a step
+    assert [p.step for p in seen] == (list(range(1, 9)) if max_batch == 1 else [2, 4, 6, 8])
     assert {p.total for p in seen} == {8}
-    # settings.preview_every = 2: a preview at every second step of each image
+    # settings.preview_every = 2: a preview at every second step of each call
     with_preview = [p.step for p in seen if p.preview is not None]
-    assert with_preview == [2, 4, 6, 8]
-    preview = seen[1].preview
+    assert with_preview == ([2, 4, 6, 8] if max_batch == 1 else [4, 8])
+    preview = next(p.preview for p in seen if p.preview is not None)
     assert preview is not None and preview.size == (64, 64) and preview.mode == "RGB"
 
 
@@ -154,7 +157,7 @@ def test_cancel_stops_at_the_step_it_was_asked(engine: Engine, tiny_sd_path: Pat
             on_progress=lambda p: seen.append(p.step),
             is_canceled=lambda: len(seen) >= 2,
         )
-    assert seen == [1, 2]
+    assert seen == [2, 4]  # both images in one call: two steps counted per step
 
 
 def test_cancel_before_start_runs_no_step(engine: Engine, tiny_sd_path: Path) -> None:

@@ -18,7 +18,17 @@ from easel.api import a1111, openai
 from easel.api.auth import install_auth
 from easel.api.errors import install_error_handlers
 from easel.api.limits import BodySizeLimit, DeclaredBodyLimit
-from easel.api.routers import datasets, images, jobs, keys, loras, models, system, webhooks
+from easel.api.routers import (
+    datasets,
+    images,
+    jobs,
+    keys,
+    loras,
+    models,
+    system,
+    webhooks,
+    workers,
+)
 from easel.api.schemas import state_limits
 from easel.api.streams import StreamSlots
 from easel.config import Settings
@@ -87,8 +97,9 @@ def create_app(services: Services, *, mount_ui: MountUI | None = None) -> FastAP
     install_auth(app, services)  # outside the body limit: no body is read for a stranger
     install_error_handlers(app, services)
     state_limits(app, services)  # the OpenAPI document states this server's limits
-    for module in (system, models, jobs, images, datasets, loras, keys, webhooks):
+    for module in (system, models, jobs, images, datasets, loras, keys, webhooks, workers):
         app.include_router(module.router, prefix=API_PREFIX)
+    app.include_router(workers.metrics_router)  # /metrics, where Prometheus looks
     app.include_router(openai.router)  # OpenAI's Images API under /v1 (not in /openapi.json)
     a1111.install(app)  # AUTOMATIC1111's API under /sdapi/v1
     if mount_ui is not None:

@@ -23,6 +23,8 @@ from easel.domain import (
     JobRecord,
     KeyRecord,
     LoraRecord,
+    WorkerState,
+    WorkerStatus,
 )
 from easel.jobs.keys import MAX_LIMIT
 from easel.jobs.keys import NAME_RE as KEY_NAME_RE
@@ -419,6 +421,47 @@ class QueuePublic(BaseModel):
             counts=summary.counts,
             running=[JobPublic.of(j, position=None, eta_seconds=None) for j in summary.running],
             workers=workers,
+        )
+
+
+class WorkerPublic(BaseModel):
+    """One worker: where it runs, what it holds, what it does."""
+
+    id: str = Field(description="The worker's name, e.g. `cpu-0` or `cuda:1-0`.")
+    node: str = Field(description="The machine it runs on: its hostname (a Ray node id later).")
+    device: str = Field(description="`cpu`, `cuda:0`, `mps`, ...")
+    pid: int = Field(description="The process that runs its jobs.")
+    state: WorkerState = Field(
+        description="`idle`, `busy` (runs `job`), `starting`, `stopping` (draining: takes no "
+        "new job), `stopped`, or `dead` (ended on its own)."
+    )
+    models: list[str] = Field(description="Models in its memory, least recently used first.")
+    job: str | None = Field(
+        description="The job it runs now: its id for the job's owner and admin keys, else null."
+    )
+    jobs_done: int = Field(description="Jobs it ended since the server started, in any status.")
+    busy_ratio: float = Field(description="Share of its up time spent running jobs, 0..1.")
+    busy_seconds: float
+    up_seconds: float
+    loads: dict[str, int] = Field(description="Per model id: loads from disk.")
+    load_seconds: dict[str, float] = Field(description="Per model id: seconds spent loading.")
+
+    @classmethod
+    def of(cls, status: WorkerStatus) -> WorkerPublic:
+        return cls(
+            id=status.id,
+            node=status.node,
+            device=status.device,
+            pid=status.pid,
+            state=status.state,
+            models=status.models,
+            job=status.job,
+            jobs_done=status.jobs_done,
+            busy_ratio=round(status.busy_ratio, 4),
+            busy_seconds=round(status.busy_s, 3),
+            up_seconds=round(status.up_s, 3),
+            loads=status.loads,
+            load_seconds={m: round(s, 3) for m, s in status.load_seconds.items()},
         )
 
 

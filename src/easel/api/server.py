@@ -109,13 +109,39 @@ def register(commands: Any) -> None:
         help="start a new, empty database although EASEL_HOME/images holds images from an "
         "earlier one (refused otherwise)",
     )
+    parser.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run generations on Ray actors: `auto` (the cluster this machine is in, else a "
+        "new local one) or the cluster's HOST:PORT / ray://HOST:PORT (needs easel[ray])",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="with --ray: actors to keep (default: one per GPU of the cluster, or per "
+        "ray_cpus_per_worker CPUs); without: worker threads on the CPU",
+    )
     parser.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from easel.config import Settings
+    from easel.domain import EaselError
 
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if args.workers is not None and args.workers < 1:
+        raise EaselError(f"--workers must be at least 1 (got {args.workers})", field="workers")
+    workers_setting = "ray_workers" if args.ray else "cpu_workers"
+    overrides = {
+        k: v
+        for k, v in (
+            ("host", args.host),
+            ("port", args.port),
+            ("ray_address", args.ray),
+            (workers_setting, args.workers),
+        )
+        if v is not None
+    }
     serve(Settings(**overrides), ui=not args.no_ui, insecure=args.insecure, fresh_db=args.fresh_db)
 
 

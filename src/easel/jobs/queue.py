@@ -42,6 +42,8 @@ from easel.domain import (
     JobStatus,
     QueueFull,
     QuotaExceeded,
+    TaskKind,
+    batch_key,
 )
 from easel.jobs.db import Database
 
@@ -55,7 +57,7 @@ PUT_BACK = (
     "UPDATE jobs SET"
     " status = CASE WHEN attempts >= :max THEN 'failed' ELSE 'queued' END,"
     " error = CASE WHEN attempts >= :max THEN 'interrupted ' || attempts || ' times"
-    " (the server stopped while it ran); giving up' END,"
+    " (the server or its worker stopped while it ran); giving up' END,"
     " finished_at = CASE WHEN attempts >= :max THEN :now END,"
     " started_at = CASE WHEN attempts >= :max THEN started_at END,"
     " step = 0, cancel_requested = 0"
@@ -79,6 +81,23 @@ PLACES = (
     " places AS (SELECT w.seq, ROW_NUMBER() OVER (ORDER BY w.priority DESC, w.turn, l.at, w.seq)"
     " AS position FROM waiting w JOIN last_start l ON l.owner IS w.owner) "
 )
+
+
+def _tasks_of(kind: TaskKind | None) -> str:
+    """The SQL list of the task names of ``kind`` (all tasks when None)."""
+    return ", ".join(
+        f"'{name}'" for name, spec in TASK_SPECS.items() if kind is None or spec.kind == kind
+    )
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A queued job as a dispatcher sees it."""
+
+    id: str
+    model: str
+    task: str
+    created_at: datetime
 
 
 def planned_steps(params: GenerationParams) -> int:
@@ -110,6 +129,7 @@ class JobQueue(Protocol):
     """The queue's seam (STYLE rule 2): what a worker needs from it."""
 
     def claim(self) -> JobRecord | None: ...
+    def claim_compatible(self, job: JobRecord, images: int) -> list[JobRecord]: ...
     def get(self, job_id: str) -> JobRecord: ...
     def set_progress(self, job_id: str, step: int, total: int) -> None: ...
     def cancel_requested(self, job_id: str) -> bool: ...
@@ -214,27 +234,101 @@ class SqliteJobQueue:
         return rows[0]["position"] if rows else None
 
     def summary(self) -> QueueSummary:
+        return QueueSummary(
+            counts=self.counts(), running=self.list(status=JobStatus.RUNNING, limit=100)
+        )
+
+    def counts(self) -> dict[str, int]:
+        """Jobs by status, every status named (0 for none)."""
         counts = {s.value: 0 for s in JobStatus}
         for row in self.db.query("SELECT status, COUNT(*) FROM jobs GROUP BY status"):
             counts[row[0]] = row[1]
-        return QueueSummary(counts=counts, running=self.list(status=JobStatus.RUNNING, limit=100))
+        return counts
 
     # --- the worker's side ----------------------------------------------------------------------
 
-    def claim(self) -> JobRecord | None:
+    def claim(self, *, kind: TaskKind | None = None) -> JobRecord | None:
         """Atomically take the next job (see :data:`PLACES`: highest priority, then taking
-        turns between owners, then oldest first) and mark it running.
+        turns between owners, then oldest first), of tasks of ``kind`` only if given, and mark
+        it running.
 
         One UPDATE ... RETURNING: two workers (or processes) can never claim the same row.
         """
+        tasks = _tasks_of(kind)
         with self.db.transaction() as conn:
             row = conn.execute(
                 "UPDATE jobs SET status = 'running', attempts = attempts + 1, step = 0,"
-                f" started_at = ? WHERE seq = ({PLACES} SELECT seq FROM places WHERE position = 1)"
-                " RETURNING *",
+                f" started_at = ? WHERE seq = ({PLACES} SELECT p.seq FROM places p"
+                f" JOIN jobs j ON j.seq = p.seq WHERE j.task IN ({tasks})"
+                " ORDER BY p.position LIMIT 1) RETURNING *",
                 (utcnow(),),
             ).fetchone()
         return _job(row) if row is not None else None
+
+    def claim_id(self, job_id: str) -> JobRecord | None:
+        """Take the queued job ``job_id`` (a dispatcher's choice) and mark it running; None
+        when it is no longer queued (canceled meanwhile)."""
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                "UPDATE jobs SET status = 'running', attempts = attempts + 1, step = 0,"
+                " started_at = ? WHERE id = ? AND status = 'queued' RETURNING *",
+                (utcnow(), job_id),
+            ).fetchone()
+        return _job(row) if row is not None else None
+
+    def waiting(self, *, kind: TaskKind | None = None, limit: int = 1000) -> builtins.list[Waiting]:
+        """The first ``limit`` queued jobs (of tasks of ``kind`` only, if given) in the order
+        they start in, for a dispatcher to choose from."""
+        rows = self.db.query(
+            f"{PLACES} SELECT j.id, j.model, j.task, j.created_at FROM places p"
+            f" JOIN jobs j ON j.seq = p.seq WHERE j.task IN ({_tasks_of(kind)})"
+            " ORDER BY p.position LIMIT ?",
+            (limit,),
+        )
+        return [
+            Waiting(r["id"], r["model"], r["task"], datetime.fromisoformat(r["created_at"]))
+            for r in rows
+        ]
+
+    def claim_compatible(self, job: JobRecord, images: int) -> builtins.list[JobRecord]:
+        """Atomically take queued jobs that may share ``job``'s pipeline calls (dynamic
+        batching: equal ``domain.batch_key``), of ``images`` images in all at most, and mark
+        them running; in queue order. Empty when ``job`` never batches.
+
+        The rule: only the front of the queue joins. The jobs are taken from position 1 on and
+        the first that may not join ends the search, whatever its priority or owner (as does
+        one with more images than are left), so a batch never makes a job wait that would
+        have started before one it took: the queue's order (priority, owners taking turns,
+        age) holds exactly, and a higher-priority job is never skipped. Skipping past a job of
+        another kind would merge more often, but on a CPU a batch of n costs nearly n solo
+        runs, so the skipped job would wait for all of them.
+        """
+        key = batch_key(job.params)
+        if key is None or images <= 0:
+            return []
+        with self.db.transaction() as conn:
+            front = conn.execute(
+                f"{PLACES} SELECT j.seq, j.params FROM places p JOIN jobs j ON j.seq = p.seq"
+                " ORDER BY p.position LIMIT ?",
+                (images,),  # each job has at least one image
+            ).fetchall()
+            taken: builtins.list[int] = []
+            for row in front:
+                params = GenerationParams.from_dict(json.loads(row["params"]))
+                if batch_key(params) != key or params.num_images > images:
+                    break
+                taken.append(row["seq"])
+                images -= params.num_images
+            if not taken:
+                return []
+            marks = ",".join("?" * len(taken))
+            rows = conn.execute(
+                "UPDATE jobs SET status = 'running', attempts = attempts + 1, step = 0,"
+                f" started_at = ? WHERE seq IN ({marks}) AND status = 'queued' RETURNING *",
+                (utcnow(), *taken),
+            ).fetchall()
+        order = {seq: i for i, seq in enumerate(taken)}
+        return [_job(r) for r in sorted(rows, key=lambda r: order[r["seq"]])]
 
     def set_progress(self, job_id: str, step: int, total: int) -> None:
         with self.db.transaction() as conn:

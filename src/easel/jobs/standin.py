@@ -10,7 +10,10 @@ running a model, so the same request always gives the same pixels.
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 import time
+from typing import Any
 
 from PIL import Image
 
@@ -34,6 +37,16 @@ class StandInGenerator:
         self.fail_word = fail_word
         self.calls = 0
         self.last_inputs: InputImages | None = None  # what the worker passed, for tests
+
+    def describe(self) -> dict[str, Any]:
+        """Like ``Engine.describe``: this process, and no models (it loads none)."""
+        return {
+            "node": socket.gethostname(),
+            "pid": os.getpid(),
+            "models": [],
+            "loads": {},
+            "load_seconds": {},
+        }
 
     def generate(
         self,

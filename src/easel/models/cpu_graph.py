@@ -32,6 +32,8 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -45,7 +47,9 @@ MAX_PARAMETERS = 50_000_000
 # Graphs per UNet (one per batch size and image size in use); later shapes run eagerly. A graph
 # costs about 26 MB whatever the model's size (the recorded program, measured on UNets of 7 to
 # 100 MB of weights), and TorchScript keeps that memory for the life of the process even after
-# the graph is dropped, so graphs are never evicted and replaced: their number is capped.
+# the graph is dropped, so graphs are never evicted and replaced: their number is capped, for
+# plain calls and for `graph_variant` calls apart (dynamic batching's sliced calls of 2..4
+# images at one size take 6 graphs, which must not crowd out plain calls of other sizes).
 MAX_GRAPHS = 8
 
 
@@ -72,6 +76,8 @@ class _Replay:
         self.eager = unet.forward
         self.graphs: dict[tuple[Any, ...], Any] = {}
         self.failed = False
+        # who changed how the UNet's layers compute (see graph_variant): part of a graph's key
+        self.variant: Hashable = None
         self._lock = threading.Lock()
         # the UNet's PEFT configs when its LoRA layers were last looked up, and those layers
         self._peft_configs: list[Any] = []
@@ -131,9 +137,11 @@ class _Replay:
         key = tuple(
             (tuple(x.shape), x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last))
             for x in inputs
-        )
+        ) + (self.variant,)
         with self._lock:
-            if key not in self.graphs and len(self.graphs) < MAX_GRAPHS:
+            plain = self.variant is None
+            kept = sum((k[-1] is None) == plain for k in self.graphs)
+            if key not in self.graphs and kept < MAX_GRAPHS:
                 graph = self._trace(inputs)
                 if graph is not None:
                     self.graphs[key] = graph
@@ -163,6 +171,23 @@ def capture_unet(unet: torch.nn.Module) -> bool:
         return False
     unet.forward = _Replay(unet)  # type: ignore[method-assign]
     return True
+
+
+@contextmanager
+def graph_variant(unet: torch.nn.Module | None, variant: Hashable) -> Iterator[None]:
+    """Within the block, ``unet``'s calls trace and replay graphs of their own, keyed by
+    ``variant``: for whoever changes how the UNet's layers compute for a while (engine.batching
+    slices them), since a graph replays what was traced, not the layers' forwards of now. No
+    effect on a UNet that `capture_unet` did not take."""
+    replay = vars(unet).get("forward") if unet is not None else None
+    if not isinstance(replay, _Replay):
+        yield
+        return
+    before, replay.variant = replay.variant, variant
+    try:
+        yield
+    finally:
+        replay.variant = before
 
 
 def release_unet(unet: torch.nn.Module) -> None:

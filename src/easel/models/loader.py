@@ -18,6 +18,7 @@ import platform
 import re
 import sys
 import threading
+import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -184,6 +185,13 @@ class ModelManager:
         self.dtype = pick_dtype(self.device, settings.dtype)
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
         self._lock = threading.RLock()
+        # loads from disk per model id: how many, and the seconds they took (for /metrics).
+        # Their own lock, and the last list of loaded models, so a status read never waits
+        # for a load (which holds _lock for seconds)
+        self._stats_lock = threading.Lock()
+        self._loads: dict[str, int] = {}
+        self._load_seconds: dict[str, float] = {}
+        self._last_loaded: list[str] = []
 
     def get_pipeline(self, model: str, task: str = "txt2img") -> LoadedModel:
         """The pipeline serving ``task`` for ``model`` (catalog id, hub id or local path).
@@ -203,10 +211,14 @@ class ModelManager:
                 # have to fit in memory together
                 self._evict_over_budget(incoming=self.estimate_bytes(record))
                 entry = _Entry(record, family)
+                self.loaded()  # what loaded(wait=False) answers while this load runs
+                started = time.perf_counter()
                 entry.pipelines[task] = self._load(record, family, task)
+                self._count_load(record.id, time.perf_counter() - started)
                 entry.nbytes = pipeline_bytes(entry.pipelines[task])
                 self._entries[record.id] = entry
                 self._evict_over_budget(keep=record.id)  # in case the estimate was low
+                _free_memory()  # what loading left behind (weights as read, then converted)
             elif task not in entry.pipelines:
                 base = next(iter(entry.pipelines.values()))
                 entry.pipelines[task] = _pipeline_class(family, task).from_pipe(base)
@@ -357,10 +369,29 @@ class ModelManager:
             entry = self._entries.get(model)
             return list(entry.loras) if entry is not None else []
 
-    def loaded(self) -> list[str]:
-        """Ids of the loaded models, least recently used first."""
-        with self._lock:
-            return list(self._entries)
+    def loaded(self, *, wait: bool = True) -> list[str]:
+        """Ids of the loaded models, least recently used first. ``wait=False``: while a load
+        holds the cache (seconds), the list as it was before it, rather than waiting."""
+        if not self._lock.acquire(blocking=wait):
+            with self._stats_lock:
+                return list(self._last_loaded)
+        try:
+            names = list(self._entries)
+        finally:
+            self._lock.release()
+        with self._stats_lock:
+            self._last_loaded = names
+        return list(names)
+
+    def loads(self) -> dict[str, int]:
+        """Per model id, how many times it was loaded from disk (``from_pipe`` is no load)."""
+        with self._stats_lock:
+            return dict(self._loads)
+
+    def load_seconds(self) -> dict[str, float]:
+        """Per model id, the seconds its loads from disk took, in all."""
+        with self._stats_lock:
+            return dict(self._load_seconds)
 
     def memory_bytes(self) -> int:
         """Bytes of weights held by all loaded models."""
@@ -384,6 +415,11 @@ class ModelManager:
         return pull(self.catalog, model_id, progress=progress)
 
     # --- internals ------------------------------------------------------------------------------
+
+    def _count_load(self, model: str, seconds: float) -> None:
+        with self._stats_lock:
+            self._loads[model] = self._loads.get(model, 0) + 1
+            self._load_seconds[model] = self._load_seconds.get(model, 0.0) + seconds
 
     def _resolve_id(self, model: str) -> str | None:
         try:

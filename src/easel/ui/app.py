@@ -61,6 +61,8 @@ from easel.ui.forms import ModelForm, format_size, model_choices, model_form, pa
 from easel.ui.jobs import Waiting, follow_job, user_errors, waiting_now
 from easel.ui.loras import LoraPicker, lora_picker, picked_loras, refresh_event, wire_picker
 from easel.ui.training import train_tab, wire_train
+from easel.ui.workers import CSS as WORKERS_CSS
+from easel.ui.workers import wire_workers, workers_view
 
 HISTORY_LIMIT = 200  # images shown in the History tab (newest first)
 EDIT_TASK = "inpaint"  # the Edit tab's task when the page opens
@@ -208,7 +210,7 @@ def build_ui(services: Services) -> gr.Blocks:
                 shown = gr.State(0)  # index of the result opened in the gallery
             with gr.Tab("Edit", id="edit", elem_id="tab-edit") as edit_tab:
                 edit = _edit_tab(ui, form)
-            with gr.Tab("History", id="history", elem_id="tab-history"):
+            with gr.Tab("History", id="history", elem_id="tab-history") as history_tab:
                 with gr.Row():
                     search = gr.Textbox(
                         label="Search prompts", placeholder="circle", scale=3, elem_id="search"
@@ -247,8 +249,10 @@ def build_ui(services: Services) -> gr.Blocks:
                         )
                 picked = gr.State(None)  # parameters of the clicked or dropped image
                 picked_path = gr.State(None)  # the clicked image's PNG, for Send to Edit
-            with gr.Tab("Train", id="train", elem_id="tab-train"):
+            with gr.Tab("Train", id="train", elem_id="tab-train") as training_tab:
                 train = train_tab(services)
+            with gr.Tab("Workers", id="workers", elem_id="tab-workers") as workers_tab:
+                workers = workers_view()
 
         form_fields = [size, steps, guidance, guidance_end, scheduler, count, note, generate]
         model.input(ui.on_model, model, form_fields, api_visibility="private")
@@ -282,6 +286,12 @@ def build_ui(services: Services) -> gr.Blocks:
         demo.load(ui.model_list, None, model, api_visibility="private")  # pulled since start
 
         _wire_edit(ui, edit)
+        wire_workers(
+            services,
+            workers,
+            shown=workers_tab.select,
+            hidden=[t.select for t in (generate_tab, edit_tab, history_tab, training_tab)],
+        )
         # the LoRA pickers follow their model, and re-read the LoRA folder when their tab is
         # shown, when the page loads and after a training run
         trained = wire_train(services, train, demo)
@@ -556,7 +566,7 @@ def mount_ui(app: FastAPI, services: Services, path: str = "/") -> FastAPI:
         max_file_size=max(
             services.settings.max_upload_bytes, services.settings.max_dataset_upload_bytes
         ),
-        css=CSS,
+        css=CSS + WORKERS_CSS,
         head=HEAD,
     )
     # each open page holds a heartbeat stream; when the server stops, end them (Gradio's stop

@@ -19,7 +19,7 @@ def health(services: ServicesDep) -> Health:
     return Health(
         status="degraded" if disk.low else "ok",
         version=__version__,
-        workers=len(services.workers),
+        workers=services.worker_count(),
         disk=DiskPublic(
             free_bytes=disk.free_bytes, min_free_bytes=disk.min_free_bytes, low=disk.low
         ),
@@ -29,4 +29,4 @@ def health(services: ServicesDep) -> Health:
 @router.get("/queue")
 def queue(services: ServicesDep, principal: PrincipalDep) -> QueuePublic:
     """Job counts by status (every key's) and the key's jobs running now."""
-    return QueuePublic.of(services.queue_summary(principal), workers=len(services.workers))
+    return QueuePublic.of(services.queue_summary(principal), workers=services.worker_count())
