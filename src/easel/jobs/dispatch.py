@@ -6,7 +6,8 @@ only when that pays:
 
 1. A free worker holding the job's model takes it (the least busy such worker).
 2. Nobody holds the model: a free worker loads it, preferring one with nothing to do, then one
-   with a spare model slot, then one whose least recently used model nobody waits for.
+   with a spare model slot, and one whose least recently used model (the one it evicts) no
+   waiting job needs or another worker also holds; failing that, any free worker.
 3. Holders exist but all are busy: the job waits for them, unless waiting costs more than
    loading, which is so when
    a. ``backlog * job_s / holders > load_s`` (the model's jobs waiting from this one on, shared
@@ -20,7 +21,7 @@ only when that pays:
    spreads only as far as its visible queue pays for at ``load_s / job_s`` jobs per holder (12
    with 12 s loads and 1 s jobs): a 1,000-worker cluster whose dispatcher sees 2,000 waiting
    jobs used ~170 workers and thrashed once jobs starved (``bench/dispatch_sim.py``,
-   docs/BENCHMARKS.md). (b) evicts only copies nobody waits for, so it cannot thrash.
+   docs/BENCHMARKS.md). (b) evicts only copies nobody waits for: it did not thrash there.
 4. Fairness: a job that has waited ``starve_after_s`` goes to any free worker, whatever it evicts.
 
 Jobs are looked at in queue order (priority, owners' turns, age), so within one model the order
