@@ -572,9 +572,8 @@ def run_model(
         "dtype": str(loaded.dtype).removeprefix("torch."),
     }
     log(
-        f"{name}: {info['denoiser_parameters'] / 1e9:.2f}B denoiser parameters; "
-        f"{flops / 1e12:.1f} TFLOP per image, {denoiser_flops / 1e12:.2f} per denoiser call "
-        f"x {calls}"
+        f"{name}: {si(info['denoiser_parameters'])}denoiser parameters; {si(flops)}FLOP per "
+        f"image, {si(denoiser_flops)}FLOP per denoiser call x {calls}"
     )
     runs = {"easel": run_easel, "bare": run_bare}
     rows: list[Row] = []
@@ -631,6 +630,14 @@ def run_model(
     return rows, info
 
 
+def si(value: float) -> str:
+    """1.23e12 -> "1.23 T", 4.5e6 -> "4.50 M"."""
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f} {prefix}"
+    return f"{value:.0f} "
+
+
 def markdown(rows: list[Row], infos: dict[str, dict[str, Any]], header: str) -> str:
     lines = [header, ""]
     lines.append(
@@ -658,11 +665,10 @@ def markdown(rows: list[Row], infos: dict[str, dict[str, Any]], header: str) -> 
     for model, info in infos.items():
         lines.append(
             f"- {model}: {info['size']}², {info['steps']} steps, guidance {info['guidance']}, "
-            f"{info['scheduler']}; denoiser {info['denoiser_parameters'] / 1e9:.2f}B parameters; "
-            f"{info['flops_per_image'] / 1e12:.2f} TFLOP per image "
-            f"({info['denoiser_calls_per_image']} denoiser calls of "
-            f"{info['denoiser_flops_per_call'] / 1e12:.2f}); engine and bare pixels identical: "
-            f"{info.get('identical', {})}"
+            f"{info['scheduler']}; denoiser {si(info['denoiser_parameters'])}parameters; "
+            f"{si(info['flops_per_image'])}FLOP per image ({info['denoiser_calls_per_image']} "
+            f"denoiser calls of {si(info['denoiser_flops_per_call'])}FLOP); engine and bare "
+            f"pixels identical: {info.get('identical', {})}"
         )
     return "\n".join(lines) + "\n"
 

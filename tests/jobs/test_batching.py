@@ -165,8 +165,10 @@ def test_a_worker_runs_compatible_jobs_together_each_as_if_alone(
     for job in jobs[:3]:
         done = services.get_job(job.id)
         assert done.status is JobStatus.SUCCEEDED
-        types = [e.type for e in services.events.history(job.id)]
+        events = services.events.history(job.id)
+        types = [e.type for e in events]
         assert types == ["queued", "started", "progress", "progress", "progress", "succeeded"]
+        assert events[1].data["batch"] == 3
         steps = [e.data["step"] for e in services.events.history(job.id) if e.type == "progress"]
         per_step = done.params.num_images
         assert steps == [per_step, 2 * per_step, 3 * per_step]

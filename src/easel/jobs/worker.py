@@ -348,8 +348,8 @@ class Worker:
         for job in jobs:
             try:
                 # 3. announce it and read its input images
-                attempt = {"attempt": job.attempts, "worker": self.name}
-                self.events.publish(job.id, "started", attempt)
+                data = {"attempt": job.attempts, "worker": self.name, "batch": len(jobs)}
+                self.events.publish(job.id, "started", data)
                 inputs = self._inputs(job.params)
             except Exception as exc:
                 self._conclude(job, exc)
