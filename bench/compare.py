@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import string
 import subprocess
@@ -410,6 +411,12 @@ def wait_for_idle(share: float, max_wait: float) -> tuple[float, float]:
             return waited, idle
 
 
+def stopped(number: int, frame: Any) -> None:
+    """A signal ends the run: say so (a shared machine's long runs do get stopped)."""
+    print(f"\nstopped by signal {signal.Signals(number).name} at {time.ctime()}", flush=True)
+    sys.exit(128 + number)
+
+
 def machine() -> str:
     model = platform.processor() or platform.machine()
     flags: set[str] = set()
@@ -464,6 +471,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--tiny", action="store_true", help="small UNet/VAE/CLIP: check the script")
     args = parser.parse_args()
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(number, stopped)
 
     import diffusers
     import torch

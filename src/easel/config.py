@@ -62,12 +62,14 @@ class Settings(BaseSettings):
     port: int = Field(7860, description="Port `easel serve` listens on.")
     cpu_workers: int = Field(1, description="Number of generation workers when running on the CPU.")
     max_batch: int = Field(
-        4,
+        1,
         ge=1,
         le=64,
         description="Dynamic batching: most images one pipeline call makes, from one job's "
         "images and compatible queued jobs' (same model, task, size, steps, scheduler, guidance "
-        "and LoRAs); each job keeps its own pixels, progress and cancel. 1 turns batching off.",
+        "and LoRAs); each job keeps its own seeds, progress and cancel. 1 (the default) turns "
+        "batching off: on the CPU with several torch threads, a batch's pixels can differ by 1 "
+        "from the same job alone (traced small denoisers), so it is opt-in for now.",
     )
     batch_window_ms: float = Field(
         0.0,
