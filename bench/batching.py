@@ -1,7 +1,8 @@
 """Dynamic batching: throughput at batch 1/2/4, and the queue wait that a batch window adds.
 
-    .venv/bin/python bench/batching.py            # tiny-shapes, then an SD1.5-architecture model
-    .venv/bin/python bench/batching.py --quick    # tiny-shapes only, fewer rounds
+    .venv/bin/python bench/batching.py                # all: tiny-shapes, SD1.5-arch, queue
+    .venv/bin/python bench/batching.py --parts sd15   # or tiny, queue (comma-separated)
+    .venv/bin/python bench/batching.py --quick        # tiny-shapes and queue, fewer rounds
 
 1. Engine throughput. ``--images`` images (distinct prompts and seeds, one per request) through
    ``Engine.generate_batch`` in calls of b = 1, 2, 4 requests, the batch sizes interleaved round
@@ -205,20 +206,40 @@ def queue_bench(home: Path, burst: int, arrivals: int, rounds: int) -> None:
         solo = [latency(j) for j in (wait_done(services, [submit(i)])[0] for i in range(3))]
         solo_s = min(solo)
 
-        # a. a lone job: the window is pure waiting
-        lone: dict[float, list[float]] = {0: [], 20: [], 100: []}
-        for r in range(rounds):
-            for window in lone:
+        # a. a lone job: the window is pure waiting, timed where it happens (the worker's
+        # search for jobs to batch, between its claim and the generation's start) and as the
+        # job's whole latency
+        searching: list[float] = []
+        batch_for = worker._batch_for
+
+        def timed(job: JobRecord) -> list[JobRecord]:
+            started = time.perf_counter()
+            found = batch_for(job)
+            searching.append(time.perf_counter() - started)
+            return found
+
+        worker._batch_for = timed  # type: ignore[method-assign]
+        lone: dict[float, tuple[list[float], list[float]]] = {
+            0: ([], []),
+            20: ([], []),
+            100: ([], []),
+        }
+        for r in range(2 * rounds):
+            for window, (waits, latencies) in lone.items():
                 configure(4, window)
-                lone[window].append(latency(wait_done(services, [submit(r)])[0]))
+                latencies.append(latency(wait_done(services, [submit(r)])[0]))
+                waits.append(searching[-1])
                 time.sleep(0.05)
-        print("\nqueue a. a lone job, submit to succeeded (s)\n")
-        print("| batch_window_ms | best | median | added (median) |")
+        worker._batch_for = batch_for  # type: ignore[method-assign]
+        print("\nqueue a. a lone job: the worker's wait for jobs to batch, and its latency (submit "
+              "to succeeded)\n")  # fmt: skip
+        print(
+            "| batch_window_ms | added wait median (ms) | added wait max (ms) | latency median (s) |"
+        )
         print("|---|---|---|---|")
-        base = statistics.median(lone[0])
-        for window, runs in lone.items():
-            mid = statistics.median(runs)
-            print(f"| {window:g} | {min(runs):.3f} | {mid:.3f} | {mid - base:+.3f} |")
+        for window, (waits, latencies) in lone.items():
+            print(f"| {window:g} | {statistics.median(waits) * 1000:.1f} | "
+                  f"{max(waits) * 1000:.1f} | {statistics.median(latencies):.3f} |")  # fmt: skip
 
         # b. a burst: max_batch 1 against 4
         print(f"\nqueue b. a burst of {burst} jobs submitted at once: seconds to drain\n")
@@ -269,34 +290,34 @@ def queue_bench(home: Path, burst: int, arrivals: int, rounds: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny-shapes only, fewer rounds")
+    parser.add_argument("--parts", default="tiny,sd15,queue", help="which parts to run")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per configuration")
     parser.add_argument("--images", type=int, default=8, help="images per round (tiny-shapes)")
     parser.add_argument("--size", type=int, default=256, help="SD1.5-architecture image side")
     parser.add_argument("--burst", type=int, default=16)
     parser.add_argument("--arrivals", type=int, default=24)
-    parser.add_argument("--skip-queue", action="store_true")
-    parser.add_argument("--only-queue", action="store_true")
     args = parser.parse_args()
+    parts = {"tiny", "queue"} if args.quick else set(args.parts.split(","))
     rounds = 2 if args.quick else args.rounds
     # room for the naive batches' graphs as well (the product keeps 8 plain + 8 batch graphs)
     cpu_graph.MAX_GRAPHS = 16
     print(f"{cpu()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     with tempfile.TemporaryDirectory() as tmp:
-        if args.only_queue:
-            queue_bench(Path(tmp) / "queue-home", args.burst, args.arrivals, rounds)
-            return
         settings = Settings(home=Path(tmp) / "home", preview_every=0, max_batch=max(BATCHES))
         engine = Engine(ModelManager(settings, ModelCatalog(settings)), settings)
-        shapes = GenerationParams(prompt="", model="tiny-shapes")
-        result = engine_throughput(engine, shapes, args.images, rounds)
-        dtype = engine.models.get_pipeline("tiny-shapes").dtype
-        print_engine(
-            f"tiny-shapes (bundled), 64², 8 steps, {str(dtype).removeprefix('torch.')}, "
-            f"CPU graphs on; {args.images} images a round, best and median of {rounds} rounds",
-            result,
-        )
-        if not args.quick:
+        if "tiny" in parts:
+            shapes = GenerationParams(prompt="", model="tiny-shapes")
+            result = engine_throughput(engine, shapes, args.images, rounds)
+            dtype = engine.models.get_pipeline("tiny-shapes").dtype
+            print_engine(
+                f"tiny-shapes (bundled), 64², 8 steps, {str(dtype).removeprefix('torch.')}, "
+                f"CPU graphs on; {args.images} images a round, best and median of {rounds} "
+                "rounds",
+                result,
+            )
+            engine.models.unload("tiny-shapes")
+        if "sd15" in parts:
             folder = build_sd15_like(Path(tmp) / "sd15-random", tiny=False)
             sd15 = GenerationParams(
                 prompt="",
@@ -307,9 +328,9 @@ def main() -> None:
                 guidance_scale=7.5,
                 scheduler="euler",
             )
-            images = 4
-            sd_rounds = max(2, rounds - 2)
+            images, sd_rounds = 4, max(2, rounds - 2)
             result = engine_throughput(engine, sd15, images, sd_rounds, warm_up=False)
+            dtype = engine.models.get_pipeline(str(folder)).dtype
             print_engine(
                 f"SD1.5-architecture UNet + VAE, random weights, {args.size}², 4 steps, CFG 7.5, "
                 f"euler, {str(dtype).removeprefix('torch.')}; {images} images a round, best and "
@@ -317,7 +338,7 @@ def main() -> None:
                 result,
             )
         del engine
-        if not args.skip_queue:
+        if "queue" in parts:
             queue_bench(Path(tmp) / "queue-home", args.burst, args.arrivals, rounds)
 
 
