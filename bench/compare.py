@@ -8,6 +8,9 @@ folder (``--cache``, default ~/.cache/easel/bench), so every engine loads the sa
 
   easel        Easel's engine: ``Engine.generate`` on a catalog entry (models.toml in a temporary
                EASEL_HOME) naming the folder, through the real ModelManager and its CPU defaults
+               (UNet, VAE decoder and text encoder through OpenVINO when it is installed: the
+               warm-up converts them, in the background as a server would, and waits for them)
+  easel-torch  the same with ``cpu_backend="torch"``: Easel's PyTorch path
   fp32         ``StableDiffusionPipeline.from_pretrained(folder)``: diffusers' defaults
   bf16         the same in bfloat16, UNet and VAE in channels_last
   openvino     optimum-intel's ``OVStableDiffusionPipeline`` exported from the folder (once, kept
@@ -35,6 +38,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import statistics
 import string
@@ -304,6 +308,47 @@ class OpenVinoEngine:
                 self.proc.kill()
 
 
+def easel_engine(
+    folder: Path, steps: int, home: Path, backend: str
+) -> tuple[Callable[[int], Image.Image], str]:
+    """Easel's engine with ``cpu_backend`` ``backend`` (size -> one image), and its dtype. The
+    first image of a size waits for the background OpenVINO compile of that size (in the
+    warm-up), so timed calls measure the path a warm server takes."""
+    from easel.config import Settings
+    from easel.domain import GenerationParams
+    from easel.engine.generate import Engine
+    from easel.models.catalog import ModelCatalog
+    from easel.models.loader import ModelManager
+
+    settings = Settings(home=home, preview_every=0, cpu_backend=backend)
+    catalog = ModelCatalog(settings)
+    catalog.add("sd15-random", str(folder), description="bench/compare.py")
+    engine = Engine(ModelManager(settings, catalog), settings)
+    settled: set[int] = set()
+
+    def easel(size: int) -> Image.Image:
+        params = GenerationParams(
+            prompt=PROMPT,
+            model="sd15-random",
+            num_inference_steps=steps,
+            guidance_scale=GUIDANCE,
+            width=size,
+            height=size,
+            seed=SEED,
+            scheduler="euler",
+        )
+        image: Image.Image = engine.generate(params).images[0]
+        if size not in settled:
+            unet = engine.models.get_pipeline("sd15-random").pipeline.unet
+            graphs = getattr(vars(unet).get("forward"), "graphs", None)
+            if hasattr(graphs, "settle"):
+                graphs.settle(timeout=900)
+            settled.add(size)
+        return image
+
+    return easel, str(engine.models.dtype).removeprefix("torch.")
+
+
 def in_process_engines(
     names: list[str], folder: Path, steps: int, home: Path
 ) -> tuple[dict[str, Callable[[int], Image.Image]], str]:
@@ -313,34 +358,9 @@ def in_process_engines(
 
     engines: dict[str, Callable[[int], Image.Image]] = {}
     easel_dtype = ""
-    if "easel" in names:
-        from easel.config import Settings
-        from easel.domain import GenerationParams
-        from easel.engine.generate import Engine
-        from easel.models.catalog import ModelCatalog
-        from easel.models.loader import ModelManager
-
-        settings = Settings(home=home, preview_every=0)
-        catalog = ModelCatalog(settings)
-        catalog.add("sd15-random", str(folder), description="bench/compare.py")
-        engine = Engine(ModelManager(settings, catalog), settings)
-        easel_dtype = str(engine.models.dtype).removeprefix("torch.")
-
-        def easel(size: int) -> Image.Image:
-            params = GenerationParams(
-                prompt=PROMPT,
-                model="sd15-random",
-                num_inference_steps=steps,
-                guidance_scale=GUIDANCE,
-                width=size,
-                height=size,
-                seed=SEED,
-                scheduler="euler",
-            )
-            image: Image.Image = engine.generate(params).images[0]
-            return image
-
-        engines["easel"] = easel
+    for name, backend in (("easel", "auto"), ("easel-torch", "torch")):
+        if name in names:
+            engines[name], easel_dtype = easel_engine(folder, steps, home / name, backend)
 
     def bare(pipe: Any) -> Callable[[int], Image.Image]:
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -372,7 +392,8 @@ def in_process_engines(
 # --- report -------------------------------------------------------------------------------------
 
 LABELS = {
-    "easel": "Easel engine",
+    "easel": "Easel engine (OpenVINO UNet when installed)",
+    "easel-torch": "Easel engine, cpu_backend torch",
     "fp32": "diffusers defaults (fp32)",
     "bf16": "diffusers, bf16 + channels_last",
     "openvino": "OpenVINO (optimum-intel, static shapes)",
@@ -469,6 +490,12 @@ def main() -> None:
     )
     parser.add_argument("--max-wait", type=float, default=300.0)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the calls a stopped run with the same settings recorded (in the cache "
+        "folder) and measure only the rest; without it, a run starts afresh",
+    )
     parser.add_argument("--tiny", action="store_true", help="small UNet/VAE/CLIP: check the script")
     args = parser.parse_args()
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -488,6 +515,22 @@ def main() -> None:
     if "openvino" in names and not args.openvino_python.exists():
         print(f"openvino: skipped, no interpreter at {args.openvino_python}", flush=True)
         names.remove("openvino")
+
+    # every timed call is appended to a record, so a run stopped on a shared machine can go on
+    record = folder.with_name(f"{folder.name}-runs") / (
+        f"steps{args.steps}-threads{args.threads}-{'-'.join(names)}"
+    )
+    if not args.resume:
+        shutil.rmtree(record, ignore_errors=True)
+    record.mkdir(parents=True, exist_ok=True)
+    calls_file = record / "calls.jsonl"
+    recorded: list[dict[str, Any]] = []
+    if calls_file.exists():
+        recorded = [json.loads(line) for line in calls_file.read_text().splitlines() if line]
+        print(f"resuming: {len(recorded)} calls recorded in {record}", flush=True)
+
+    def measured(size: int) -> dict[str, list[dict[str, Any]]]:
+        return {n: [r for r in recorded if r["size"] == size and r["engine"] == n] for n in names}
 
     with tempfile.TemporaryDirectory() as tmp:
         engines, easel_dtype = in_process_engines(names, folder, args.steps, Path(tmp) / "home")
@@ -517,31 +560,61 @@ def main() -> None:
             for size in args.sizes:
                 load_before = os.getloadavg()[0]
                 warmup[size], images[size] = {}, {}
-                for name in names:  # warm-up (OpenVINO: reshape + compile), untimed
-                    if openvino is not None and name == "openvino":
-                        openvino.prepare(size)
-                    warmup[size][name], _, images[size][name] = call(name, size)
-                    print(f"{size}px warm-up {name}: {warmup[size][name]:.2f} s", flush=True)
-                times[size] = {name: [] for name in names}
-                cpu_times[size] = {name: [] for name in names}
+                done = measured(size)
+                pictures = {n: record / f"{size}-{n}.png" for n in names}
+                finished = all(len(done[n]) >= args.repeats for n in names)
+                if not (finished and all(p.exists() for p in pictures.values())):
+                    for name in names:  # warm-up (OpenVINO: reshape + compile), untimed
+                        if openvino is not None and name == "openvino":
+                            openvino.prepare(size)
+                        warmup[size][name], _, images[size][name] = call(name, size)
+                        images[size][name].save(pictures[name])
+                        print(f"{size}px warm-up {name}: {warmup[size][name]:.2f} s", flush=True)
                 for round_ in range(args.repeats):
                     idles = []
                     for name in names:
+                        if len(done[name]) > round_:
+                            continue  # recorded by the run this one resumes
                         waited, idle = wait_for_idle(args.idle, args.max_wait)
                         idles.append(idle)
-                        seconds, cpu, _ = call(name, size)
-                        times[size][name].append(seconds)
-                        cpu_times[size][name].append(cpu)
+                        seconds, cpu, image = call(name, size)
+                        # quality from a timed image: Easel's warm-up may run before its
+                        # OpenVINO models are ready
+                        images[size][name] = image
+                        image.save(pictures[name])
+                        entry = {
+                            "size": size,
+                            "engine": name,
+                            "round": round_,
+                            "seconds": seconds,
+                            "cpu": cpu,
+                            "idle": idle,
+                            "load": os.getloadavg()[0],
+                            "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                        }
+                        recorded.append(entry)
+                        with calls_file.open("a") as out:
+                            out.write(json.dumps(entry) + "\n")
+                    done = measured(size)
                     print(
                         f"{size}px round {round_ + 1}: "
                         + ", ".join(
-                            f"{n} {times[size][n][-1]:.2f} s ({cpu_times[size][n][-1]:.2f} CPU-s)"
+                            f"{n} {done[n][round_]['seconds']:.2f} s "
+                            f"({done[n][round_]['cpu']:.2f} CPU-s)"
                             for n in names
                         )
                         + "; CPUs idle before each: "
-                        + ", ".join(f"{i:.0%}" for i in idles),
+                        + ", ".join(f"{done[n][round_]['idle']:.0%}" for n in names),
                         flush=True,
                     )
+                done = measured(size)
+                times[size] = {n: [r["seconds"] for r in done[n][: args.repeats]] for n in names}
+                cpu_times[size] = {n: [r["cpu"] for r in done[n][: args.repeats]] for n in names}
+                for name in names:
+                    if name not in images[size]:
+                        with Image.open(pictures[name]) as picture:
+                            images[size][name] = picture.convert("RGB")
+                    warmup[size].setdefault(name, math.nan)
                 loads[size] = (load_before, os.getloadavg()[0])
         finally:
             if openvino is not None:

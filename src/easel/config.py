@@ -6,6 +6,7 @@ Every field is documented here and in docs/CONFIG.md (a test keeps the two in st
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from platformdirs import user_data_dir
 from pydantic import Field, SecretStr
@@ -46,6 +47,13 @@ class Settings(BaseSettings):
         True,
         description="On the CPU, replay a small UNet's denoising calls as traced graphs "
         "(skips Python overhead; no effect on models over 50M UNet parameters).",
+    )
+    cpu_backend: Literal["auto", "openvino", "torch"] = Field(
+        "auto",
+        description="On the CPU, who runs a large UNet's denoising calls (and then the VAE "
+        "decoder and CLIP text encoder): auto (OpenVINO for UNets over 50M parameters when the "
+        "openvino extra is installed, else PyTorch), openvino (every UNet, small ones too), "
+        "torch (PyTorch only).",
     )
     model_cache_gb: float = Field(
         8.0, description="Memory budget in GiB for loaded pipelines (least recently used go first)."

@@ -29,7 +29,7 @@ def inputs(batch: int = 2, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def graphs(unet: UNet2DConditionModel) -> int:
-    return len(unet.forward.graphs)  # type: ignore[attr-defined]
+    return len(unet.forward.graphs.graphs)  # type: ignore[attr-defined]
 
 
 @torch.no_grad()

@@ -60,6 +60,7 @@ from easel.engine.preview import Previewer, TinyDecoders
 from easel.engine.schedulers import make_scheduler
 from easel.engine.tasks import RUNNERS, Row
 from easel.imaging import pixel_hash
+from easel.models.cpu_graph import batches_exactly
 from easel.models.families import get_family
 from easel.models.loader import LoadedModel, ModelManager
 from easel.models.loras import LoraCatalog
@@ -205,6 +206,8 @@ class Engine:
 
                 # 5. run the task over the images, each with its own seed, up to max_batch a call
                 limit = self.settings.max_batch if TASK_SPECS[params.task].batches else 1
+                if not batches_exactly(getattr(first, "unet", None)):
+                    limit = 1  # a batch would leave OpenVINO for PyTorch: other pixels
                 while rows := _next_rows(jobs, limit):
                     _BatchCall(self, pipes, rows, adapter).run(RUNNERS[params.task])
         except Exception as exc:  # the model could not be set up, or a bug: all of them fail

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -68,17 +68,65 @@ class _Forward(torch.nn.Module):
         )[0]
 
 
-class _Replay:
-    """Replaces ``unet.forward``: replays a graph for plain calls, else the eager forward."""
+class _Traces:
+    """Graphs for `_Replay` by ``torch.jit.trace``: one per shape key, recorded on first use."""
 
     def __init__(self, unet: torch.nn.Module) -> None:
         self.unet = unet
-        self.eager = unet.forward
         self.graphs: dict[tuple[Any, ...], Any] = {}
         self.failed = False
+        self._lock = threading.Lock()
+
+    def __call__(self, inputs: tuple[torch.Tensor, ...], variant: Hashable) -> Any:
+        if self.failed:
+            return None
+        key = shape_key(inputs) + (variant,)
+        with self._lock:
+            plain = variant is None
+            kept = sum((k[-1] is None) == plain for k in self.graphs)
+            if key not in self.graphs and kept < MAX_GRAPHS:
+                graph = self._trace(inputs)
+                if graph is not None:
+                    self.graphs[key] = graph
+            return self.graphs.get(key)
+
+    def _trace(self, inputs: tuple[torch.Tensor, ...]) -> Any:
+        """The traced graph for ``inputs``' shapes; None (and no more tries) if tracing fails."""
+        try:
+            with warnings.catch_warnings():
+                # TorchScript announces its deprecation, and the tracer warns about every
+                # Python branch on a size: both are expected here (the key covers the sizes)
+                warnings.simplefilter("ignore")
+                return torch.jit.trace(_Forward(self.unet), inputs, check_trace=False)
+        except Exception as exc:  # any failure just means "no fast path": run eagerly
+            log.warning("denoiser not traced, running it eagerly: %s", exc)
+            self.failed = True
+            return None
+
+
+def shape_key(inputs: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
+    """What a recorded graph is valid for: its inputs' shapes (diffusers branches on sizes in
+    Python), dtypes, devices and memory layouts."""
+    return tuple(
+        (tuple(x.shape), x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last))
+        for x in inputs
+    )
+
+
+# a source of graphs: (sample, timestep, text embeddings), variant -> a callable on those
+# three tensors returning the UNet's output, or None (run the eager forward this time)
+GraphSource = Callable[[tuple[torch.Tensor, ...], Hashable], Any]
+
+
+class _Replay:
+    """Replaces ``unet.forward``: replays a graph for plain calls, else the eager forward."""
+
+    def __init__(self, unet: torch.nn.Module, graphs: GraphSource) -> None:
+        self.unet = unet
+        self.eager = unet.forward
+        self.graphs = graphs
         # who changed how the UNet's layers compute (see graph_variant): part of a graph's key
         self.variant: Hashable = None
-        self._lock = threading.Lock()
         # the UNet's PEFT configs when its LoRA layers were last looked up, and those layers
         self._peft_configs: list[Any] = []
         self._lora_layers: list[Any] = []
@@ -100,9 +148,8 @@ class _Replay:
             and all(value is None for value in kwargs.values())
             and not torch.is_grad_enabled()
             and not self._lora_live()
-            and not self.failed
         ):
-            graph = self._graph(sample, timestep, encoder_hidden_states)
+            graph = self.graphs((sample, timestep, encoder_hidden_states), self.variant)
         if graph is None:
             return self.eager(
                 sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs
@@ -131,46 +178,34 @@ class _Replay:
             self._lora_layers = [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
         return any(m.merged or not m.disable_adapters for m in self._lora_layers)
 
-    def _graph(self, *inputs: torch.Tensor) -> Any:
-        # a trace is only valid for its shapes (diffusers branches on sizes in Python) and for
-        # its dtypes, devices and memory layouts, so those are the key
-        key = tuple(
-            (tuple(x.shape), x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last))
-            for x in inputs
-        ) + (self.variant,)
-        with self._lock:
-            plain = self.variant is None
-            kept = sum((k[-1] is None) == plain for k in self.graphs)
-            if key not in self.graphs and kept < MAX_GRAPHS:
-                graph = self._trace(inputs)
-                if graph is not None:
-                    self.graphs[key] = graph
-            return self.graphs.get(key)
 
-    def _trace(self, inputs: tuple[torch.Tensor, ...]) -> Any:
-        """The traced graph for ``inputs``' shapes; None (and no more tries) if tracing fails."""
-        try:
-            with warnings.catch_warnings():
-                # TorchScript announces its deprecation, and the tracer warns about every
-                # Python branch on a size: both are expected here (the key covers the sizes)
-                warnings.simplefilter("ignore")
-                return torch.jit.trace(_Forward(self.unet), inputs, check_trace=False)
-        except Exception as exc:  # any failure just means "no fast path": run eagerly
-            log.warning("denoiser not traced, running it eagerly: %s", exc)
-            self.failed = True
-            return None
-
-
-def capture_unet(unet: torch.nn.Module) -> bool:
-    """Route ``unet``'s plain inference calls through traced graphs; False (and nothing done)
-    when the UNet is larger than MAX_PARAMETERS or its forward is already replaced on the
-    instance (captured before, or hooked by someone else, e.g. accelerate's offload)."""
+def capture_unet(unet: torch.nn.Module, graphs: GraphSource | None = None) -> bool:
+    """Route ``unet``'s plain inference calls through graphs: ``graphs``' (cpu_openvino's),
+    else traced ones. False (and nothing done) when traced graphs would be used on a UNet
+    larger than MAX_PARAMETERS, or its forward is already replaced on the instance (captured
+    before, or hooked by someone else, e.g. accelerate's offload)."""
     if "forward" in vars(unet):
         return False
-    if sum(p.numel() for p in unet.parameters()) > MAX_PARAMETERS:
-        return False
-    unet.forward = _Replay(unet)  # type: ignore[method-assign]
+    if graphs is None:
+        if sum(p.numel() for p in unet.parameters()) > MAX_PARAMETERS:
+            return False
+        graphs = _Traces(unet)
+    unet.forward = _Replay(unet, graphs)  # type: ignore[method-assign]
     return True
+
+
+def batches_exactly(unet: torch.nn.Module | None) -> bool:
+    """Whether a batched call of ``unet`` under `graph_variant` computes as its solo calls do:
+    not when its solo calls replay graphs that a variant does not use (OpenVINO's), since the
+    batch would then run the eager forward while each image alone would not."""
+    graphs = captured(unet) if unet is not None else None
+    return graphs is None or getattr(graphs, "follows_variants", True)
+
+
+def captured(unet: torch.nn.Module) -> GraphSource | None:
+    """The graph source `capture_unet` gave ``unet``, if any."""
+    replay = vars(unet).get("forward")
+    return replay.graphs if isinstance(replay, _Replay) else None
 
 
 @contextmanager

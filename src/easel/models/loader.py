@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import logging
 import math
 import platform
 import re
@@ -31,6 +32,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 from easel.config import Settings
 from easel.domain import EaselError, InvalidParams, LoraRecord, ModelNotAvailable, ModelRecord
+from easel.models import cpu_openvino
 from easel.models.catalog import (
     ModelCatalog,
     cached_snapshot,
@@ -42,7 +44,8 @@ from easel.models.catalog import (
     model_index,
     safetensors_header,
 )
-from easel.models.cpu_graph import capture_unet, release_unet
+from easel.models.cpu_graph import MAX_PARAMETERS, GraphSource, capture_unet, captured, release_unet
+from easel.models.cpu_openvino import OpenVinoGraphs, capture_text_encoder, capture_vae
 from easel.models.download import pull
 from easel.models.families import Family, get_family
 from easel.models.hardware import cpu_has_native_bf16
@@ -79,6 +82,9 @@ _DTYPES = {
 
 
 # --- device and dtype ---------------------------------------------------------------------------
+
+
+log = logging.getLogger(__name__)
 
 
 def pick_device(setting: str = "auto") -> str:
@@ -237,6 +243,7 @@ class ModelManager:
                 return
             base = next(iter(entry.pipelines.values()))
             unet = base.unet
+            graphs = captured(unet)
             release_unet(unet)  # graphs traced without the adapter must not replay with it
             if scale is None:
                 base.unload_ip_adapter()
@@ -266,8 +273,9 @@ class ModelManager:
                         image_encoder=encoder, feature_extractor=base.feature_extractor
                     )
             entry.ip_adapter = scale is not None
-            if scale is None and self.device == "cpu" and self.settings.cpu_graphs:
-                capture_unet(unet)
+            if scale is None:
+                # OpenVINO's models were converted from the plain UNet, which is back: keep them
+                self._capture(unet, graphs if isinstance(graphs, OpenVinoGraphs) else None)
 
     def use_loras(self, record: ModelRecord, loras: list[tuple[LoraRecord, float]]) -> None:
         """Apply ``loras`` (each with its weight) to the model, or none (an empty list).
@@ -501,8 +509,35 @@ class ModelManager:
                 if module is not None:
                     module.to(memory_format=torch.channels_last)
         unet = getattr(pipe, "unet", None)
-        if self.device == "cpu" and self.settings.cpu_graphs and unet is not None:
-            capture_unet(unet)  # small UNets only; see cpu_graph
+        if unet is not None and self._capture(unet):
+            threads = torch.get_num_threads()
+            if vae is not None:
+                capture_vae(vae, self._openvino_cache, threads=threads)
+            encoder = getattr(pipe, "text_encoder", None)
+            if encoder is not None:
+                capture_text_encoder(encoder, self._openvino_cache, threads=threads)
+
+    @property
+    def _openvino_cache(self) -> Path:
+        return self.settings.home / "cache" / "openvino"
+
+    def _capture(self, unet: torch.nn.Module, graphs: GraphSource | None = None) -> bool:
+        """On the CPU, replay the UNet's plain calls as graphs: OpenVINO's (``graphs`` if
+        given, else per ``cpu_backend``), or traced ones for small UNets (``cpu_graphs``).
+        True when OpenVINO runs them (then it may encode prompts and decode latents too)."""
+        if self.device != "cpu":
+            return False
+        backend = self.settings.cpu_backend
+        if graphs is None and backend != "torch":
+            large = sum(p.numel() for p in unet.parameters()) > MAX_PARAMETERS
+            if not cpu_openvino.available():
+                if backend == "openvino":
+                    log.warning("cpu_backend is openvino but openvino is not installed")
+            elif backend == "openvino" or large:
+                graphs = OpenVinoGraphs(unet, self._openvino_cache, threads=torch.get_num_threads())
+        if graphs is not None or self.settings.cpu_graphs:
+            capture_unet(unet, graphs)  # traced graphs: small UNets only; see cpu_graph
+        return isinstance(graphs, OpenVinoGraphs)
 
 
 def _pipeline_class(family: Family, task: str) -> type[DiffusionPipeline]:
