@@ -4,6 +4,9 @@ it, its conversions are cached on disk by the weights, and any failure falls bac
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +149,17 @@ def test_auto_leaves_small_unets_to_the_traced_graphs(tiny_sd_path: Path, easel_
     assert not isinstance(vars(pipe.unet)["forward"].graphs, OpenVinoGraphs)
     pipe = make_manager(easel_home, cpu_backend="torch").get_pipeline(str(tiny_sd_path)).pipeline
     assert not isinstance(vars(pipe.unet)["forward"].graphs, OpenVinoGraphs)
+
+
+def test_a_conversion_under_way_does_not_hold_up_the_exit() -> None:
+    # (a thread pool would run a minute's conversion, and everything queued, before exiting)
+    code = (
+        "import time\n"
+        "from easel.models import cpu_openvino\n"
+        "cpu_openvino._PREPARE.submit(time.sleep, 120)\n"
+        "cpu_openvino._PREPARE.submit(time.sleep, 120)\n"
+        "time.sleep(0.5)\n"
+    )
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=100)
+    assert time.monotonic() - started < 60

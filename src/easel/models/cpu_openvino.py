@@ -31,11 +31,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import queue
 import shutil
 import threading
 import time
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,42 @@ MAX_SHAPES = 3
 # Converted modules kept on disk (one folder per set of weights, about their size in float16);
 # the least recently used beyond this are deleted: four models' UNet, VAE decoder, text encoder
 MAX_CACHED = 12
+
+
+class _Background:
+    """Runs submitted calls one at a time, in order, on a daemon thread: a conversion under way
+    never holds up the process's exit (a thread pool's workers would be joined, and their queue
+    run to its end, at exit). What it leaves half-written is a ``.partial`` folder."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Future[None], Callable[..., None], tuple[Any, ...]]]
+        self._queue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> Future[None]:
+        future: Future[None] = Future()
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="easel-openvino", daemon=True
+                )
+                self._thread.start()
+        self._queue.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, fn, args = self._queue.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # handed to whoever waits on the future
+                    future.set_exception(exc)
+
+
 # Conversions and compiles, one at a time for the whole process: each already uses every core
-_PREPARE = ThreadPoolExecutor(1, thread_name_prefix="easel-openvino")
+_PREPARE = _Background()
 # a half-written conversion older than this was left by a crash
 STALE_S = 3600.0
 # bump when the converted graph changes (what it computes, its inputs), so old files are not used
