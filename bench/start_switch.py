@@ -228,7 +228,7 @@ def build_small_sd(folder: Path) -> Path:
 class Switching:
     label: str
     models: tuple[str, str]
-    size: int
+    sizes: dict[str, int]  # each model's image side (tiny-shapes makes at most 128)
     steps: int
     same: dict[str, list[float]] = field(default_factory=dict)
     switch: dict[str, list[float]] = field(default_factory=dict)
@@ -240,7 +240,7 @@ def measure_switch(
     sources: dict[str, str],
     cache_gb: str,
     rounds: int,
-    size: int,
+    sizes: dict[str, int],
     steps: int,
     idle: tuple[float, float],
 ) -> Switching:
@@ -249,7 +249,7 @@ def measure_switch(
 
     names = tuple(sources)
     assert len(names) == 2
-    result = Switching(label, (names[0], names[1]), size, steps)
+    result = Switching(label, (names[0], names[1]), sizes, steps)
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         catalog = ModelCatalog(Settings(home=home))
@@ -260,14 +260,16 @@ def measure_switch(
         try:
             server.wait_listening()
             last = None
-            body = {"prompt": PROMPT, "width": size, "height": size, "num_inference_steps": steps}
+            body = {"prompt": PROMPT, "num_inference_steps": steps}
+            side = {name: {"width": sizes[name], "height": sizes[name]} for name in names}
             for name in names:  # warm-up: load both, trace their graphs
-                image_job(server.http, {**body, "model": name})
+                image_job(server.http, {**body, **side[name], "model": name})
                 last = name
             for round_ in range(rounds):
                 for name in (names[0], names[0], names[1], names[1]):
                     wait_for_idle(*idle)
-                    wall, own = image_job(server.http, {**body, "model": name, "seed": round_})
+                    request = {**body, **side[name], "model": name, "seed": round_}
+                    wall, own = image_job(server.http, request)
                     kind = result.same if name == last else result.switch
                     kind.setdefault(name, []).append(wall)
                     result.job_seconds.setdefault(name, []).append(own)
@@ -275,6 +277,27 @@ def measure_switch(
         finally:
             server.stop()
     return result
+
+
+def print_switches(runs: list[Switching]) -> None:
+    print("| models kept | model | size, steps | same model | after a switch | switch cost |")
+    print("|---|---|---|---|---|---|")
+    for run in runs:
+        for name in run.models:
+            same, switch = min(run.same[name]), min(run.switch[name])
+            print(
+                f"| {run.label} | {name} | {run.sizes[name]}², {run.steps} | {same:.3f} s | "
+                f"{switch:.3f} s | {switch - same:+.3f} s |"
+            )
+    print("\n(min of each; medians:)")
+    for run in runs:
+        for name in run.models:
+            print(
+                f"  {run.label} {name}: same {statistics.median(run.same[name]):.3f} s, "
+                f"switch {statistics.median(run.switch[name]):.3f} s; the jobs' own time "
+                f"(claim to stored image): " + ", ".join(f"{x:.3f}" for x in run.job_seconds[name]),
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -316,14 +339,16 @@ def main() -> None:
             small = str(build_small_sd(Path(tmp) / "sd-small"))
             pair = {"tiny-shapes": "builtin", "sd-small": small}
             for label, cache in (("cached (in memory)", "8"), ("uncached (evicted)", "0.001")):
-                runs.append(measure_switch(label, pair, cache, args.rounds, 64, 8, idle))
-                print(f"switch {label} done", flush=True)
+                sizes = dict.fromkeys(pair, 64)
+                runs.append(measure_switch(label, pair, cache, args.rounds, sizes, 8, idle))
+                print_switches(runs[-1:])
             if args.large is not None:
                 big = {"tiny-shapes": "builtin", "sd15-large": str(args.large.resolve())}
+                sizes = {"tiny-shapes": 64, "sd15-large": 256}
                 runs.append(
-                    measure_switch("uncached, large SD", big, "0.001", args.rounds, 256, 4, idle)
+                    measure_switch("uncached, large SD", big, "0.001", args.rounds, sizes, 4, idle)
                 )
-                print("switch large done", flush=True)
+                print_switches(runs[-1:])
 
     # report
     print(
@@ -348,24 +373,7 @@ def main() -> None:
             )
         print()
     if runs:
-        print("| models kept | model | size, steps | same model | after a switch | switch cost |")
-        print("|---|---|---|---|---|---|")
-        for run in runs:
-            for name in run.models:
-                same, switch = min(run.same[name]), min(run.switch[name])
-                print(
-                    f"| {run.label} | {name} | {run.size}², {run.steps} | {same:.3f} s | "
-                    f"{switch:.3f} s | {switch - same:+.3f} s |"
-                )
-        print("\n(min of each; medians:)")
-        for run in runs:
-            for name in run.models:
-                print(
-                    f"  {run.label} {name}: same {statistics.median(run.same[name]):.3f} s, "
-                    f"switch {statistics.median(run.switch[name]):.3f} s; the jobs' own time "
-                    f"(claim to stored image): "
-                    + ", ".join(f"{x:.3f}" for x in run.job_seconds[name])
-                )
+        print_switches(runs)
 
 
 if __name__ == "__main__":
