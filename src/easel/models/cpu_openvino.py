@@ -28,12 +28,9 @@ beside PyTorch's, which stay for the eager calls.
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import hashlib
 import importlib.util
 import logging
-import platform
 import queue
 import shutil
 import threading
@@ -47,6 +44,7 @@ import numpy as np
 import torch
 
 from easel.models.cpu_graph import shape_key
+from easel.models.hardware import trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +87,6 @@ class _Background:
                 except BaseException as exc:  # handed to whoever waits on the future
                     future.set_exception(exc)
 
-
-# glibc keeps freed heap (the float32 twin) for reuse unless asked to hand it back
-_LIBC = ctypes.CDLL("libc.so.6") if platform.libc_ver()[0] == "glibc" else None
 
 # Conversions and compiles, one at a time for the whole process: each already uses every core
 _PREPARE = _Background()
@@ -260,7 +255,7 @@ class OpenVinoGraphs:
         shutil.rmtree(folder, ignore_errors=True)
         partial.rename(folder)  # whole or absent: a crash mid-save leaves only a .partial
         _evict(self.cache, keep=folder)
-        _free_heap()  # the float32 twin's memory, which glibc would keep
+        trim_heap()  # the float32 twin's memory, which glibc would keep
         return xml
 
     def _weights_key(self) -> str:
@@ -372,12 +367,6 @@ def encode_graphs(encoder: Any) -> OpenVinoGraphs | None:
     """The OpenVINO graphs `capture_text_encoder` gave ``encoder``, if any."""
     replay = vars(encoder).get("forward")
     return replay.graphs if isinstance(replay, _EncodeReplay) else None
-
-
-def _free_heap() -> None:
-    gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
 
 
 def _float32_copy(module: Any) -> torch.nn.Module:

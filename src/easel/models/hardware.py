@@ -3,8 +3,18 @@ so that `easel.training.tinyshapes.recipe` also runs as a script on a bare GPU m
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import platform
+import sys
 from functools import cache
 from pathlib import Path
+
+_LIBC = (
+    ctypes.CDLL("libc.so.6")
+    if sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+    else None
+)
 
 
 @cache
@@ -23,3 +33,12 @@ def cpu_has_native_bf16() -> bool:
             flags = set(line.split(":", 1)[1].split())
             return bool(flags & {"amx_bf16", "avx512_bf16"})
     return False
+
+
+def trim_heap() -> None:
+    """Collect Python's cycles and hand glibc's freed heap pages back to the system (it keeps
+    tensors below its adaptive mmap threshold for reuse), so that an unloaded model or a
+    dropped copy really leaves the process."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)

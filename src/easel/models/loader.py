@@ -11,13 +11,10 @@ ModelNotAvailable naming ``easel models pull ID`` instead of trying the network.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import math
-import platform
 import re
-import sys
 import threading
 import time
 import warnings
@@ -48,13 +45,7 @@ from easel.models.cpu_graph import MAX_PARAMETERS, GraphSource, capture_unet, ca
 from easel.models.cpu_openvino import OpenVinoGraphs, capture_text_encoder, capture_vae
 from easel.models.download import pull
 from easel.models.families import Family, get_family
-from easel.models.hardware import cpu_has_native_bf16
-
-_LIBC = (
-    ctypes.CDLL("libc.so.6")
-    if sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
-    else None
-)
+from easel.models.hardware import cpu_has_native_bf16, trim_heap
 
 _INT_BYTES = {
     "I64": 8,
@@ -610,10 +601,7 @@ def _not_available_message(record: ModelRecord) -> str:
 
 
 def _free_memory() -> None:
-    gc.collect()
+    gc.collect()  # first, so that tensors held in cycles reach CUDA's cache and the heap
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    # glibc keeps freed heap pages (tensors below its adaptive mmap threshold) for reuse;
-    # hand them back so an unloaded model really leaves the process
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    trim_heap()
