@@ -125,3 +125,27 @@ def test_generate_refuses_bad_loras_with_exit_2(
     assert code == 2 and out == ""
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_train_lora_takes_prior_prompts_from_a_file(
+    easel_home: Path, tiny_sd_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "shapes"
+    source.mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (30, 70, 230 - 40 * i)).save(source / f"{i}.png")
+        (source / f"{i}.txt").write_text("a zq square")
+    prompts = tmp_path / "prior.txt"
+    prompts.write_text("a circle\n\n  a red star  \n")
+    train = ["train", "lora", str(source), "--name", "zq", "--trigger", "zq", "-m",
+             str(tiny_sd_path), "--steps", "2", "--size", "32", "--batch-size", "2", "--sample-every", "0",
+             "--out", str(tmp_path / "run")]  # fmt: skip
+    code, _, err = _run([*train, "--prior-prompts-file", str(tmp_path / "none.txt")], capsys)
+    assert code == 2 and "--prior-prompts-file" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = _run(
+        [*train, "--prior-prompts-file", str(prompts), "--prior-images", "3"], capsys
+    )
+    assert code == 0, err
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["prior_prompts"] == ["a circle", "a red star"] and config["prior_images"] == 3
+    assert len(list((tmp_path / "run" / "prior").glob("*.png"))) == 3

@@ -140,6 +140,44 @@ def test_prior_preservation_makes_its_class_images_once(tiny_sd_path, tmp_path, 
     assert len(list((tmp_path / "run" / "prior").glob("*.png"))) == 2
 
 
+def lora_moves(model: Path, lora_file: Path, prompts: list[str]) -> dict[str, float]:
+    """How far the LoRA moves the UNet's prediction for each prompt: the mean absolute change at
+    the same noisy latents, over three noise levels."""
+    pipe = DiffusionPipeline.from_pretrained(model)
+
+    @torch.no_grad()
+    def predictions() -> dict[str, torch.Tensor]:
+        side = SIZE // pipe.vae_scale_factor
+        noisy = torch.randn((3, pipe.unet.config.in_channels, side, side),
+                            generator=torch.Generator().manual_seed(0))  # fmt: skip
+        out = {}
+        for prompt in prompts:
+            embeds = pipe.encode_prompt(prompt, "cpu", 1, False)[0].repeat(3, 1, 1)
+            out[prompt] = pipe.unet(noisy, torch.tensor([100, 500, 900]), embeds).sample
+        return out
+
+    before = predictions()
+    pipe.load_lora_weights(str(lora_file))
+    after = predictions()
+    return {p: (after[p] - before[p]).abs().mean().item() for p in prompts}
+
+
+def test_the_prior_keeps_its_prompts_where_the_base_model_had_them(
+    tiny_sd_path, tmp_path, easel_home
+):
+    """Without a prior the LoRA moves every prompt's prediction alike (a tiny random model tells
+    prompts apart poorly); with "a circle" as the prior it moves that prompt's less than half as
+    far, and the trigger's further than the prior's."""
+    moves = {}
+    for prior in ((), ("a circle",)):
+        cfg = config(tiny_sd_path, tmp_path / str(len(prior)), sample_every=0, steps=48,
+                     prior_prompts=prior, prior_images=2, prior_weight=4.0)  # fmt: skip
+        lora = train_lora(cfg).lora_file
+        moves[bool(prior)] = lora_moves(tiny_sd_path, lora, ["a circle", "a zq square"])
+    assert moves[True]["a circle"] < 0.6 * moves[False]["a circle"], moves
+    assert moves[True]["a zq square"] > 1.2 * moves[True]["a circle"], moves
+
+
 def test_captions_get_the_trigger_and_images_without_one_get_it_alone():
     assert with_trigger("a red hexagon", "zq") == "zq a red hexagon"
     assert with_trigger("a red zq", "zq") == "a red zq"

@@ -89,6 +89,11 @@ def _register_train_lora(kinds: argparse._SubParsersAction) -> None:
         "--batch-size", type=int, default=defaults.batch_size, help="(default %(default)s)"
     )
     lora.add_argument(
+        "--size",
+        type=int,
+        help="training side in pixels, a multiple of 16 (default: the model's default width)",
+    )
+    lora.add_argument(
         "--train-text-encoder", action="store_true", help="LoRA on the CLIP text encoder(s) too"
     )
     lora.add_argument(
@@ -96,8 +101,19 @@ def _register_train_lora(kinds: argparse._SubParsersAction) -> None:
         action="append",
         dest="prior_prompts",
         default=[],
-        help="prior preservation: a class prompt (e.g. 'a dog'), or several (repeat): 16 "
-        "images of them are made by the model first and trained alongside",
+        help="prior preservation: a class prompt (e.g. 'a dog'), or several (repeat): images "
+        "of them are made by the model first, and there the LoRA learns to change nothing",
+    )
+    lora.add_argument(
+        "--prior-prompts-file",
+        type=Path,
+        help="more prior prompts, one per line (e.g. 64 prompts the model does well)",
+    )
+    lora.add_argument(
+        "--prior-images",
+        type=int,
+        default=defaults.prior_images,
+        help="images the model makes of the prior prompts, in turn (default %(default)s)",
     )
     lora.add_argument(
         "--sample-every",
@@ -114,6 +130,19 @@ def _register_train_lora(kinds: argparse._SubParsersAction) -> None:
     lora.add_argument("--seed", type=int, default=0)
     lora.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
     lora.set_defaults(func=cmd_train_lora)
+
+
+def _read_prompts(path: Path | None) -> tuple[str, ...]:
+    """The non-blank lines of ``path``, one prompt each."""
+    if path is None:
+        return ()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InvalidParams(
+            f"cannot read --prior-prompts-file {path}: {error}", field="prior_prompts_file"
+        ) from error
+    return tuple(line.strip() for line in lines if line.strip())
 
 
 def cmd_train_lora(args: argparse.Namespace) -> int:
@@ -134,8 +163,10 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         rank=args.rank,
         learning_rate=args.learning_rate,
         batch_size=args.batch_size,
+        size=args.size,
         train_text_encoder=args.train_text_encoder,
-        prior_prompts=tuple(args.prior_prompts),
+        prior_prompts=tuple(args.prior_prompts) + _read_prompts(args.prior_prompts_file),
+        prior_images=args.prior_images,
         sample_every=args.sample_every,
         seed=args.seed,
         device=args.device,

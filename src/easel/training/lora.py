@@ -23,7 +23,8 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,9 +115,40 @@ class _Family:
         """One conditioning item per caption (tensors without a batch dimension)."""
         raise NotImplementedError
 
-    def losses(self, latents: torch.Tensor, conds: list[Any], generator: torch.Generator):
-        """Per-image loss (B,) at random noise levels drawn from ``generator``."""
+    def noise(self, latents: torch.Tensor, generator: torch.Generator) -> _Noised:
+        """``latents`` noised at random levels drawn from ``generator``, with the target."""
         raise NotImplementedError
+
+    def predict(self, noised: _Noised, conds: list[Any]) -> torch.Tensor:
+        """The denoiser's prediction, shaped like ``noised.target``."""
+        raise NotImplementedError
+
+    def weigh(self, losses: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """Per-image losses weighted by noise level (as they are, unless a family says)."""
+        return losses
+
+
+@dataclass
+class _Noised:
+    """One step's latents after noising: the denoiser's input, the noise levels (B,) and the
+    target it is trained towards. ``noised[a:b]`` is a part of the batch."""
+
+    noisy: torch.Tensor
+    level: torch.Tensor
+    target: torch.Tensor
+
+    def __getitem__(self, part: slice) -> _Noised:
+        return _Noised(self.noisy[part], self.level[part], self.target[part])
+
+
+def _losses(adapter: _Family, noised: _Noised, conds: list[Any]) -> torch.Tensor:
+    """Per-image loss (B,): the prediction's squared error, weighted as the family says."""
+    return adapter.weigh(_mse(adapter.predict(noised, conds), noised.target), noised.level)
+
+
+def _mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per image (B,), in float32."""
+    return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 
 class _Sd(_Family):
@@ -136,7 +168,7 @@ class _Sd(_Family):
         super().__init__(pipe, device)
         self.xl, self.min_snr_gamma = xl, min_snr_gamma
         self.text_encoder_names = ("text_encoder", "text_encoder_2") if xl else ("text_encoder",)
-        self.noise = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.schedule = DDPMScheduler.from_config(pipe.scheduler.config)
 
     def encode_text(self, captions: list[str]) -> list[Any]:
         if not self.xl:
@@ -147,20 +179,22 @@ class _Sd(_Family):
         )
         return list(zip(embeds, pooled, strict=True))
 
-    def losses(self, latents, conds, generator):
-        batch = latents.shape[0]
+    def noise(self, latents, generator):
         noise = torch.randn(latents.shape, generator=generator).to(latents)
-        steps = self.noise.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (batch,), generator=generator).to(self.device)
-        noisy = self.noise.add_noise(latents, noise, timesteps)
-        if self.noise.config.prediction_type == "v_prediction":
-            target = self.noise.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
+        steps = self.schedule.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (len(latents),), generator=generator)
+        timesteps = timesteps.to(self.device)
+        noisy = self.schedule.add_noise(latents, noise, timesteps)
+        if self.schedule.config.prediction_type == "v_prediction":
+            return _Noised(noisy, timesteps, self.schedule.get_velocity(latents, noise, timesteps))
+        return _Noised(noisy, timesteps, noise)
+
+    def predict(self, noised, conds):
+        noisy, timesteps, batch = noised.noisy, noised.level, len(noised.noisy)
         extra = {}
         if self.xl:
             embeds = torch.stack([c[0] for c in conds])
-            height, width = (side * self.pipe.vae_scale_factor for side in latents.shape[-2:])
+            height, width = (side * self.pipe.vae_scale_factor for side in noisy.shape[-2:])
             time_ids = torch.tensor([height, width, 0, 0, height, width], device=self.device)
             extra["added_cond_kwargs"] = {
                 "text_embeds": torch.stack([c[1] for c in conds]),
@@ -168,23 +202,25 @@ class _Sd(_Family):
             }
         else:
             embeds = torch.stack(conds)
-        prediction = self.denoiser(noisy, timesteps, embeds, **extra).sample.float()
-        losses = (prediction - target.float()).pow(2).mean(dim=(1, 2, 3))
-        if self.min_snr_gamma:  # min(snr, gamma) / snr for epsilon, / (snr + 1) for v
-            alphas = self.noise.alphas_cumprod.to(self.device)[timesteps]
-            snr = alphas / (1 - alphas)
-            v = self.noise.config.prediction_type == "v_prediction"
-            losses = losses * snr.clamp(max=self.min_snr_gamma) / (snr + 1 if v else snr)
-        return losses
+        return self.denoiser(noisy, timesteps, embeds, **extra).sample
+
+    def weigh(self, losses, level):
+        if not self.min_snr_gamma:
+            return losses
+        # min(snr, gamma) / snr for epsilon, / (snr + 1) for v
+        alphas = self.schedule.alphas_cumprod.to(self.device)[level]
+        snr = alphas / (1 - alphas)
+        v = self.schedule.config.prediction_type == "v_prediction"
+        return losses * snr.clamp(max=self.min_snr_gamma) / (snr + 1 if v else snr)
 
 
-def _flow_noise(latents: torch.Tensor, generator: torch.Generator):
+def _flow_noise(latents: torch.Tensor, generator: torch.Generator) -> _Noised:
     """Rectified flow: a noise level sigma from a logit-normal (SD3's choice), the noisy latents
-    (1 - sigma) x0 + sigma noise, and the noise."""
+    (1 - sigma) x0 + sigma noise, and the velocity noise - x0 as the target."""
     sigma = torch.sigmoid(torch.randn(latents.shape[0], generator=generator)).to(latents)
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     s = sigma.view(-1, 1, 1, 1)
-    return sigma, (1 - s) * latents + s * noise, noise
+    return _Noised((1 - s) * latents + s * noise, sigma, noise - latents)
 
 
 class _Flux(_Family):
@@ -197,27 +233,30 @@ class _Flux(_Family):
         self.text_ids = text_ids
         return list(zip(embeds, pooled, strict=True))
 
-    def losses(self, latents, conds, generator):
-        pipe, (batch, channels, height, width) = self.pipe, latents.shape
-        sigma, noisy, noise = _flow_noise(latents, generator)
+    def noise(self, latents, generator):
+        noised = _flow_noise(latents, generator)
+        noised.target = self.pipe._pack_latents(noised.target, *latents.shape)
+        return noised
+
+    def predict(self, noised, conds):
+        pipe, (batch, channels, height, width) = self.pipe, noised.noisy.shape
         transformer = self.denoiser
         guidance = None
         if transformer.config.guidance_embeds:
             guidance = torch.ones(batch, device=self.device)
-        prediction = transformer(
-            hidden_states=pipe._pack_latents(noisy, batch, channels, height, width),
-            timestep=sigma,
+        prediction: torch.Tensor = transformer(
+            hidden_states=pipe._pack_latents(noised.noisy, batch, channels, height, width),
+            timestep=noised.level,
             guidance=guidance,
             pooled_projections=torch.stack([c[1] for c in conds]),
             encoder_hidden_states=torch.stack([c[0] for c in conds]),
             txt_ids=self.text_ids,
             img_ids=pipe._prepare_latent_image_ids(
-                batch, height // 2, width // 2, self.device, latents.dtype
+                batch, height // 2, width // 2, self.device, noised.noisy.dtype
             ),
             return_dict=False,
-        )[0].float()
-        target = pipe._pack_latents(noise - latents, batch, channels, height, width)
-        return (prediction - target.float()).pow(2).mean(dim=(1, 2))
+        )[0]
+        return prediction
 
 
 class _ZImage(_Family):
@@ -232,13 +271,19 @@ class _ZImage(_Family):
         )
         return list(embeds)
 
-    def losses(self, latents, conds, generator):
-        sigma, noisy, noise = _flow_noise(latents, generator)
+    def noise(self, latents, generator):
+        noised = _flow_noise(latents, generator)
+        noised.target = -noised.target  # x0 - noise
+        return noised
+
+    def predict(self, noised, conds):
         outputs = self.denoiser(
-            list(noisy.unsqueeze(2).unbind(0)), 1 - sigma, list(conds), return_dict=False
+            list(noised.noisy.unsqueeze(2).unbind(0)),
+            1 - noised.level,
+            list(conds),
+            return_dict=False,
         )[0]
-        prediction = torch.stack([o.float() for o in outputs]).squeeze(2)
-        return (prediction - (latents - noise).float()).pow(2).mean(dim=(1, 2, 3))
+        return torch.stack(list(outputs)).squeeze(2)
 
 
 def _family_adapter(
@@ -485,14 +530,14 @@ def train_lora(
         lr = config.learning_rate * lr_factor(step, step / config.steps, config.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # the prior's images ride along in the same batch, half as many as the dataset's
+        # the prior's images alongside, half as many as the dataset's
         picks = order.sample(prior, min(max(1, config.batch_size // 2), len(prior)))
         with autocast(device, config.bf16), training_attention(device):
-            conds = [e.cond for e in batch + picks]
-            if config.train_text_encoder:
-                conds = adapter.encode_text([e.caption for e in batch + picks])
-            latents = torch.stack([e.latents for e in batch + picks])
-            losses = adapter.losses(latents, conds, draw)
+            latents, conds = _inputs(adapter, batch + picks, config)
+            noised = adapter.noise(latents, draw)
+            if picks:
+                _base_targets(adapter, noised[len(batch) :], picks, config, trained)
+            losses = _losses(adapter, noised, conds)
             loss = losses[: len(batch)].mean()
             if picks:
                 loss = loss + config.prior_weight * losses[len(batch) :].mean()
@@ -585,6 +630,50 @@ def _prior_examples(
     return examples
 
 
+def _inputs(
+    adapter: _Family, examples: list[_Example], config: LoraConfig
+) -> tuple[torch.Tensor, list[Any]]:
+    """The latents and text conditioning of ``examples`` (encoded now when the text encoder
+    learns)."""
+    conds = [e.cond for e in examples]
+    if config.train_text_encoder:
+        conds = adapter.encode_text([e.caption for e in examples])
+    return torch.stack([e.latents for e in examples]), conds
+
+
+@torch.no_grad()
+def _base_targets(
+    adapter: _Family,
+    noised: _Noised,
+    picks: list[_Example],
+    config: LoraConfig,
+    trained: dict[str, torch.nn.Module],
+) -> None:
+    """Prior preservation: the prior's targets become what the model without its LoRA predicts
+    at the same noise, so that there the LoRA is asked to change nothing. DreamBooth's target,
+    the noise itself, asks the LoRA to denoise the prior's images better than the base model
+    does, and drifted three times as far on tiny-shapes (docs/TRAINING-LOG.md, runs 18-22).
+    Sets ``noised.target`` in place."""
+    with _lora_off(trained.values()):
+        _, conds = _inputs(adapter, picks, config)
+        noised.target.copy_(adapter.predict(noised, conds).to(noised.target.dtype))
+
+
+@contextmanager
+def _lora_off(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
+    """The modules as the base model has them: their LoRA layers bypassed."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for module in modules for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
 @torch.no_grad()
 def _heldout_loss(
     adapter: _Family, heldout: list[_Example], config: LoraConfig, device: torch.device
@@ -595,11 +684,8 @@ def _heldout_loss(
     total = 0.0
     with autocast(device, config.bf16):
         for _ in range(HELDOUT_DRAWS):
-            conds = [e.cond for e in heldout]
-            if config.train_text_encoder:
-                conds = adapter.encode_text([e.caption for e in heldout])
-            latents = torch.stack([e.latents for e in heldout])
-            total += adapter.losses(latents, conds, generator).mean().item()
+            latents, conds = _inputs(adapter, heldout, config)
+            total += _losses(adapter, adapter.noise(latents, generator), conds).mean().item()
     return total / HELDOUT_DRAWS
 
 

@@ -39,11 +39,13 @@ class LoraConfig:
     targets: tuple[str, ...] | None = None
     # SD/SDXL: Min-SNR loss weighting (Hang et al. 2023), as tiny-shapes was trained; 0: plain MSE
     min_snr_gamma: float = 0.0
-    # Prior preservation (DreamBooth): images the base model makes first, trained alongside so
-    # that prompts without the trigger keep their usual look: prior_images images of the
-    # prior_prompts, in turn (a class prompt, "a dog"; or several prompts of what the model
-    # should not forget); with prior alone, one image per training caption with the trigger taken
-    # out ("a big red sks on ..." -> "a big red on ..."). Off by default (docs/TRAINING.md).
+    # Prior preservation: images the base model makes first, noised alongside the dataset's,
+    # where the LoRA is trained to predict what the base model predicts (DreamBooth's idea, with
+    # the base model's prediction as the target rather than the noise), so that prompts without
+    # the trigger keep their usual look: prior_images images of the prior_prompts, in turn (a
+    # class prompt, "a dog"; or several prompts of what the model should not forget); with prior
+    # alone, one image per training caption with the trigger taken out ("a big red sks on ..." ->
+    # "a big red on ..."). Off by default (docs/TRAINING.md).
     prior: bool = False
     prior_prompts: tuple[str, ...] = ()
     prior_images: int = 16
