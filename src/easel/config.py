@@ -52,7 +52,8 @@ class Settings(BaseSettings):
         "auto",
         description="On the CPU, who runs a large UNet's denoising calls (and then the VAE "
         "decoder and CLIP text encoder): auto (OpenVINO for UNets over 50M parameters when the "
-        "openvino extra is installed, else PyTorch), openvino (every UNet, small ones too), "
+        "openvino extra is installed and the machine has the memory, else PyTorch), openvino "
+        "(every UNet, small ones too), "
         "torch (PyTorch only).",
     )
     model_cache_gb: float = Field(

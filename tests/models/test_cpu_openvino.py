@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from easel.models import loader
 from easel.models.cpu_openvino import OpenVinoGraphs, decode_graphs, encode_graphs
 from tests.models.test_loader import make_manager
 
@@ -149,6 +150,17 @@ def test_auto_leaves_small_unets_to_the_traced_graphs(tiny_sd_path: Path, easel_
     assert not isinstance(vars(pipe.unet)["forward"].graphs, OpenVinoGraphs)
     pipe = make_manager(easel_home, cpu_backend="torch").get_pipeline(str(tiny_sd_path)).pipeline
     assert not isinstance(vars(pipe.unet)["forward"].graphs, OpenVinoGraphs)
+
+
+def test_auto_keeps_pytorch_where_openvino_would_not_fit_in_memory(
+    tiny_sd_path: Path, easel_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loader, "MAX_PARAMETERS", 0)  # the tiny UNet counts as large
+    for memory, expected in ((1 << 40, True), (1 << 10, False)):
+        monkeypatch.setattr(loader.hardware, "memory_bytes", lambda m=memory: m)
+        manager = make_manager(easel_home, cpu_backend="auto")
+        pipe = manager.get_pipeline(str(tiny_sd_path)).pipeline
+        assert isinstance(vars(pipe.unet)["forward"].graphs, OpenVinoGraphs) is expected
 
 
 def test_a_conversion_under_way_does_not_hold_up_the_exit() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import platform
 import sys
 from functools import cache
@@ -42,3 +43,19 @@ def trim_heap() -> None:
     gc.collect()
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+def memory_bytes() -> int | None:
+    """The memory this process may use: the machine's physical memory, or its cgroup's limit
+    where that is lower (a container); None where neither can be read."""
+    try:
+        total: int | None = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        total = None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return total
+    if limit.isdigit() and (total is None or int(limit) < total):
+        return int(limit)
+    return total
