@@ -19,8 +19,10 @@ from easel.training.tinyshapes.evaluate_lora import (
     TRIGGER,
     evaluate_lora,
     format_markdown,
+    main,
     make_dataset,
     new_cases,
+    prior_prompts,
 )
 
 
@@ -32,6 +34,14 @@ def test_the_dataset_is_hexagons_in_training_colours_captioned_with_the_trigger(
     for png in sorted(folder.glob("*.png")):
         found = analyse(Image.open(png), SHAPES + EXTRA_SHAPES).objects
         assert [o.shape for o in found] == ["hexagon"], png.name
+
+
+def test_prior_prompts_are_the_models_usual_scenes_written_one_per_line(tmp_path):
+    prompts = prior_prompts(64)
+    assert len(set(prompts)) > 50 and not any(TRIGGER in p.split() for p in prompts)
+    assert all(p.endswith("background") for p in prompts)
+    assert main(["prior", str(tmp_path / "prior.txt")]) == 0
+    assert (tmp_path / "prior.txt").read_text().splitlines() == prompts
 
 
 def test_the_judge_asks_for_new_colours_only():

@@ -11,6 +11,9 @@ survive it.
 
     python -m easel.training.tinyshapes.evaluate_lora dataset data/hexagons   # 20 images
     easel train lora data/hexagons --name hexagon --trigger sks
+    python -m easel.training.tinyshapes.evaluate_lora prior prior64.txt       # or, with a prior:
+    easel train lora data/hexagons --name hexagon --trigger sks \
+        --prior-prompts-file prior64.txt --prior-images 64
     easel eval tiny-shapes --lora hexagon                                      # this judge
 """
 
@@ -37,11 +40,20 @@ from easel.models.loader import ModelManager
 from easel.models.loras import LoraCatalog
 from easel.models.params import defaults_for
 from easel.training.tinyshapes.analyser import EXTRA_SHAPES, SHAPES, analyse, render_template
-from easel.training.tinyshapes.data import COLOURS, IMAGE_SIZE, SIZES, Scene, ShapeObject, caption
+from easel.training.tinyshapes.data import (
+    COLOURS,
+    IMAGE_SIZE,
+    SIZES,
+    Scene,
+    ShapeObject,
+    caption,
+    sample_scene,
+)
 from easel.training.tinyshapes.data import POSITIONS as SCENE_POSITIONS
 from easel.training.tinyshapes.evaluate import _round_trip, evaluate
 
 SHAPE = "hexagon"
+PRIOR_SEED = 123  # of `prior_prompts`' scenes; the control's come from evaluate's seed 0
 TRIGGER = "sks"  # spelt by tiny-shapes' tokenizer from known pieces ("zq" is not: its q is unknown)
 # the dataset's colours, for the shape and the background alike (seven colours, not four: with
 # four the LoRA tied the shape to them more: 42.5 against 35 % in new colours, attention-only
@@ -82,6 +94,13 @@ def make_dataset(folder: Path, count: int = 20, seed: int = 0, trigger: str = TR
         caption = describe(colour, size, position, background, trigger)
         (folder / f"{index:03d}.txt").write_text(caption + "\n")
     return folder
+
+
+def prior_prompts(count: int = 64, seed: int = PRIOR_SEED) -> list[str]:
+    """Captions of random training scenes: what the model does well, as a LoRA's prior. The
+    seed is not one the judge's control uses (its scenes come from `default_scenes`)."""
+    rng = random.Random(seed)
+    return [caption(sample_scene(rng)) for _ in range(count)]
 
 
 @dataclass
@@ -272,7 +291,17 @@ def main(argv: list[str] | None = None) -> int:
     dataset.add_argument("folder", type=Path)
     dataset.add_argument("--count", type=int, default=20)
     dataset.add_argument("--seed", type=int, default=0)
+    prior = commands.add_parser(
+        "prior", help="write prompts of the model's usual scenes, for --prior-prompts-file"
+    )
+    prior.add_argument("file", type=Path)
+    prior.add_argument("--count", type=int, default=64)
+    prior.add_argument("--seed", type=int, default=PRIOR_SEED)
     args = parser.parse_args(argv)
+    if args.command == "prior":
+        args.file.write_text("\n".join(prior_prompts(args.count, args.seed)) + "\n")
+        print(f"wrote {args.count} prompts to {args.file}")
+        return 0
     folder = make_dataset(args.folder, args.count, args.seed)
     print(f"wrote {args.count} images with captions to {folder}")
     return 0
