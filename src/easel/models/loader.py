@@ -522,22 +522,24 @@ class ModelManager:
             return False
         backend = self.settings.cpu_backend
         if graphs is None and backend != "torch":
-            large = sum(p.numel() for p in unet.parameters()) > MAX_PARAMETERS
+            parameters = sum(p.numel() for p in unet.parameters())
             if not cpu_openvino.available():
                 if backend == "openvino":
                     log.warning("cpu_backend is openvino but openvino is not installed")
-            elif backend == "openvino" or (large and _room_for_openvino(unet)):
+            elif backend == "openvino" or (
+                parameters > MAX_PARAMETERS and _room_for_openvino(parameters)
+            ):
                 graphs = OpenVinoGraphs(unet, self._openvino_cache, threads=torch.get_num_threads())
         if graphs is not None or self.settings.cpu_graphs:
             capture_unet(unet, graphs)  # traced graphs: small UNets only; see cpu_graph
         return isinstance(graphs, OpenVinoGraphs)
 
 
-def _room_for_openvino(unet: torch.nn.Module) -> bool:
-    """Whether the machine has the memory OpenVINO's path takes at its peak (converting a float32
-    copy while the model is loaded: 9.4 GB for an SD 1.5-class pipeline, 860M UNet parameters);
-    where it has not, ``auto`` keeps PyTorch (2.9 GB for the same model)."""
-    parameters = sum(p.numel() for p in unet.parameters())
+def _room_for_openvino(parameters: int) -> bool:
+    """Whether the machine has the memory OpenVINO's path takes at its peak for a UNet of
+    ``parameters`` (converting a float32 copy while the model is loaded: 9.4 GB for an SD
+    1.5-class pipeline, 860M UNet parameters); where it has not, ``auto`` keeps PyTorch (2.9 GB
+    for the same model)."""
     need, have = parameters * OPENVINO_BYTES_PER_PARAMETER, hardware.memory_bytes()
     if have is not None and have < need:
         log.info(

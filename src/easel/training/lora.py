@@ -606,7 +606,8 @@ def _prior_examples(
 ) -> list[_Example]:
     """Prior preservation: images by the base model (made once, kept in ``out_dir/prior`` for a
     resumed run) of ``prior_prompts``, or of each training caption without the trigger; encoded
-    like the dataset, and trained on with their prompts."""
+    like the dataset and trained on with their prompts, towards the base model's prediction
+    (`_base_targets`)."""
     if config.prior_prompts:
         count = len(config.prior_prompts)
         prompts = [config.prior_prompts[i % count] for i in range(config.prior_images)]
@@ -633,12 +634,16 @@ def _prior_examples(
 def _inputs(
     adapter: _Family, examples: list[_Example], config: LoraConfig
 ) -> tuple[torch.Tensor, list[Any]]:
-    """The latents and text conditioning of ``examples`` (encoded now when the text encoder
-    learns)."""
-    conds = [e.cond for e in examples]
+    """The latents and text conditioning of ``examples``."""
+    return torch.stack([e.latents for e in examples]), _conds(adapter, examples, config)
+
+
+def _conds(adapter: _Family, examples: list[_Example], config: LoraConfig) -> list[Any]:
+    """The text conditioning of ``examples``: cached, or encoded now when the text encoder
+    learns (through its LoRA as it is at the time)."""
     if config.train_text_encoder:
-        conds = adapter.encode_text([e.caption for e in examples])
-    return torch.stack([e.latents for e in examples]), conds
+        return adapter.encode_text([e.caption for e in examples])
+    return [e.cond for e in examples]
 
 
 @torch.no_grad()
@@ -652,10 +657,10 @@ def _base_targets(
     """Prior preservation: the prior's targets become what the model without its LoRA predicts
     at the same noise, so that there the LoRA is asked to change nothing. DreamBooth's target,
     the noise itself, asks the LoRA to denoise the prior's images better than the base model
-    does, and drifted three times as far on tiny-shapes (docs/TRAINING-LOG.md, runs 18-22).
-    Sets ``noised.target`` in place."""
+    does, and drifted two to four times as far on tiny-shapes (docs/TRAINING-LOG.md, runs
+    18-25). Sets ``noised.target`` in place."""
     with _lora_off(trained.values()):
-        _, conds = _inputs(adapter, picks, config)
+        conds = _conds(adapter, picks, config)
         noised.target.copy_(adapter.predict(noised, conds).to(noised.target.dtype))
 
 
