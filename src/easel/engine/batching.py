@@ -4,9 +4,11 @@ A batched pipeline call stacks its images along the batch dimension. Mathematica
 is computed alone; numerically some kernels pick their algorithm by the batch size and then
 round differently (measured on the CPU, 2026-12-06): MKL's float32 GEMM and oneDNN's bfloat16
 GEMM accumulate differently for different row counts (a timestep embedding of 2 rows against
-4, a feed-forward layer of 32 rows against 64), and PyTorch runs a float32 convolution of one
-small image natively but of several through oneDNN. The differences are ~1e-5 and move pixels
-by up to 8 levels after a few steps.
+4, a feed-forward layer of 32 rows against 64), PyTorch runs a float32 convolution of one
+small image natively but of several through oneDNN, and on several threads a channels-last
+GroupNorm of a large feature map (32x32 and up) shares out the batch's pixels among the
+threads, so where one image's sums are split depends on the batch. The differences are ~1e-5
+and move pixels by up to 8 levels after a few steps.
 
 `solo_shapes` removes those causes. Inside it:
 
@@ -14,11 +16,12 @@ by up to 8 levels after a few steps.
   shape: the image's (unconditional, conditional) pair under classifier-free guidance, in the
   solo call's order, else the image alone (one GEMM per image: a batched GEMM, ``bmm``, is no
   substitute, as oneDNN blocks its bfloat16 matrices by the batch too);
+- every ``GroupNorm`` likewise normalises each image's rows (its pair's) as a call of its own;
 - where a solo call has one image per denoiser call (no guidance, or after ``guidance_end``),
   every float32 ``Conv2d`` runs image by image, as the solo call's batch of one does;
 - the VAE decodes image by image.
 
-Everything else (normalisation, attention, the other convolutions, activations, the
+Everything else (the other normalisations, attention, the other convolutions, activations, the
 scheduler) computes each image from its own numbers, whatever the batch size: the batch's
 pixels equal the solo calls' exactly, which tests/engine/test_batching.py checks for every
 family, in bfloat16 and float32, on whatever machine runs the tests. That is an observed
@@ -60,8 +63,8 @@ def solo_shapes(pipe: Any, rows: int) -> Iterator[None]:
             forward: Callable[..., torch.Tensor]
             if type(module) is torch.nn.Linear and own is None:
                 forward = _linear(module, rows)
-            elif isinstance(module, torch.nn.Linear) or _solo_kernel(module):
-                pairs = isinstance(module, torch.nn.Linear)
+            elif isinstance(module, torch.nn.Linear | torch.nn.GroupNorm) or _solo_kernel(module):
+                pairs = not isinstance(module, torch.nn.Conv2d)
                 forward = _slices(own or module.forward, rows, pairs)
             else:
                 continue
