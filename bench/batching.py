@@ -7,8 +7,8 @@
 1. Engine throughput. ``--images`` images (distinct prompts and seeds, one per request) through
    ``Engine.generate_batch`` in calls of b = 1, 2, 4 requests, the batch sizes interleaved round
    by round (1, 2, 4, 1, 2, 4, ...); images/s, best and median round. "exact" is Easel: the
-   batch computes its linear and convolution layers in single-image slices (engine.batching),
-   and the images are checked against the b = 1 ones, bit for bit. "naive" is the same call
+   batch computes its linear, GroupNorm and convolution layers in single-image slices
+   (engine.batching), and the images are checked against the b = 1 ones, bit for bit. "naive" is the same call
    without the slicing: what batching would give if kernels rounded alike at every batch size,
    with the largest pixel difference from the b = 1 images. Models: the bundled tiny-shapes at
    its defaults (64², 8 steps, CFG to two thirds, CPU graphs on) and an SD1.5-architecture
@@ -304,7 +304,10 @@ def main() -> None:
     print(f"{cpu()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(home=Path(tmp) / "home", preview_every=0, max_batch=max(BATCHES))
+        # PyTorch for the SD1.5-class UNet too: a model OpenVINO runs is not batched
+        settings = Settings(
+            home=Path(tmp) / "home", preview_every=0, max_batch=max(BATCHES), cpu_backend="torch"
+        )
         engine = Engine(ModelManager(settings, ModelCatalog(settings)), settings)
         if "tiny" in parts:
             shapes = GenerationParams(prompt="", model="tiny-shapes")

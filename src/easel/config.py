@@ -12,6 +12,10 @@ from platformdirs import user_data_dir
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Dynamic batching's default on the CPU (`Settings.max_batch`): the bundled model's images come
+# 1.6x as fast in batches of 4 (docs/BENCHMARKS.md, "Dynamic batching")
+CPU_MAX_BATCH = 4
+
 
 def _default_home() -> Path:
     return Path(user_data_dir("easel", appauthor=False))
@@ -70,15 +74,15 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address `easel serve` binds to.")
     port: int = Field(7860, description="Port `easel serve` listens on.")
     cpu_workers: int = Field(1, description="Number of generation workers when running on the CPU.")
-    max_batch: int = Field(
-        1,
+    max_batch: int | None = Field(
+        None,
         ge=1,
         le=64,
         description="Dynamic batching: most images one pipeline call makes, from one job's "
         "images and compatible queued jobs' (same model, task, size, steps, scheduler, guidance "
-        "and LoRAs); each job keeps its own seeds, progress and cancel. 1 (the default) turns "
-        "batching off: on the CPU with several torch threads, a batch's pixels can differ by 1 "
-        "from the same job alone (traced small denoisers), so it is opt-in for now.",
+        "and LoRAs); each job keeps its own seeds, pixels, progress and cancel. Unset (the "
+        f"default): {CPU_MAX_BATCH} on the CPU, where the tests hold a batch's pixels equal to "
+        "each job's alone; 1 (no batching) on a GPU, where that is not measured yet.",
     )
     batch_window_ms: float = Field(
         0.0,
@@ -237,6 +241,12 @@ class Settings(BaseSettings):
         description="Seconds a webhook delivery may take to connect, and to send or read each "
         "part (no redirect is followed; at most 4 KiB of an answer is read).",
     )
+
+    def batch_limit(self, device: str) -> int:
+        """`max_batch` on ``device`` ("cpu", "cuda:0", ...): as set, else its default there."""
+        if self.max_batch is not None:
+            return self.max_batch
+        return CPU_MAX_BATCH if device == "cpu" else 1
 
     @property
     def db_path(self) -> Path:

@@ -967,7 +967,7 @@ def build_services(settings: Settings, *, generator: Generator | None = None) ->
             wakeup=wakeup,
             metrics=metrics,
             claim=None if pool is None else functools.partial(queue.claim, kind="train"),
-            max_batch=settings.max_batch,
+            max_batch=settings.batch_limit(device),
             batch_window_s=settings.batch_window_ms / 1000,
         )
         for i, (device, gen) in enumerate(generators)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from easel.config import Settings
+from easel.config import CPU_MAX_BATCH, Settings
 from easel.domain import GenerationParams, JobRecord, JobStatus
 from easel.engine.generate import Engine
 from easel.jobs.events import JobEvent
@@ -81,6 +81,15 @@ def test_jobs_that_never_batch_claim_nothing(queued: Services) -> None:
     as_style = JobRecord(**{**job.__dict__, "params": style})
     assert queued.queue.claim_compatible(as_style, 8) == []
     assert queued.queue.claim_compatible(job, 0) == []
+
+
+def test_batching_is_on_by_default_on_the_cpu_only(tmp_path: Path) -> None:
+    # the CPU's default rests on tests/engine/test_batching.py's pixel checks, which no GPU
+    # has run yet; a value set applies everywhere
+    assert Settings(home=tmp_path).batch_limit("cpu") == CPU_MAX_BATCH > 1
+    assert Settings(home=tmp_path).batch_limit("cuda:0") == 1
+    assert Settings(home=tmp_path, max_batch=2).batch_limit("cuda:0") == 2
+    assert Settings(home=tmp_path, max_batch=1).batch_limit("cpu") == 1
 
 
 def test_a_worker_with_a_one_at_a_time_generator_does_not_batch(queued: Services) -> None:

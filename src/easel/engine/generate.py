@@ -205,7 +205,11 @@ class Engine:
                     job.compute += setup / len(jobs)
 
                 # 5. run the task over the images, each with its own seed, up to max_batch a call
-                limit = self.settings.max_batch if TASK_SPECS[params.task].batches else 1
+                limit = (
+                    self.settings.batch_limit(self.models.device)
+                    if TASK_SPECS[params.task].batches
+                    else 1
+                )
                 if not batches_exactly(getattr(first, "unet", None)):
                     limit = 1  # a batch would leave OpenVINO for PyTorch: other pixels
                 while rows := _next_rows(jobs, limit):
