@@ -1,3 +1,3 @@
-from easel.cli import main
+from easel.cli import run
 
-raise SystemExit(main())
+run()

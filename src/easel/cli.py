@@ -195,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run() -> None:
+    """The `easel` command (and ``python -m easel``): `main`, then the exit."""
+    code = main()
+    # loaded only if a model was: an OpenVINO conversion may still be running
+    openvino = sys.modules.get("easel.models.cpu_openvino")
+    if openvino is not None:
+        openvino.exit_if_busy(code)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)

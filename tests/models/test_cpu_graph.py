@@ -90,6 +90,40 @@ def test_calls_with_more_than_the_plain_inputs_run_eagerly(unet: UNet2DCondition
     assert graphs(unet) == 0
 
 
+@torch.no_grad()
+def test_sdxl_calls_replay_with_their_added_conditioning(tiny_sdxl_path: Path) -> None:
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_path, subfolder="unet").eval()
+    generator = torch.Generator().manual_seed(4)
+    sample = torch.randn(2, 4, 8, 8, generator=generator)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    pooled_width = unet.add_embedding.linear_1.in_features - 6 * unet.config.addition_time_embed_dim
+    added = {
+        "text_embeds": torch.randn(2, pooled_width, generator=generator),
+        "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2),
+    }
+    want = unet(sample, torch.tensor(9), text, added_cond_kwargs=added).sample
+    capture_unet(unet)
+    got = unet(sample, torch.tensor(9), text, added_cond_kwargs=added).sample
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert graphs(unet) == 1
+    # the size ids are an input of the graph, not constants of the first call
+    other = {**added, "time_ids": torch.tensor([[32.0, 32, 8, 8, 64, 64]] * 2)}
+    got = unet(sample, torch.tensor(9), text, added_cond_kwargs=other).sample
+    want = type(unet).forward(unet, sample, torch.tensor(9), text, added_cond_kwargs=other).sample
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(
+        got, unet(sample, torch.tensor(9), text, added_cond_kwargs=added).sample
+    )
+    # anything more (an IP-Adapter's image embeddings) runs eagerly
+    with_image = {**added, "image_embeds": [torch.zeros(2, 1, 4)]}
+    replay = vars(unet)["forward"]
+    eager_calls: list[int] = []
+    eager = replay.eager
+    replay.eager = lambda *a, **k: eager_calls.append(1) or eager(*a, **k)
+    unet(sample, torch.tensor(9), text, added_cond_kwargs=with_image)
+    assert eager_calls == [1] and graphs(unet) == 1
+
+
 def test_a_captured_unet_is_freed_with_its_last_reference(tiny_sd_path: Path) -> None:
     # the replay and the UNet refer to each other, and TorchScript keeps each graph's program
     # for the process's life: neither may keep the weights alive after a model is unloaded

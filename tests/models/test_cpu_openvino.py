@@ -87,6 +87,26 @@ def test_images_through_openvino_agree_with_the_eager_pipeline(
     assert dtype == "float32" or not np.array_equal(fast, expected)
 
 
+def test_sdxl_steps_run_through_openvino_with_their_added_conditioning(
+    tiny_sdxl_path: Path, easel_home: Path
+) -> None:
+    eager = make_manager(easel_home, dtype="bfloat16", cpu_backend="torch", cpu_graphs=False)
+    expected = render(eager.get_pipeline(str(tiny_sdxl_path)).pipeline)
+
+    manager = make_manager(easel_home, dtype="bfloat16", cpu_backend="openvino")
+    pipe = manager.get_pipeline(str(tiny_sdxl_path)).pipeline
+    render(pipe)  # the UNet's calls carry text_embeds and time_ids: they start a conversion
+    graphs = graphs_of(pipe)
+    assert graphs.settle(timeout=120) and not graphs.failed and len(graphs.compiled) == 1
+    eager_calls = count_eager(pipe)
+    fast = render(pipe)
+    assert eager_calls == []  # every step through OpenVINO
+    # (and its VAE decoder, converted after the UNet: no conversion left running at the exit)
+    assert decode_graphs(pipe.vae).settle(timeout=120)  # type: ignore[union-attr]
+    assert psnr(fast, expected) >= 40, psnr(fast, expected)
+    assert not np.array_equal(fast, expected)  # OpenVINO's computation, not the eager one
+
+
 def test_conversion_is_cached_by_the_weights_and_reused(
     tiny_sd_path: Path, easel_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -175,3 +195,27 @@ def test_a_conversion_under_way_does_not_hold_up_the_exit() -> None:
     started = time.monotonic()
     subprocess.run([sys.executable, "-c", code], check=True, timeout=100)
     assert time.monotonic() - started < 60
+
+
+def test_the_easel_command_exits_with_its_own_code_while_a_conversion_runs() -> None:
+    # stopped by the interpreter's exit inside OpenVINO's C++ code, the conversion's thread
+    # crashed the process (status 134 or 139) after `easel generate` had written its image
+    code = (
+        "import sys, threading, time, torch, openvino\n"
+        "from easel import cli\n"
+        "from easel.models import cpu_openvino\n"
+        "started = threading.Event()\n"
+        "def convert():\n"
+        "    net = torch.nn.Sequential(*[torch.nn.Conv2d(64, 64, 3, padding=1) for _ in range(400)])\n"
+        "    started.set()\n"
+        "    openvino.convert_model(net, example_input=torch.zeros(1, 64, 32, 32))\n"
+        "cpu_openvino._PREPARE.submit(convert)\n"
+        "started.wait()\n"
+        "time.sleep(2)  # into the C++ conversion (about 4 s)\n"
+        "assert cpu_openvino._PREPARE.unfinished == 1\n"
+        "sys.argv = ['easel', 'generate', '--steps', '0', 'x']  # exits with 2\n"
+        "cli.run()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "num_inference_steps must be" in done.stderr

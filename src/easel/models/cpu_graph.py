@@ -10,9 +10,10 @@ model's denoiser call then takes about 70 % of the time, and an image 75–80 %
     >>> capture_unet(pipe.unet)          # loader.ModelManager does this on the CPU
     >>> pipe("a red circle").images[0]   # the first call of each shape traces (about a second)
 
-Only plain calls replay: sample, timestep tensor and text embeddings, under ``no_grad``. Anything
-else (extra conditioning, ControlNet residuals, a LoRA's scale, gradients, a timestep given as a
-number) runs the model's own forward, and so does every call once tracing has failed. The graphs
+Only plain calls replay: sample, timestep tensor and text embeddings (and SDXL's pooled text
+embeddings and size ids), under ``no_grad``. Anything else (an IP-Adapter's image embeddings,
+ControlNet residuals, a LoRA's scale, gradients, a timestep given as a number) runs the model's
+own forward, and so does every call once tracing has failed. The graphs
 share the UNet's weight tensors, so weights changed in place show in them; whoever swaps its
 modules otherwise must call `release_unet`.
 
@@ -51,21 +52,41 @@ MAX_PARAMETERS = 50_000_000
 # plain calls and for `graph_variant` calls apart (dynamic batching's sliced calls of 2..4
 # images at one size take 6 graphs, which must not crowd out plain calls of other sizes).
 MAX_GRAPHS = 8
+# SDXL's extra conditioning (``added_cond_kwargs``), which plain calls may carry: graph inputs
+# after the text embeddings, in this order
+ADDED_CONDITIONING = ("text_embeds", "time_ids")
+
+
+def unet_forward(
+    unet: Any,
+    sample: torch.Tensor,
+    timestep: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    *added: torch.Tensor,
+) -> torch.Tensor:
+    """A UNet's plain call (its class's forward: not a replay put on the instance), on
+    positional tensors: ``added`` is SDXL's (text_embeds, time_ids), or nothing."""
+    conditioning = dict(zip(ADDED_CONDITIONING, added, strict=True)) if added else None
+    out: torch.Tensor = type(unet).forward(
+        unet,
+        sample,
+        timestep,
+        encoder_hidden_states,
+        added_cond_kwargs=conditioning,
+        return_dict=False,
+    )[0]
+    return out
 
 
 class _Forward(torch.nn.Module):
-    """The UNet's class forward on positional tensors, returning a tensor: what trace records."""
+    """`unet_forward` as a module: what trace records."""
 
     def __init__(self, unet: torch.nn.Module) -> None:
         super().__init__()
         self.unet = unet
 
-    def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
-    ) -> torch.Tensor:
-        return type(self.unet).forward(
-            self.unet, sample, timestep, encoder_hidden_states, return_dict=False
-        )[0]
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return unet_forward(self.unet, *tensors)
 
 
 class _Traces:
@@ -113,8 +134,9 @@ def shape_key(inputs: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
     )
 
 
-# a source of graphs: (sample, timestep, text embeddings), variant -> a callable on those
-# three tensors returning the UNet's output, or None (run the eager forward this time)
+# a source of graphs: (sample, timestep, text embeddings[, SDXL's text_embeds, time_ids]),
+# variant -> a callable on those tensors returning the UNet's output, or None (run the eager
+# forward this time)
 GraphSource = Callable[[tuple[torch.Tensor, ...], Hashable], Any]
 
 
@@ -141,20 +163,23 @@ class _Replay:
         **kwargs: Any,
     ) -> Any:
         graph = None
+        added = _added(kwargs.get("added_cond_kwargs"))
         if (
             isinstance(timestep, torch.Tensor)
             and isinstance(encoder_hidden_states, torch.Tensor)
+            and added is not None
             and not args
-            and all(value is None for value in kwargs.values())
+            and all(v is None for k, v in kwargs.items() if k != "added_cond_kwargs")
             and not torch.is_grad_enabled()
             and not self._lora_live()
         ):
-            graph = self.graphs((sample, timestep, encoder_hidden_states), self.variant)
+            inputs = (sample, timestep, encoder_hidden_states, *added)
+            graph = self.graphs(inputs, self.variant)
         if graph is None:
             return self.eager(
                 sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs
             )
-        out = graph(sample, timestep, encoder_hidden_states)
+        out = graph(*inputs)
         if not return_dict:
             return (out,)
         return UNet2DConditionOutput(sample=out)
@@ -177,6 +202,17 @@ class _Replay:
             self._peft_configs = held
             self._lora_layers = [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
         return any(m.merged or not m.disable_adapters for m in self._lora_layers)
+
+
+def _added(conditioning: Any) -> tuple[torch.Tensor, ...] | None:
+    """A call's ``added_cond_kwargs`` as graph inputs: none (SD), SDXL's two tensors, or None
+    when it carries anything else (an IP-Adapter's image embeddings): then it runs eagerly."""
+    if conditioning is None:
+        return ()
+    if not isinstance(conditioning, dict) or set(conditioning) != set(ADDED_CONDITIONING):
+        return None
+    tensors = tuple(conditioning[name] for name in ADDED_CONDITIONING)
+    return tensors if all(isinstance(t, torch.Tensor) for t in tensors) else None
 
 
 def capture_unet(unet: torch.nn.Module, graphs: GraphSource | None = None) -> bool:

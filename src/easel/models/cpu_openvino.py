@@ -1,12 +1,12 @@
-"""A CPU fast path for full-size SD 1.x/2.x models: UNet, VAE decoder and text encoder
-through OpenVINO.
+"""A CPU fast path for full-size SD 1.x/2.x and SDXL models: UNet, VAE decoder and (SD's)
+text encoder through OpenVINO.
 
 On a CPU, OpenVINO runs an SD 1.5-class UNet about twice as fast as PyTorch's eager bf16 (its
 fused AMX/AVX-512 kernels, static shapes), and the VAE decoder and CLIP text encoder faster too:
 measured side by side in docs/BENCHMARKS.md ("CPU backends"). `OpenVinoGraphs` compiles one
 module; for the UNet it is a graph source for cpu_graph's replay (``capture_unet``), so LoRA,
-IP-Adapter, dynamic batching's sliced calls and any call with extra conditioning keep running
-the UNet's own forward, exactly as with the traced graphs of small UNets; `capture_vae` and
+IP-Adapter, dynamic batching's sliced calls and any call with more than a plain call's inputs
+keep running the UNet's own forward, exactly as with the traced graphs of small UNets; `capture_vae` and
 `capture_text_encoder` route the plain decode and encode calls.
 
 Nothing waits for it. The first plain call of a module starts, on a background thread, its
@@ -15,7 +15,9 @@ cores, once per machine: the result is kept under ``EASEL_HOME/cache/openvino``,
 hash of the weights, and later starts read it in a second), then a compile for that call's
 shapes (seconds; once per shape and process). Calls run eagerly until their shape's model is
 ready, then through OpenVINO: the first image on a new machine or at a new size is made at
-PyTorch's speed, and may switch to OpenVINO part-way through its steps.
+PyTorch's speed, and may switch to OpenVINO part-way through its steps. A process that ends
+first (an `easel generate` of one image) leaves the conversion to a later start, which begins
+it again (`exit_if_busy`).
 
 Outputs differ from the eager path's by rounding (OpenVINO fuses and orders operations its
 own way): tests/models/test_cpu_openvino.py holds whole images to PSNR >= 40 dB against the
@@ -31,8 +33,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import os
 import queue
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -43,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from easel.models.cpu_graph import shape_key
+from easel.models.cpu_graph import shape_key, unet_forward
 from easel.models.hardware import trim_heap
 
 log = logging.getLogger(__name__)
@@ -66,6 +70,7 @@ class _Background:
         self._queue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.unfinished = 0  # calls submitted and not yet returned
 
     def submit(self, fn: Callable[..., None], *args: Any) -> Future[None]:
         future: Future[None] = Future()
@@ -75,6 +80,7 @@ class _Background:
                     target=self._run, name="easel-openvino", daemon=True
                 )
                 self._thread.start()
+            self.unfinished += 1
         self._queue.put((future, fn, args))
         return future
 
@@ -86,6 +92,8 @@ class _Background:
                     future.set_result(fn(*args))
                 except BaseException as exc:  # handed to whoever waits on the future
                     future.set_exception(exc)
+            with self._lock:
+                self.unfinished -= 1
 
 
 # Conversions and compiles, one at a time for the whole process: each already uses every core
@@ -94,6 +102,17 @@ _PREPARE = _Background()
 STALE_S = 3600.0
 # bump when the converted graph changes (what it computes, its inputs), so old files are not used
 FORMAT = 2
+
+
+def exit_if_busy(code: int) -> None:
+    """End the process now, with ``code``, if a conversion or compile is under way: the
+    interpreter's exit would stop its thread inside OpenVINO's or TorchScript's C++ code, which
+    aborts the process ("terminate called without an active exception", status 134) after its
+    work is done, e.g. an `easel generate` whose image is written. Else return."""
+    if _PREPARE.unfinished:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def available() -> bool:
@@ -111,16 +130,6 @@ class _Positional(torch.nn.Module):
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         return self.call(self.module, *tensors)
-
-
-def unet_forward(
-    unet: Any, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
-) -> torch.Tensor:
-    """A UNet's plain call (its class's forward: not a replay put on the instance)."""
-    out: torch.Tensor = type(unet).forward(
-        unet, sample, timestep, encoder_hidden_states, return_dict=False
-    )[0]
-    return out
 
 
 def vae_decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
