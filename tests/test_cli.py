@@ -338,3 +338,39 @@ def test_bad_edit_options_exit_2_naming_the_field(
     assert code == 2 and out == ""
     assert err.startswith("error: ") and field in err and "Traceback" not in err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_generate_leaves_openvino_to_the_server_unless_asked(
+    easel_home: Path,
+    tiny_sd_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # one image's command does not live to use a conversion it would start (docs/CLI.md)
+    pytest.importorskip("openvino")
+    from easel.models import loader
+
+    monkeypatch.setattr(loader, "MAX_PARAMETERS", 0)  # the tiny UNet counts as a large one
+    asked: list[int] = []  # auto's last question before it picks OpenVINO
+    monkeypatch.setattr(loader, "_room_for_openvino", lambda n: asked.append(n) or False)
+    argv = [
+        "generate",
+        "a red circle",
+        "-m",
+        str(tiny_sd_path),
+        "--steps",
+        "1",
+        "-o",
+        str(tmp_path),
+    ]
+    code, _, err = _run(argv, capsys)
+    assert code == 0, err
+    assert asked == []  # PyTorch, not auto's choice
+    # a server's ModelManager with the same settings would have asked
+    from easel.config import Settings
+    from easel.models.catalog import ModelCatalog
+
+    settings = Settings()
+    loader.ModelManager(settings, ModelCatalog(settings)).get_pipeline(str(tiny_sd_path))
+    assert len(asked) == 1

@@ -268,6 +268,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
             loras.get(lora["id"])
     _make_output_folder(args.output)
     _quiet_libraries()
+    if settings.cpu_backend == "auto":
+        # one command, one run: OpenVINO's conversion (35 s of both cores for an SD 1.5 UNet)
+        # and compiles would take the cores from the image and not pay back within it
+        # (docs/CLI.md); EASEL_CPU_BACKEND=openvino asks for it
+        settings = settings.model_copy(update={"cpu_backend": "torch"})
     from easel.engine.generate import Engine  # torch and diffusers load here
     from easel.models.loader import ModelManager
 
