@@ -6,8 +6,8 @@ fused AMX/AVX-512 kernels, static shapes), and the VAE decoder and CLIP text enc
 measured side by side in docs/BENCHMARKS.md ("CPU backends"). `OpenVinoGraphs` compiles one
 module; for the UNet it is a graph source for cpu_graph's replay (``capture_unet``), so LoRA,
 IP-Adapter, dynamic batching's sliced calls and any call with more than a plain call's inputs
-keep running the UNet's own forward, exactly as with the traced graphs of small UNets; `capture_vae` and
-`capture_text_encoder` route the plain decode and encode calls.
+keep running the UNet's own forward, exactly as with the traced graphs of small UNets;
+`capture_vae` and `capture_text_encoder` route the plain decode and encode calls.
 
 Nothing waits for it. The first plain call of a module starts, on a background thread, its
 conversion to OpenVINO's format (``ov.convert_model``: about 35 s for an SD 1.5 UNet on 2
@@ -16,8 +16,8 @@ hash of the weights, and later starts read it in a second), then a compile for t
 shapes (seconds; once per shape and process). Calls run eagerly until their shape's model is
 ready, then through OpenVINO: the first image on a new machine or at a new size is made at
 PyTorch's speed, and may switch to OpenVINO part-way through its steps. A process that ends
-first (an `easel generate` of one image) leaves the conversion to a later start, which begins
-it again (`exit_if_busy`).
+first leaves the conversion to a later start, which begins it again (the `easel` command exits
+past it: `exit_if_busy`); hence `easel generate` keeps PyTorch unless asked (docs/CLI.md).
 
 Outputs differ from the eager path's by rounding (OpenVINO fuses and orders operations its
 own way): tests/models/test_cpu_openvino.py holds whole images to PSNR >= 40 dB against the
@@ -107,8 +107,9 @@ FORMAT = 2
 def exit_if_busy(code: int) -> None:
     """End the process now, with ``code``, if a conversion or compile is under way: the
     interpreter's exit would stop its thread inside OpenVINO's or TorchScript's C++ code, which
-    aborts the process ("terminate called without an active exception", status 134) after its
-    work is done, e.g. an `easel generate` whose image is written. Else return."""
+    aborts the process ("terminate called without an active exception", status 134 or 139)
+    after its work is done: `easel serve` stopped in its first minute on a new model, say.
+    Else return."""
     if _PREPARE.unfinished:
         sys.stdout.flush()
         sys.stderr.flush()
