@@ -354,17 +354,8 @@ def test_generate_leaves_openvino_to_the_server_unless_asked(
     monkeypatch.setattr(loader, "MAX_PARAMETERS", 0)  # the tiny UNet counts as a large one
     asked: list[int] = []  # auto's last question before it picks OpenVINO
     monkeypatch.setattr(loader, "_room_for_openvino", lambda n: asked.append(n) or False)
-    argv = [
-        "generate",
-        "a red circle",
-        "-m",
-        str(tiny_sd_path),
-        "--steps",
-        "1",
-        "-o",
-        str(tmp_path),
-    ]
-    code, _, err = _run(argv, capsys)
+    argv = ["generate", "a red circle", "-m", str(tiny_sd_path), "--steps", "1"]
+    code, _, err = _run([*argv, "--size", "64x64", "-o", str(tmp_path)], capsys)
     assert code == 0, err
     assert asked == []  # PyTorch, not auto's choice
     # a server's ModelManager with the same settings would have asked
