@@ -78,15 +78,17 @@ def unet_forward(
     return out
 
 
-class _Forward(torch.nn.Module):
-    """`unet_forward` as a module: what trace records."""
+class Positional(torch.nn.Module):
+    """``forward(module, *tensors) -> tensor`` as a module: what trace records, and what
+    cpu_openvino converts."""
 
-    def __init__(self, unet: torch.nn.Module) -> None:
+    def __init__(self, module: torch.nn.Module, forward: Callable[..., torch.Tensor]) -> None:
         super().__init__()
-        self.unet = unet
+        self.module = module
+        self.call = forward
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        return unet_forward(self.unet, *tensors)
+        return self.call(self.module, *tensors)
 
 
 class _Traces:
@@ -118,7 +120,9 @@ class _Traces:
                 # TorchScript announces its deprecation, and the tracer warns about every
                 # Python branch on a size: both are expected here (the key covers the sizes)
                 warnings.simplefilter("ignore")
-                return torch.jit.trace(_Forward(self.unet), inputs, check_trace=False)
+                return torch.jit.trace(
+                    Positional(self.unet, unet_forward), inputs, check_trace=False
+                )
         except Exception as exc:  # any failure just means "no fast path": run eagerly
             log.warning("denoiser not traced, running it eagerly: %s", exc)
             self.failed = True

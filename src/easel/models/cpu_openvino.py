@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from easel.models.cpu_graph import shape_key, unet_forward
+from easel.models.cpu_graph import Positional, shape_key, unet_forward
 from easel.models.hardware import trim_heap
 
 log = logging.getLogger(__name__)
@@ -119,18 +119,6 @@ def exit_if_busy(code: int) -> None:
 def available() -> bool:
     """Whether OpenVINO is installed (the ``openvino`` extra)."""
     return importlib.util.find_spec("openvino") is not None
-
-
-class _Positional(torch.nn.Module):
-    """``forward(module, *tensors) -> tensor`` as a module: what is converted."""
-
-    def __init__(self, module: torch.nn.Module, forward: Callable[..., torch.Tensor]) -> None:
-        super().__init__()
-        self.module = module
-        self.call = forward
-
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        return self.call(self.module, *tensors)
 
 
 def vae_decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
@@ -254,7 +242,7 @@ class OpenVinoGraphs:
         # for the range weights live in; the compiled model computes in bfloat16 again
         twin = _float32_copy(self.module)
         with torch.no_grad():
-            model = ov.convert_model(_Positional(twin, self.forward), example_input=examples)
+            model = ov.convert_model(Positional(twin, self.forward), example_input=examples)
         del twin
         partial = folder.with_name(folder.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
