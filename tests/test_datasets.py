@@ -243,6 +243,7 @@ def test_too_many_pixels_or_bytes_are_refused(tmp_path: Path) -> None:
         ("C:/evil.txt", "drive letter"),
         ("..\\evil.txt", "backslash"),
     ],
+    ids=["parent", "nested-parent", "absolute", "drive", "backslash"],  # the same in every process
 )
 def test_a_zip_member_escaping_the_target_is_refused(
     tmp_path: Path, name: str, reason: str

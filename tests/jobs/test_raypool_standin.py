@@ -10,11 +10,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from easel.config import Settings
 from easel.domain import JobStatus
 from easel.jobs.standin import StandInGenerator
 from easel.services import build_services
 from tests.jobs.ray_helpers import params, ready, until, wait_jobs
+
+# one Ray cluster per machine: its tests share one xdist worker (`ray stop` ends every cluster)
+pytestmark = pytest.mark.xdist_group("ray")
 
 
 def test_a_cancel_reaches_a_running_job_on_an_actor_within_one_step(
@@ -58,7 +63,9 @@ def test_the_pool_follows_nodes_joining_and_leaving(ray_cluster: str, easel_home
     try:
         ready(services, count=2)
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-        if (Path.home() / ".ray/auth_token").exists():  # the head wrote one (Ray 2.5x): join with it
+        if (
+            Path.home() / ".ray/auth_token"
+        ).exists():  # the head wrote one (Ray 2.5x): join with it
             env["RAY_AUTH_MODE"] = "token"
         subprocess.run(
             [str(Path(sys.executable).with_name("ray")), "start", f"--address={ray_cluster}",

@@ -178,6 +178,22 @@ def test_the_prior_keeps_its_prompts_where_the_base_model_had_them(
     assert moves[True]["a zq square"] > 1.2 * moves[True]["a circle"], moves
 
 
+def test_the_same_config_trains_the_same_lora_whatever_ran_before(
+    tiny_sd_path, tmp_path, easel_home
+):
+    """peft draws the LoRA's first weights from torch's global generator, which other work moves."""
+    tensors = []
+    for run in ("a", "b"):
+        torch.manual_seed(ord(run))  # the global generator as other work left it
+        state = torch.random.get_rng_state()
+        lora = train_lora(config(tiny_sd_path, tmp_path / run, steps=2, sample_every=0)).lora_file
+        assert torch.equal(torch.random.get_rng_state(), state)  # and left as it was
+        with safe_open(str(lora), "pt") as file:
+            tensors.append({key: file.get_tensor(key) for key in file.keys()})
+    assert tensors[0].keys() == tensors[1].keys() and tensors[0]
+    assert all(torch.equal(tensors[0][key], tensors[1][key]) for key in tensors[0])
+
+
 def test_captions_get_the_trigger_and_images_without_one_get_it_alone():
     assert with_trigger("a red hexagon", "zq") == "zq a red hexagon"
     assert with_trigger("a red zq", "zq") == "a red zq"

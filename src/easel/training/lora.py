@@ -470,18 +470,22 @@ def train_lora(
         getattr(pipe, name).requires_grad_(False)
     adapter.denoiser.requires_grad_(False)
     lora = dict(r=config.rank, lora_alpha=config.rank, init_lora_weights="gaussian")
-    adapter.denoiser.add_adapter(
-        PeftLoraConfig(target_modules=list(config.targets or adapter.default_targets), **lora)
-    )
     trained = {adapter.denoiser_name: adapter.denoiser}
-    if config.train_text_encoder:
-        for name in adapter.text_encoder_names:
-            # peft itself, not transformers' add_adapter, which wants a newer peft (>= 0.22)
-            # than diffusers needs; the layers and their state dict are the same
-            inject_adapter_in_model(
-                PeftLoraConfig(target_modules=CLIP_PROJECTIONS, **lora), getattr(pipe, name)
-            )
-            trained[name] = getattr(pipe, name)
+    # peft draws the layers' first weights from torch's global generator: seeded here (and put
+    # back after), so that the same config trains the same LoRA in any process
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        adapter.denoiser.add_adapter(
+            PeftLoraConfig(target_modules=list(config.targets or adapter.default_targets), **lora)
+        )
+        if config.train_text_encoder:
+            for name in adapter.text_encoder_names:
+                # peft itself, not transformers' add_adapter, which wants a newer peft (>= 0.22)
+                # than diffusers needs; the layers and their state dict are the same
+                inject_adapter_in_model(
+                    PeftLoraConfig(target_modules=CLIP_PROJECTIONS, **lora), getattr(pipe, name)
+                )
+                trained[name] = getattr(pipe, name)
     if config.gradient_checkpointing or (
         config.gradient_checkpointing is None and device.type == "cuda"
     ):
