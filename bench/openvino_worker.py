@@ -3,7 +3,7 @@
     .venv-openvino/bin/python bench/openvino_worker.py FOLDER EXPORT_DIR [THREADS]
 
 optimum-intel pins transformers < 5.6 and huggingface-hub < 1.22, older than Easel's, so it
-lives in its own virtual environment (see docs/BENCHMARKS.md, "CPU comparison") and this worker
+lives in its own virtual environment (see docs/BENCHMARKS.md, "CPU backends", for the command) and this worker
 runs there as a subprocess of compare.py: only the standard library, torch, diffusers and
 optimum-intel, never ``easel``. compare.py drives it one JSON line at a time on stdin, and it
 answers one JSON line on stdout (its logs go to stderr):

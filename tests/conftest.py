@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +15,27 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Starlette's TestClient sends `Host: testserver`; the server answers loopback names only
 os.environ.setdefault("EASEL_ALLOWED_HOSTS", '["testserver"]')
+
+
+# modules that share one xdist worker, by the start of their path: the Ray modules (one Ray
+# cluster per machine: `ray stop` ends them all), the UI modules (one server and browser, whose
+# state, history and keys, runs on from module to module)
+SAME_WORKER = {"tests/jobs/test_raypool": "ray", "tests/ui/": "ui"}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under pytest-xdist (scripts/check: ``-n 2``) each module runs whole in one worker, in
+    order, sharing its fixtures, and the modules SAME_WORKER names share one. (xdist's own
+    ``loadgroup`` does not group under pytest 9: it renames items' node ids, which pytest 9
+    no longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return next((g for start, g in SAME_WORKER.items() if module.startswith(start)), module)
+
+    return ByModule(config, log)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,9 +21,21 @@ TINY_DEFAULTS = {"width": 64, "height": 64, "min_size": 32, "max_size": 128}
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port free now, for a server to bind soon after. Drawn from 20000–31999:
+    below the kernel's ephemeral range (32768 up), from which every outgoing connection takes
+    its local port, so that no client's connection takes it in between, and above Ray's worker
+    ports (10002–19999), which `ray start --head` refuses as its own; and from this
+    pytest-xdist worker's own slice, so that no other worker's server takes it."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    low = 20_000 + (worker % 4) * 3_000
+    while True:
+        port = random.randrange(low, low + 3_000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def prepare_home(home: Path, tiny_sd_path: Path) -> None:

@@ -22,9 +22,6 @@ from tests.e2e.server import Server, prepare_home
 from tests.jobs.conftest import TINY_DEFAULTS
 from tests.jobs.ray_helpers import params, ready, until, wait_jobs
 
-# one Ray cluster per machine: its tests share one xdist worker (`ray stop` ends every cluster)
-pytestmark = pytest.mark.xdist_group("ray")
-
 
 @pytest.fixture(scope="module")
 def engines(

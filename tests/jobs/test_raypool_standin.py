@@ -10,16 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from easel.config import Settings
 from easel.domain import JobStatus
 from easel.jobs.standin import StandInGenerator
 from easel.services import build_services
 from tests.jobs.ray_helpers import params, ready, until, wait_jobs
-
-# one Ray cluster per machine: its tests share one xdist worker (`ray stop` ends every cluster)
-pytestmark = pytest.mark.xdist_group("ray")
 
 
 def test_a_cancel_reaches_a_running_job_on_an_actor_within_one_step(

@@ -17,7 +17,6 @@ import io
 import os
 import random
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from easel.jobs.db import MIGRATIONS, Database, DatabaseUnusable
 from easel.jobs.images import DiskImageStore
 from easel.jobs.standin import StandInGenerator
 from easel.services import HomeUnusable, build_services, check_home
+from tests.e2e.server import free_port
 
 EVENT_ROWS = 400  # ~90 pages of 4 KiB: a page in the middle holds events
 
@@ -315,12 +315,6 @@ def test_database_refuses_bad_files_itself(easel_home: Path) -> None:
 
 
 # --- the real command in a subprocess ---------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def run_serve(home: Path, *, drop_root: bool = False) -> subprocess.CompletedProcess[str]:

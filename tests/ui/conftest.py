@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.e2e.server import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 # the flags that work on the build machines (see the project's machine notes)
@@ -50,7 +51,7 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         env = {
             **{k: v for k, v in os.environ.items() if k != "EASEL_DEFAULT_MODEL"},
             "EASEL_HOME": str(self.home),
@@ -146,12 +147,6 @@ def wait_until_done(api: httpx.Client, job_id: str, timeout_s: float = 60) -> No
     assert job["status"] == "succeeded", job
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """The real server with its default model (the bundled tiny-shapes), shared by the UI tests."""
@@ -162,9 +157,11 @@ def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProces
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[object]:
-    """Headless Chromium from the Debian package (Playwright cannot download one here)."""
+    """Headless Chromium from the Debian package (Playwright cannot download one here). For the
+    UI package only: Playwright's sync API keeps an event loop running in the thread, where the
+    asyncio.run of tests that a pytest-xdist worker runs after these would fail."""
     if not Path(CHROMIUM).exists():
         # CI must run the browser tests (scripts/setup --dev installs chromium there); a developer
         # machine without it skips them with the command to fix that.
