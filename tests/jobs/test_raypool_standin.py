@@ -58,9 +58,8 @@ def test_the_pool_follows_nodes_joining_and_leaving(ray_cluster: str, easel_home
     try:
         ready(services, count=2)
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-        if (
-            Path.home() / ".ray/auth_token"
-        ).exists():  # the head wrote one (Ray 2.5x): join with it
+        # the head's token, where it wrote one (Ray 2.5x; 2.60 does not): join with it
+        if (Path.home() / ".ray" / "auth_token").exists():
             env["RAY_AUTH_MODE"] = "token"
         subprocess.run(
             [str(Path(sys.executable).with_name("ray")), "start", f"--address={ray_cluster}",
