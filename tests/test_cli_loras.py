@@ -127,19 +127,37 @@ def test_generate_refuses_bad_loras_with_exit_2(
     assert not list(tmp_path.glob("*.png"))
 
 
-def test_train_lora_takes_prior_prompts_from_a_file(
-    easel_home: Path, tiny_sd_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _two_step_training(model: Path, tmp_path: Path) -> list[str]:
+    """`easel train lora` arguments for two steps on four "a zq square" pictures."""
     source = tmp_path / "shapes"
     source.mkdir()
     for i in range(4):
         Image.new("RGB", (32, 32), (30, 70, 230 - 40 * i)).save(source / f"{i}.png")
         (source / f"{i}.txt").write_text("a zq square")
+    return ["train", "lora", str(source), "--name", "zq", "--trigger", "zq", "-m", str(model),
+            "--steps", "2", "--size", "32", "--batch-size", "2", "--sample-every", "0",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+
+
+def test_train_lora_takes_prior_words_and_refuses_the_trigger_as_one(
+    easel_home: Path, tiny_sd_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train = _two_step_training(tiny_sd_path, tmp_path)
+    code, _, err = _run([*train, "--prior-word", "red", "--prior-word", "ZQ"], capsys)
+    assert code == 2 and "prior_words" in err and "'ZQ'" in err, err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    code, _, err = _run([*train, "--prior-word", "red", "--prior-word", "blue"], capsys)
+    assert code == 0, err
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["prior_words"] == ["red", "blue"]
+
+
+def test_train_lora_takes_prior_prompts_from_a_file(
+    easel_home: Path, tiny_sd_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     prompts = tmp_path / "prior.txt"
     prompts.write_text("a circle\n\n  a red star  \n")
-    train = ["train", "lora", str(source), "--name", "zq", "--trigger", "zq", "-m",
-             str(tiny_sd_path), "--steps", "2", "--size", "32", "--batch-size", "2", "--sample-every", "0",
-             "--out", str(tmp_path / "run")]  # fmt: skip
+    train = _two_step_training(tiny_sd_path, tmp_path)
     code, _, err = _run([*train, "--prior-prompts-file", str(tmp_path / "none.txt")], capsys)
     assert code == 2 and "--prior-prompts-file" in err and len(err.strip().splitlines()) == 1, err
     code, _, err = _run(

@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from easel.datasets import DatasetLimits, prepare_dataset
 from easel.domain import Canceled, GenerationParams, InvalidParams
-from easel.training.lora import train_lora, with_trigger
+from easel.training.lora import swap_trigger, train_lora, with_trigger
 from easel.training.lora_config import LoraConfig, config_from_params
 
 SIZE = 32
@@ -178,6 +178,29 @@ def test_the_prior_keeps_its_prompts_where_the_base_model_had_them(
     assert moves[True]["a zq square"] > 1.2 * moves[True]["a circle"], moves
 
 
+def test_prior_words_keep_the_datasets_own_pictures_where_the_base_model_had_them(
+    tiny_sd_path, tmp_path, easel_home
+):
+    """The dataset's "a zq square" pictures again as "a red square", towards the base model's
+    prediction: the LoRA moves "a red square" under 0.6 as far as without, and "a zq square"
+    further than "a red square"."""
+    moves = {}
+    for words in ((), ("red",)):
+        cfg = config(tiny_sd_path, tmp_path / str(len(words)), sample_every=0, steps=48,
+                     prior_words=words, prior_weight=4.0)  # fmt: skip
+        lora = train_lora(cfg).lora_file
+        moves[bool(words)] = lora_moves(tiny_sd_path, lora, ["a red square", "a zq square"])
+    assert moves[True]["a red square"] < 0.6 * moves[False]["a red square"], moves
+    assert moves[True]["a zq square"] > 1.2 * moves[True]["a red square"], moves
+
+
+def test_swap_trigger_puts_the_word_in_the_triggers_place():
+    assert (
+        swap_trigger("a big red zq on the left", "zq", "circle") == "a big red circle on the left"
+    )
+    assert swap_trigger("a ZQ", "zq", "red circle") == "a red circle"
+
+
 def test_the_same_config_trains_the_same_lora_whatever_ran_before(
     tiny_sd_path, tmp_path, easel_home
 ):
@@ -211,6 +234,8 @@ def test_captions_get_the_trigger_and_images_without_one_get_it_alone():
         ({"trigger": "two words"}, "trigger"),
         ({"size": 40}, "size"),
         ({"holdout": 0.9}, "holdout"),
+        ({"prior_words": ("circle", " ")}, "prior_words"),
+        ({"prior_words": ("a t",)}, "prior_words"),  # the trigger itself
     ],
 )
 def test_bad_settings_are_refused_naming_the_field(change, field):

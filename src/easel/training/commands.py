@@ -110,6 +110,15 @@ def _register_train_lora(kinds: argparse._SubParsersAction) -> None:
         help="more prior prompts, one per line (e.g. 64 prompts the model does well)",
     )
     lora.add_argument(
+        "--prior-word",
+        action="append",
+        dest="prior_words",
+        default=[],
+        help="prior preservation on the dataset's own images: each caption with this word in "
+        "the trigger's place (a class the new one must leave alone, e.g. 'circle'; repeat for "
+        "several), where the LoRA learns to change nothing",
+    )
+    lora.add_argument(
         "--prior-images",
         type=int,
         default=defaults.prior_images,
@@ -167,6 +176,7 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         train_text_encoder=args.train_text_encoder,
         prior_prompts=tuple(args.prior_prompts) + _read_prompts(args.prior_prompts_file),
         prior_images=args.prior_images,
+        prior_words=tuple(args.prior_words),
         sample_every=args.sample_every,
         seed=args.seed,
         device=args.device,

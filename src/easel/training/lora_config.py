@@ -50,6 +50,12 @@ class LoraConfig:
     prior_prompts: tuple[str, ...] = ()
     prior_images: int = 16
     prior_weight: float = 1.0
+    # Prior words: the dataset's own images again, each caption with the trigger replaced by
+    # each word (the classes the new one must leave alone: "circle", "square"), trained towards
+    # the base model's prediction like the prior's images. The same picture then asks for the
+    # LoRA's change under the trigger and for none under the words, so the change has to follow
+    # the text (docs/TRAINING.md). No images to make; one more forward pass of the base per step.
+    prior_words: tuple[str, ...] = ()
     size: int | None = None  # training side in pixels (default: the model's default width)
     holdout: float = 0.1  # share of the images kept out for the held-out loss (0: none)
     sample_every: int = 100  # steps between validation samples and held-out losses (0: never)
@@ -93,6 +99,14 @@ class LoraConfig:
             raise InvalidParams("targets must name at least one module", field="targets")
         if not all(isinstance(p, str) and p.strip() for p in self.prior_prompts):
             raise InvalidParams("prior_prompts must not be empty text", field="prior_prompts")
+        for word in self.prior_words:
+            if not isinstance(word, str) or not word.strip():
+                raise InvalidParams("prior_words must not be empty text", field="prior_words")
+            if self.trigger.lower() in word.lower().split():
+                raise InvalidParams(
+                    f"prior_words must not contain the trigger {self.trigger!r} (got {word!r})",
+                    field="prior_words",
+                )
 
 
 def config_from_params(params: GenerationParams, dataset: str, out_dir: str) -> LoraConfig:
