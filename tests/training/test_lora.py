@@ -194,6 +194,39 @@ def test_prior_words_keep_the_datasets_own_pictures_where_the_base_model_had_the
     assert moves[True]["a zq square"] > 1.2 * moves[True]["a red square"], moves
 
 
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-shapes"])
+def test_prior_words_leave_out_exactly_the_convolutions_whose_input_no_prompt_changes(
+    model, tiny_sd_path
+):
+    """Run the UNet on one noisy latent under two prompts and watch every ResNet's input: the
+    text-only targets drop the convolutions of the ResNets whose input was the same."""
+    from easel.models.catalog import TINY_SHAPES_DIR
+    from easel.training.lora import _Sd
+
+    pipe = DiffusionPipeline.from_pretrained(
+        tiny_sd_path if model == "tiny-sd" else TINY_SHAPES_DIR
+    )
+    unet = pipe.unet
+    resnets = {n: m for n, m in unet.named_modules() if type(m).__name__ == "ResnetBlock2D"}
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in resnets}
+    for name, resnet in resnets.items():
+        resnet.register_forward_hook(lambda _m, args, _o, n=name: seen[n].append(args[0]))
+    side = unet.config.sample_size
+    latent = torch.randn(
+        1, unet.config.in_channels, side, side, generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        for prompt in ("a red circle", "a zq square on the left"):
+            embeds = pipe.encode_prompt(prompt, "cpu", 1, False)[0]
+            unet(latent, torch.tensor([500]), embeds)
+    blind = {n for n in resnets if torch.equal(seen[n][0], seen[n][1])}
+    assert blind and blind != set(resnets)  # some see the text and some do not
+    targets = _Sd(pipe, torch.device("cpu"), xl=False, min_snr_gamma=0.0).targets(text_only=True)
+    convs = {t.rsplit(".", 1)[0] for t in targets if t.endswith(("conv1", "conv2"))}
+    assert convs == set(resnets) - blind
+    assert "conv1" in _Sd.default_targets  # without prior words: every ResNet's
+
+
 def test_swap_trigger_puts_the_word_in_the_triggers_place():
     assert (
         swap_trigger("a big red zq on the left", "zq", "circle") == "a big red circle on the left"

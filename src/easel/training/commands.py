@@ -116,7 +116,8 @@ def _register_train_lora(kinds: argparse._SubParsersAction) -> None:
         default=[],
         help="prior preservation on the dataset's own images: each caption with this word in "
         "the trigger's place (a class the new one must leave alone, e.g. 'circle'; repeat for "
-        "several), where the LoRA learns to change nothing",
+        "several), where the LoRA learns to change nothing; the convolutions that see no text "
+        "then get no LoRA",
     )
     lora.add_argument(
         "--prior-images",

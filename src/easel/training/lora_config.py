@@ -54,7 +54,8 @@ class LoraConfig:
     # each word (the classes the new one must leave alone: "circle", "square"), trained towards
     # the base model's prediction like the prior's images. The same picture then asks for the
     # LoRA's change under the trigger and for none under the words, so the change has to follow
-    # the text (docs/TRAINING.md). No images to make; one more forward pass of the base per step.
+    # the text (docs/TRAINING.md); the convolutions that see no text then get no LoRA. No images
+    # to make; one more forward pass of the base per step.
     prior_words: tuple[str, ...] = ()
     size: int | None = None  # training side in pixels (default: the model's default width)
     holdout: float = 0.1  # share of the images kept out for the held-out loss (0: none)
