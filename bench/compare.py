@@ -349,12 +349,34 @@ def easel_engine(
     return easel, str(engine.models.dtype).removeprefix("torch.")
 
 
+def bare(pipe: Any, steps: int) -> Callable[[int], Image.Image]:
+    """A bare diffusers pipeline as an engine: Euler, the prompt, guidance and seed above."""
+    import torch
+    from diffusers import EulerDiscreteScheduler
+
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(size: int) -> Image.Image:
+        image: Image.Image = pipe(
+            PROMPT,
+            num_inference_steps=steps,
+            guidance_scale=GUIDANCE,
+            width=size,
+            height=size,
+            generator=torch.Generator("cpu").manual_seed(SEED),
+        ).images[0]
+        return image
+
+    return run
+
+
 def in_process_engines(
     names: list[str], folder: Path, steps: int, home: Path
 ) -> tuple[dict[str, Callable[[int], Image.Image]], str]:
     """The torch engines in this process: name -> (size -> one image), and Easel's dtype."""
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     engines: dict[str, Callable[[int], Image.Image]] = {}
     easel_dtype = ""
@@ -362,30 +384,13 @@ def in_process_engines(
         if name in names:
             engines[name], easel_dtype = easel_engine(folder, steps, home / name, backend)
 
-    def bare(pipe: Any) -> Callable[[int], Image.Image]:
-        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        pipe.set_progress_bar_config(disable=True)
-
-        def run(size: int) -> Image.Image:
-            image: Image.Image = pipe(
-                PROMPT,
-                num_inference_steps=steps,
-                guidance_scale=GUIDANCE,
-                width=size,
-                height=size,
-                generator=torch.Generator("cpu").manual_seed(SEED),
-            ).images[0]
-            return image
-
-        return run
-
     if "fp32" in names:
-        engines["fp32"] = bare(StableDiffusionPipeline.from_pretrained(folder))
+        engines["fp32"] = bare(StableDiffusionPipeline.from_pretrained(folder), steps)
     if "bf16" in names:
         pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16)
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
-        engines["bf16"] = bare(pipe)
+        engines["bf16"] = bare(pipe, steps)
     return engines, easel_dtype
 
 

@@ -31,31 +31,22 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import GUIDANCE, LABELS, PROMPT, SEED, machine, model_folder  # noqa: E402
+from compare import LABELS, bare, machine, model_folder  # noqa: E402
 
 
 def pipeline_flops(folder: Path, size: int, steps: int) -> dict[str, float]:
     """FLOP of one image at ``size``, in all and per module (UNet, VAE, text encoder)."""
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
     from diffusers.models.attention_processor import AttnProcessor
     from torch.utils.flop_counter import FlopCounterMode
 
     pipe = StableDiffusionPipeline.from_pretrained(folder)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.unet.set_attn_processor(AttnProcessor())
     pipe.vae.set_attn_processor(AttnProcessor())
-    pipe.set_progress_bar_config(disable=True)
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
-        pipe(
-            PROMPT,
-            num_inference_steps=steps,
-            guidance_scale=GUIDANCE,
-            width=size,
-            height=size,
-            generator=torch.Generator("cpu").manual_seed(SEED),
-        )
+        bare(pipe, steps)(size)
     counts = counter.get_flop_counts()
     parts = {
         "unet": "UNet2DConditionModel",
