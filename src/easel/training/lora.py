@@ -640,8 +640,9 @@ def _prior_word_examples(
     """Prior words: each training image again under each word in the trigger's place, trained
     towards the base model's prediction (`_base_targets`). Asking for no change on the very
     pictures that teach the change leaves the LoRA one way to tell them apart, the trigger's
-    text: on tiny-shapes the five shape words took the drift of the model's usual prompts from
-    27 points to 4-8, keeping 62-78 % of the new shape (docs/TRAINING-LOG.md, runs 30-45)."""
+    text: on tiny-shapes the five shape words (with the text-encoder LoRA, 900 steps, weight
+    1.05) took the drift of the model's usual prompts from 21-27 points to 4, keeping 84 % of
+    the new shape (docs/TRAINING-LOG.md, runs 30-47)."""
     examples = []
     with torch.no_grad(), autocast(device, config.bf16):
         for example in train:
