@@ -3,10 +3,10 @@
     .venv-openvino/bin/python bench/openvino_worker.py FOLDER EXPORT_DIR [THREADS]
 
 optimum-intel pins transformers < 5.6 and huggingface-hub < 1.22, older than Easel's, so it
-lives in its own virtual environment (see docs/BENCHMARKS.md, "CPU backends", for the command) and this worker
-runs there as a subprocess of compare.py: only the standard library, torch, diffusers and
-optimum-intel, never ``easel``. compare.py drives it one JSON line at a time on stdin, and it
-answers one JSON line on stdout (its logs go to stderr):
+lives in its own virtual environment (docs/BENCHMARKS.md, "CPU backends", gives the command)
+and this worker runs there as a subprocess of compare.py: only the standard library, torch,
+diffusers and optimum-intel, never ``easel``. compare.py drives it one JSON line at a time on
+stdin, and it answers one JSON line on stdout (its logs go to stderr):
 
     {"op": "prepare", "size": 256}  ->  {"ok": true, "seconds": ...}   reshape (static) + compile
     {"op": "run", "size": 256, "prompt": ..., "steps": 4, "guidance": 7.5, "seed": 1234,

@@ -232,6 +232,7 @@ def test_swap_trigger_puts_the_word_in_the_triggers_place():
         swap_trigger("a big red zq on the left", "zq", "circle") == "a big red circle on the left"
     )
     assert swap_trigger("a ZQ", "zq", "red circle") == "a red circle"
+    assert swap_trigger("a big red zq on the left", "zq") == "a big red on the left"
 
 
 def test_the_same_config_trains_the_same_lora_whatever_ran_before(

@@ -105,8 +105,9 @@ class _Family:
         return module
 
     def targets(self, text_only: bool = False) -> list[str]:
-        """Names (or name suffixes) of the denoiser's modules that get LoRA layers by default;
-        ``text_only``: only modules whose input depends on the text (prior words)."""
+        """Names (or name suffixes) of the denoiser's modules that get LoRA layers by default.
+        ``text_only`` (prior words) asks for only those whose input depends on the text; a
+        transformer's attention projections all qualify, so here it changes nothing."""
         return list(self.default_targets)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -183,10 +184,10 @@ class _Sd(_Family):
         prompt alike, which prior words forbid (tiny-shapes' hexagon under prior words: 72.5 %
         hexagons and -3.9 points on plain prompts without those convolutions, 77.5 % and -5.5
         with them; docs/TRAINING-LOG.md, runs 38 and 43)."""
-        from diffusers.models.resnet import ResnetBlock2D
-
         if not text_only:
             return list(self.default_targets)
+        from diffusers.models.resnet import ResnetBlock2D
+
         unet, blind = self.denoiser, set()
         for i, block in enumerate(unet.down_blocks):
             if getattr(block, "has_cross_attention", False):
@@ -624,14 +625,11 @@ def _default_sample_prompts(
     return unique[:4] or [config.trigger]
 
 
-def without_trigger(caption: str, trigger: str) -> str:
-    """The caption with the trigger word taken out: what the base model is asked for the prior."""
-    return " ".join(w for w in caption.split() if w.lower() != trigger.lower())
-
-
-def swap_trigger(caption: str, trigger: str, word: str) -> str:
-    """The caption with ``word`` in the trigger's place: "a big red sks" -> "a big red circle"."""
-    return " ".join(word if w.lower() == trigger.lower() else w for w in caption.split())
+def swap_trigger(caption: str, trigger: str, word: str = "") -> str:
+    """The caption with ``word`` in the trigger's place ("a big red sks" -> "a big red circle"),
+    or with the trigger taken out (what the base model is asked for the prior)."""
+    words = (word if w.lower() == trigger.lower() else w for w in caption.split())
+    return " ".join(w for w in words if w)
 
 
 def _prior_word_examples(
@@ -671,7 +669,7 @@ def _prior_examples(
         count = len(config.prior_prompts)
         prompts = [config.prior_prompts[i % count] for i in range(config.prior_images)]
     elif config.prior:
-        prompts = [p for c in captions if (p := without_trigger(c, config.trigger))]
+        prompts = [p for c in captions if (p := swap_trigger(c, config.trigger))]
     else:
         return []
     folder = _mkdir(out_dir / "prior")
