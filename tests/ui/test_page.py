@@ -212,7 +212,8 @@ def test_history_survives_a_restart(page: Page, ui_server: ServerProcess, artifa
     expect(page.locator("#guidance-end input[type=number]")).to_have_value("0.67")
 
     # a dropped PNG shows the parameters it carries
-    stored = next((ui_server.home / "images").rglob("*.png"))
+    # a generated image (images/<date>/), not an upload (images/uploads/), which carries none
+    stored = next((ui_server.home / "images").glob("????-??-??/*.png"))
     page.locator("#tab-history-button").click()
     page.locator("#png-info input[type=file]").set_input_files(str(stored))
     expect(page.locator("#picked-info")).to_contain_text("Sampler:")
