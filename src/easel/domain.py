@@ -82,7 +82,16 @@ TASK_SPECS: dict[str, TaskSpec] = {
     "train_lora": TaskSpec(
         "train_lora",
         ("txt2img",),
-        fields=("dataset", "name", "trigger", "steps", "rank", "learning_rate"),
+        fields=(
+            "dataset",
+            "name",
+            "trigger",
+            "steps",
+            "rank",
+            "learning_rate",
+            "train_text_encoder",
+            "prior_words",
+        ),  # fmt: skip
         description="fit a LoRA on a dataset of captioned images; samples show its progress",
         kind="train",
         batches=False,
@@ -272,6 +281,10 @@ class GenerationParams:
     steps: int | None = None  # optimisation steps
     rank: int | None = None  # LoRA rank
     learning_rate: float | None = None
+    train_text_encoder: bool | None = None  # LoRA on the CLIP text encoder(s) too
+    # classes the LoRA must leave alone (each caption again with one in the trigger's place);
+    # None: the model's, [] none
+    prior_words: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -424,6 +437,9 @@ class ModelRecord:
     # an IP-Adapter .safetensors file (SD, SDXL) with its CLIP image encoder in an
     # `image_encoder` folder beside it (h94/IP-Adapter's layout): the `style` task uses it
     ip_adapter: str | None = None
+    # a LoRA fine-tune's defaults for this model (easel.json's ``train_lora``), under what a
+    # request gives: steps, rank, learning_rate, train_text_encoder, prior_words, export_scale
+    train_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -356,7 +356,7 @@ class Services:
         )
         self._check_pixels(resolved)
         if TASK_SPECS[resolved.task].kind == "train":
-            resolved = self._check_training(resolved, principal)
+            resolved = self._check_training(resolved, principal, record)
         # 3. store the job and its first event together (if the disk has room), then wake a
         # worker
         self.disk.check()
@@ -773,20 +773,28 @@ class Services:
                 field="priority",
             )
 
-    def _check_training(self, params: GenerationParams, principal: Principal) -> GenerationParams:
+    def _check_training(
+        self, params: GenerationParams, principal: Principal, record: ModelRecord
+    ) -> GenerationParams:
         """A ``train_lora`` request: its settings pass the checks `LoraConfig` makes (the same
         as ``easel train lora``'s) and its dataset is stored. Returns the params with the
-        training defaults filled in."""
+        training defaults (``record``'s, else LoraConfig's) filled in."""
         for name in TRAIN_REQUIRED:
             if not isinstance(getattr(params, name), str) or not getattr(params, name):
                 raise InvalidParams(f"{name} is required for train_lora", field=name)
         assert params.dataset
         from easel.training.lora_config import config_from_params  # torch-free
 
-        config = config_from_params(params, params.dataset, out_dir="")  # what the worker builds
+        # what the worker builds, the model's training defaults filled in
+        config = config_from_params(params, params.dataset, "", record.train_defaults)
         self.dataset_path(params.dataset, principal)
         return replace(
-            params, steps=config.steps, rank=config.rank, learning_rate=config.learning_rate
+            params,
+            steps=config.steps,
+            rank=config.rank,
+            learning_rate=config.learning_rate,
+            train_text_encoder=config.train_text_encoder,
+            prior_words=list(config.prior_words),
         )
 
     def _check_lora_name_free(self, params: GenerationParams) -> None:

@@ -171,6 +171,11 @@ def test_bad_train_requests_name_the_field_and_store_nothing(
         ({"image": "x"}, 422, "image"),
         ({"loras": [{"id": "taken"}]}, 422, "loras"),
         ({"model": "no-such-model"}, 404, "model"),
+        ({"prior_words": ["circle", "ZQ"]}, 422, "prior_words"),  # the trigger
+        ({"prior_words": ["x"] * 17}, 422, "prior_words"),
+        ({"prior_words": [" "]}, 422, "prior_words"),
+        ({"prior_words": "circle"}, 422, "prior_words"),
+        ({"train_text_encoder": "yes"}, 422, "train_text_encoder"),
     ]
     for change, status, field in cases:
         body = {k: v for k, v in (good | change).items() if v is not None}
@@ -179,12 +184,32 @@ def test_bad_train_requests_name_the_field_and_store_nothing(
         error = response.json()["error"]
         assert error["field"] == field and field in error["message"], (change, error)
     # and the training fields are refused on other tasks rather than ignored
-    for name, value in (("dataset", dataset), ("trigger", "zq"), ("steps", 8)):
+    for name, value in (("dataset", dataset), ("trigger", "zq"), ("steps", 8),
+                        ("prior_words", ["circle"]), ("train_text_encoder", True)):  # fmt: skip
         response = client.post("/api/v1/jobs", json={"prompt": "a cat", name: value})
         assert response.status_code == 422, (name, response.text)
         assert response.json()["error"]["field"] == name
     assert rows(app_services) == 0
     assert not (app_services.settings.home / "training").exists()
+
+
+def test_a_job_takes_the_models_training_defaults_where_the_request_is_silent(
+    client: TestClient, app_services: Services
+) -> None:
+    dataset = post_dataset(client)
+    base = {"task": "train_lora", "model": "tiny-shapes", "dataset": dataset, "trigger": "sks"}
+    own = app_services.catalog.get("tiny-shapes").train_defaults
+    response = client.post("/api/v1/jobs", json={**base, "name": "hexagon"})
+    assert response.status_code == 202, response.text
+    params = response.json()["params"]  # what the worker will train with, stored with the job
+    assert params["prior_words"] == own["prior_words"] == ["circle", "square", "triangle",
+                                                           "star", "cross"]  # fmt: skip
+    assert (params["steps"], params["train_text_encoder"]) == (own["steps"], True)
+    given = {**base, "name": "plain", "prior_words": [], "train_text_encoder": False, "steps": 5}
+    response = client.post("/api/v1/jobs", json=given)
+    assert response.status_code == 202, response.text
+    params = response.json()["params"]
+    assert (params["prior_words"], params["train_text_encoder"], params["steps"]) == ([], False, 5)
 
 
 def test_one_lora_name_is_trained_by_one_job_at_a_time(

@@ -223,6 +223,11 @@ def test_a_crafted_easel_json_in_a_real_model_folder(
             catalog.get(str(folder), explain=True)
     (folder / "easel.json").write_text('{"defaults": {"width": 64}}')
     assert catalog.get(str(folder)).defaults["width"] == 64
+    (folder / "easel.json").write_text('{"train_lora": ["circle"]}')
+    with pytest.raises(InvalidParams, match="`train_lora` must be an object"):
+        catalog.get(str(folder), explain=True)
+    (folder / "easel.json").write_text('{"train_lora": {"prior_words": ["circle"]}}')
+    assert catalog.get(str(folder)).train_defaults == {"prior_words": ["circle"]}
 
 
 def test_a_crafted_lora_record_is_an_invalid_params(catalog: ModelCatalog) -> None:

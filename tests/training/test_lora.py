@@ -17,7 +17,7 @@ from safetensors import safe_open
 from easel.datasets import DatasetLimits, prepare_dataset
 from easel.domain import Canceled, GenerationParams, InvalidParams
 from easel.training.lora import swap_trigger, train_lora, with_trigger
-from easel.training.lora_config import LoraConfig, config_from_params
+from easel.training.lora_config import LoraConfig, config_from_params, lora_config
 
 SIZE = 32
 
@@ -251,6 +251,21 @@ def test_the_same_config_trains_the_same_lora_whatever_ran_before(
     assert all(torch.equal(tensors[0][key], tensors[1][key]) for key in tensors[0])
 
 
+def test_the_export_scale_multiplies_the_saved_change(tiny_sd_path, tmp_path, easel_home):
+    saved = []
+    for scale in (1.0, 2.5):
+        run = config(tiny_sd_path, tmp_path / str(scale), steps=2, sample_every=0,
+                     train_text_encoder=True, export_scale=scale)  # fmt: skip
+        with safe_open(str(train_lora(run).lora_file), "pt") as file:
+            saved.append({key: file.get_tensor(key) for key in file.keys()})
+    plain, scaled = saved
+    ups = [key for key in plain if ".lora_B." in key]  # the change is lora_B @ lora_A
+    assert any(k.startswith("text_encoder.") for k in ups) and plain[ups[0]].abs().sum() > 0
+    for key, value in plain.items():
+        expected = value * 2.5 if key in ups else value
+        assert torch.allclose(scaled[key], expected), key
+
+
 def test_captions_get_the_trigger_and_images_without_one_get_it_alone():
     assert with_trigger("a red hexagon", "zq") == "zq a red hexagon"
     assert with_trigger("a red zq", "zq") == "a red zq"
@@ -270,6 +285,11 @@ def test_captions_get_the_trigger_and_images_without_one_get_it_alone():
         ({"holdout": 0.9}, "holdout"),
         ({"prior_words": ("circle", " ")}, "prior_words"),
         ({"prior_words": ("a t",)}, "prior_words"),  # the trigger itself
+        ({"prior_words": "circle"}, "prior_words"),  # not a list (a crafted easel.json)
+        ({"prior_words": ("x",) * 17}, "prior_words"),
+        ({"prior_words": ("x" * 65,)}, "prior_words"),
+        ({"prior_words": ("ci\x00rcle",)}, "prior_words"),
+        ({"train_text_encoder": "yes"}, "train_text_encoder"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_field(change, field):
@@ -288,3 +308,19 @@ def test_a_job_checkpoints_every_tenth_of_its_steps_and_samples_at_its_steps(ste
     cfg = config_from_params(params, "data", "run")
     assert (cfg.steps, cfg.checkpoint_every, cfg.sample_steps, cfg.seed) == (steps, every, 3, 5)
     assert (cfg.rank, cfg.learning_rate) == (LoraConfig.rank, LoraConfig.learning_rate)
+
+
+def test_a_models_training_defaults_fill_what_is_not_given():
+    own = {"steps": 900, "prior_words": ["circle", "square"], "train_text_encoder": True,
+           "batch_size": 64}  # fmt: skip
+    base = dict(model="m", dataset="d", out_dir="o", name="n", trigger="t")
+    cfg = lora_config(own, **base, steps=None, prior_words=None, rank=4)
+    assert (cfg.steps, cfg.prior_words, cfg.train_text_encoder) == (900, ("circle", "square"), True)
+    assert cfg.rank == 4 and cfg.batch_size == LoraConfig.batch_size  # only the training fields
+    given = lora_config(own, **base, steps=5, prior_words=(), train_text_encoder=False)
+    assert (given.steps, given.prior_words, given.train_text_encoder) == (5, (), False)
+    params = GenerationParams(prompt="", task="train_lora", name="n", trigger="t", prior_words=[])
+    assert config_from_params(params, "d", "o", own).prior_words == ()  # [] is none, not "unset"
+    with pytest.raises(InvalidParams) as error:
+        lora_config({"prior_words": ["t"]}, **base)  # the model's words still checked
+    assert error.value.field == "prior_words"

@@ -9,6 +9,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ from easel.domain import LOCAL, GenerationParams, LoraRecord, TrainProgress, Tra
 from easel.imaging import png_bytes
 from easel.jobs.standin import StandInGenerator
 from easel.services import Services, build_services
-from easel.training.lora_config import LoraConfig
+from easel.training.lora_config import MODEL_TRAIN_FIELDS, LoraConfig
+from easel.ui.access import ANYONE
 from easel.ui.app import _Handlers
 from easel.ui.loras import (
     MAX_PICKED,
@@ -34,11 +36,11 @@ from easel.ui.loras import (
     rows_shown,
 )
 from easel.ui.training import (
-    DEFAULT_LEARNING_RATE,
-    DEFAULT_RANK,
-    DEFAULT_STEPS,
+    TRAINER_DEFAULTS,
     TrainHandlers,
     TrainRun,
+    form_defaults,
+    parse_words,
     trainable,
 )
 
@@ -175,10 +177,28 @@ def test_generate_and_edit_send_the_picked_loras(services: Services, tmp_path: P
 # --- the Train tab ------------------------------------------------------------------------------
 
 
-def test_form_defaults_are_the_trainers() -> None:
+def test_form_defaults_are_the_trainers_under_the_models(services: Services) -> None:
     config = LoraConfig(model="m", dataset="d", out_dir="o", name="n", trigger="t")
-    assert (DEFAULT_STEPS, DEFAULT_RANK) == (config.steps, config.rank)
-    assert DEFAULT_LEARNING_RATE == config.learning_rate
+    assert TRAINER_DEFAULTS == {
+        key: list(value) if isinstance(value, tuple) else value
+        for key, value in asdict(config).items()
+        if key in TRAINER_DEFAULTS
+    }
+    assert set(TRAINER_DEFAULTS) <= set(MODEL_TRAIN_FIELDS)
+    # tiny-shapes names its own (its easel.json); the form shows them when it is picked
+    tiny = services.model_info("tiny-shapes", ANYONE)
+    own = {k: v for k, v in tiny.record.train_defaults.items() if k in TRAINER_DEFAULTS}
+    assert form_defaults(tiny) == {**TRAINER_DEFAULTS, **own}
+    assert form_defaults(tiny)["prior_words"] == ["circle", "square", "triangle", "star", "cross"]
+    steps, rank, rate, text_encoder, words = TrainHandlers(services).model_settings("tiny-shapes")
+    assert (steps, text_encoder, words) == (
+        tiny.record.train_defaults["steps"],
+        True,
+        "circle, square, triangle, star, cross",
+    )
+    assert (rank, rate) == (8, 1e-3)
+    assert form_defaults(None) == TRAINER_DEFAULTS
+    assert parse_words(" circle,, square ,") == ["circle", "square"] and parse_words("") == []
 
 
 def test_every_model_whose_family_trains_is_offered(services: Services) -> None:

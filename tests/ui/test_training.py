@@ -115,6 +115,9 @@ def test_train_a_lora_watch_it_learn_then_generate_with_it(
         assert job["status"] == "succeeded" and job["priority"] == 0 and job["owner"] is None
         assert job["params"]["steps"] == STEPS and job["params"]["rank"] == 8
         assert job["params"]["learning_rate"] == 0.001
+        # tiny-shapes' own training defaults, shown in the form and sent with the job
+        assert job["params"]["prior_words"] == ["circle", "square", "triangle", "star", "cross"]
+        assert job["params"]["train_text_encoder"] is True
         lora = api.get("/loras/hexagon").json()
     assert lora["trigger"] == TRIGGER and lora["family"] == "sd" and lora["steps"] == STEPS
 

@@ -31,7 +31,7 @@ from easel.jobs.keys import NAME_RE as KEY_NAME_RE
 from easel.jobs.queue import QueueSummary
 from easel.jobs.webhooks import MAX_URL_CHARS as WEBHOOK_URL_CHARS
 from easel.models.families import FAMILIES, Family
-from easel.models.loras import MAX_RANK, MAX_TRAIN_STEPS, TRIGGER_RE
+from easel.models.loras import MAX_PRIOR_WORDS, MAX_RANK, MAX_TRAIN_STEPS, TRIGGER_RE
 from easel.models.loras import NAME_RE as LORA_NAME_RE
 from easel.models.params import LORA_WEIGHT_RANGE, MAX_LORAS, MAX_MASK_BLUR, MAX_SEED
 from easel.services import DATASET_ID, PRIORITY_RANGE, TRAIN_REQUIRED, ModelInfo, Services
@@ -114,7 +114,7 @@ class JobCreate(BaseModel):
         description="txt2img; img2img (image, strength); inpaint (image, mask, strength, "
         "mask_blur, only_masked); outpaint (image, outpaint, mask_blur); style (style_image, "
         "optional image, style_strength, strength); train_lora (dataset, name, trigger, "
-        "steps, rank, learning_rate).",
+        "steps, rank, learning_rate, train_text_encoder, prior_words).",
     )
     model: str | None = Field(
         None,
@@ -213,7 +213,8 @@ class JobCreate(BaseModel):
     )
     steps: Int | None = Field(
         None,
-        description="train_lora: optimisation steps (default 600).",
+        description="train_lora: optimisation steps (default: the model's (tiny-shapes: 900), "
+        "else 600).",
         json_schema_extra=limits(minimum=1, maximum=MAX_TRAIN_STEPS),
     )
     rank: Int | None = Field(
@@ -223,8 +224,30 @@ class JobCreate(BaseModel):
     )
     learning_rate: float | None = Field(
         None,
-        description="train_lora: AdamW learning rate, 0 < x <= 1 (default 0.001).",
+        description="train_lora: AdamW learning rate, 0 < x <= 1 (default: the model's, else "
+        "0.001).",
         json_schema_extra=limits(exclusiveMinimum=0, maximum=1),
+    )
+    train_text_encoder: bool | None = Field(
+        None,
+        description="train_lora: LoRA on the CLIP text encoder(s) too (SD, SDXL families); "
+        "default: the model's (tiny-shapes: true), else false.",
+    )
+    prior_words: list[str] | None = Field(
+        None,
+        description='train_lora: classes the LoRA must leave alone (e.g. ["circle"]): each '
+        "caption is trained again with one in the trigger's place, towards the model's own "
+        f"prediction; at most {MAX_PRIOR_WORDS} words of 1-64 characters, not the trigger. "
+        "Default: the model's (tiny-shapes: its five shapes); [] for none.",
+        json_schema_extra=limits(
+            maxItems=MAX_PRIOR_WORDS,
+            items={
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 64,
+                "pattern": FILLED_TEXT_PATTERN,
+            },
+        ),  # fmt: skip
     )
     priority: Int = Field(
         0,

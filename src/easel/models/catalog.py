@@ -128,8 +128,9 @@ _SINGLE_FILE_KEYS = (
 )
 
 
-def folder_defaults(folder: Path) -> dict[str, Any]:
-    """The defaults in ``folder``/easel.json; {} when there is no such file."""
+def folder_defaults(folder: Path, key: str = "defaults") -> dict[str, Any]:
+    """The object ``key`` of ``folder``/easel.json (``defaults``: generation's; ``train_lora``:
+    a LoRA fine-tune's); {} when there is no such file or key."""
     file = folder / MODEL_DEFAULTS_FILE
     if not file.is_file():
         return {}
@@ -137,9 +138,9 @@ def folder_defaults(folder: Path) -> dict[str, Any]:
         data = read_json_bounded(file, field="model", what="it")
     except InvalidParams as exc:
         raise InvalidParams(f"cannot read {file}: {exc.message}", field="model") from None
-    defaults = data.get("defaults", {}) if isinstance(data, dict) else None
+    defaults = data.get(key, {}) if isinstance(data, dict) else None
     if not isinstance(defaults, dict):
-        raise InvalidParams(f"{file}: `defaults` must be an object", field="model")
+        raise InvalidParams(f"{file}: `{key}` must be an object", field="model")
     return defaults
 
 
@@ -585,12 +586,16 @@ class ModelCatalog:
         return self._with_availability(record)
 
     def _with_availability(self, record: ModelRecord) -> ModelRecord:
-        """A copy with the family's tasks, the folder's own defaults under the entry's, and
-        whether the weights are here."""
+        """A copy with the family's tasks, the folder's own defaults (generation's and
+        training's) under the entry's, and whether the weights are here."""
         tasks = FAMILIES[record.family].tasks if record.family in FAMILIES else record.tasks
-        defaults = {**folder_defaults(Path(record.source).expanduser()), **record.defaults}
+        folder = Path(record.source).expanduser()
         return dataclasses.replace(
-            record, tasks=tasks, defaults=defaults, available=self.is_available(record)
+            record,
+            tasks=tasks,
+            defaults={**folder_defaults(folder), **record.defaults},
+            train_defaults={**folder_defaults(folder, "train_lora"), **record.train_defaults},
+            available=self.is_available(record),
         )
 
     def _not_found_message(self, query: str, records: dict[str, ModelRecord]) -> str:

@@ -37,6 +37,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a whole name (fullma
 TRIGGER_RE = re.compile(r"[^\s<>:\"]{1,64}")  # one word (fullmatch)
 MAX_TRAIN_STEPS = 100_000
 MAX_RANK = 256
+MAX_PRIOR_WORDS = 16  # a fine-tune's prior words: each is one more pass over the dataset
 # a down (A) projection of a LoRA in any of the formats diffusers reads: peft (`lora_A`),
 # diffusers' older `lora.down` / `to_k_lora.down`, kohya (`lora_down`)
 _DOWN_KEY = re.compile(r"(lora_A|lora\.down|lora_down)\.weight$")

@@ -80,11 +80,10 @@ def _register_train_lora(kinds: argparse._SubParsersAction) -> None:
         help="the word that calls up what the LoRA learns; put in front of captions lacking it",
     )
     lora.add_argument("-m", "--model", help="catalog id or model folder (default: the default)")
-    lora.add_argument("--steps", type=int, default=defaults.steps, help="(default %(default)s)")
-    lora.add_argument("--rank", type=int, default=defaults.rank, help="(default %(default)s)")
-    lora.add_argument(
-        "--learning-rate", type=float, default=defaults.learning_rate, help="(default %(default)s)"
-    )
+    model_default = "(default: the model's, else {})".format
+    lora.add_argument("--steps", type=int, help=model_default(defaults.steps))
+    lora.add_argument("--rank", type=int, help=model_default(defaults.rank))
+    lora.add_argument("--learning-rate", type=float, help=model_default(defaults.learning_rate))
     lora.add_argument(
         "--batch-size", type=int, default=defaults.batch_size, help="(default %(default)s)"
     )
@@ -94,7 +93,9 @@ def _register_train_lora(kinds: argparse._SubParsersAction) -> None:
         help="training side in pixels, a multiple of 16 (default: the model's default width)",
     )
     lora.add_argument(
-        "--train-text-encoder", action="store_true", help="LoRA on the CLIP text encoder(s) too"
+        "--train-text-encoder",
+        action=argparse.BooleanOptionalAction,
+        help="LoRA on the CLIP text encoder(s) too (default: the model's, else no)",
     )
     lora.add_argument(
         "--prior-prompt",
@@ -117,13 +118,24 @@ def _register_train_lora(kinds: argparse._SubParsersAction) -> None:
         help="prior preservation on the dataset's own images: each caption with this word in "
         "the trigger's place (a class the new one must leave alone, e.g. 'circle'; repeat for "
         "several), where the LoRA learns to change nothing; the convolutions that see no text "
-        "then get no LoRA",
+        "then get no LoRA (default: the model's, e.g. tiny-shapes' five shapes)",
+    )
+    lora.add_argument(
+        "--no-prior-words",
+        action="store_true",
+        help="no prior words, not even the model's",
     )
     lora.add_argument(
         "--prior-images",
         type=int,
         default=defaults.prior_images,
         help="images the model makes of the prior prompts, in turn (default %(default)s)",
+    )
+    lora.add_argument(
+        "--export-scale",
+        type=float,
+        help="save the LoRA's change times this, so that weight 1 applies it this strongly, "
+        "0 < x <= 4 (default: the model's, else 1)",
     )
     lora.add_argument(
         "--sample-every",
@@ -157,14 +169,20 @@ def _read_prompts(path: Path | None) -> tuple[str, ...]:
 
 def cmd_train_lora(args: argparse.Namespace) -> int:
     from easel.datasets import DatasetLimits, prepare_dataset, read_summary
+    from easel.models.catalog import ModelCatalog
     from easel.models.loras import LoraCatalog
-    from easel.training.lora_config import LoraConfig
+    from easel.training.lora_config import lora_config
 
     # 1. check the settings and the name before anything is read or written
     settings = Settings()
     run_dir = args.out or settings.home / "training" / args.name
-    config = LoraConfig(
-        model=args.model or settings.default_model,
+    model = args.model or settings.default_model
+    if args.no_prior_words and args.prior_words:
+        raise InvalidParams("give --prior-word or --no-prior-words, not both", field="prior_words")
+    prior_words = () if args.no_prior_words else tuple(args.prior_words) or None
+    config = lora_config(
+        ModelCatalog(settings).get(model).train_defaults,
+        model=model,
         dataset=str(run_dir / "dataset"),
         out_dir=str(run_dir),
         name=args.name,
@@ -177,7 +195,8 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         train_text_encoder=args.train_text_encoder,
         prior_prompts=tuple(args.prior_prompts) + _read_prompts(args.prior_prompts_file),
         prior_images=args.prior_images,
-        prior_words=tuple(args.prior_words),
+        prior_words=prior_words,
+        export_scale=args.export_scale,
         sample_every=args.sample_every,
         seed=args.seed,
         device=args.device,

@@ -24,6 +24,7 @@ from easel.domain import (
     TrainProgress,
     TrainSamples,
 )
+from easel.models.catalog import ModelCatalog
 from easel.models.loras import LoraCatalog
 from easel.training.loop import TrainStep
 from easel.training.lora import LoraResult, Samples, train_lora
@@ -79,6 +80,8 @@ def publish_lora(
             "heldout": [[step, round(loss, 5)] for step, loss in result.heldout],
             "learning_rate": config.learning_rate,
             "batch_size": config.batch_size,
+            "export_scale": config.export_scale,
+            "prior_words": list(config.prior_words),
             "seconds": round(result.seconds, 1),
         },
     )
@@ -116,7 +119,10 @@ class LoraTrainer:
         assert params.dataset
         run_dir = self.settings.home / "training" / job_id
         dataset = self.settings.datasets_dir / params.dataset
-        config = config_from_params(params, str(dataset), str(run_dir))
+        # the params hold what the server filled in at submit; the model's training defaults
+        # give the rest (export_scale)
+        own = ModelCatalog(self.settings).get(params.model or self.settings.default_model)
+        config = config_from_params(params, str(dataset), str(run_dir), own.train_defaults)
 
         def report_step(step: TrainStep) -> None:
             fraction = max(step.fraction, 1e-9)

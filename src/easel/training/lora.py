@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline
@@ -56,6 +56,9 @@ from easel.training.loop import (
     with_native_precision,
 )
 from easel.training.lora_config import LoraConfig
+
+if TYPE_CHECKING:
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
 CLIP_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 HELDOUT_DRAWS = 4  # noise/timestep draws per held-out image, fixed across the run
@@ -523,6 +526,7 @@ def train_lora(
     ):
         adapter.denoiser.enable_gradient_checkpointing()
     params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
+    lora_layers = _lora_layers(trained.values())
     optimizer = adamw(params, config.learning_rate, 0.0, device)
 
     # 4. resume from the newest checkpoint, if any
@@ -542,7 +546,7 @@ def train_lora(
             history.heldout.append((step, loss))
             if history.best_step is None or loss <= min(x for _, x in history.heldout):
                 history.best_step = step
-                _export(pipe, adapter, trained, out_dir / "best.safetensors")
+                _export(pipe, trained, out_dir / "best.safetensors", config.export_scale)
         images = _samples(pipe, sample_prompts, defaults, size, config.seed, device, config.bf16)
         image_grid(images, columns=len(images)).save(
             _mkdir(out_dir / "samples") / f"step{step:06d}.png"
@@ -572,7 +576,7 @@ def train_lora(
             latents, conds = _inputs(adapter, batch + picks, config)
             noised = adapter.noise(latents, draw)
             if picks:
-                _base_targets(adapter, noised[len(batch) :], picks, config, trained)
+                _base_targets(adapter, noised[len(batch) :], picks, config, lora_layers)
             losses = _losses(adapter, noised, conds)
             loss = losses[: len(batch)].mean()
             if picks:
@@ -594,7 +598,7 @@ def train_lora(
     run.close()
 
     # 6. export: the LoRA in diffusers' format, the loss plot, a summary
-    lora_file = _export(pipe, adapter, trained, out_dir / f"{config.name}.safetensors")
+    lora_file = _export(pipe, trained, out_dir / f"{config.name}.safetensors", config.export_scale)
     save_loss_plot_with_heldout(log, history, out_dir / "loss.png")
     best = out_dir / "best.safetensors"
     result = LoraResult(
@@ -638,9 +642,9 @@ def _prior_word_examples(
     """Prior words: each training image again under each word in the trigger's place, trained
     towards the base model's prediction (`_base_targets`). Asking for no change on the very
     pictures that teach the change leaves the LoRA one way to tell them apart, the trigger's
-    text: on tiny-shapes the five shape words (with the text-encoder LoRA, 900 steps, weight
-    1.05) took the drift of the model's usual prompts from 21-27 points to 4, keeping 84 % of
-    the new shape (docs/TRAINING-LOG.md, runs 30-47)."""
+    text: on tiny-shapes the five shape words (with the text-encoder LoRA, 900 steps, saved at
+    1.05: its defaults) took the drift of the model's usual prompts from 21-27 points to 4-5,
+    keeping 82-84 % of the new shape (docs/TRAINING-LOG.md, runs 30-51)."""
     examples = []
     with torch.no_grad(), autocast(device, config.bf16):
         for example in train:
@@ -709,24 +713,28 @@ def _base_targets(
     noised: _Noised,
     picks: list[_Example],
     config: LoraConfig,
-    trained: dict[str, torch.nn.Module],
+    lora_layers: list[BaseTunerLayer],
 ) -> None:
     """Prior preservation: the prior's targets become what the model without its LoRA predicts
     at the same noise, so that there the LoRA is asked to change nothing. DreamBooth's target,
     the noise itself, asks the LoRA to denoise the prior's images better than the base model
     does, and drifted two to four times as far on tiny-shapes (docs/TRAINING-LOG.md, runs
     18-25). Sets ``noised.target`` in place."""
-    with _lora_off(trained.values()):
+    with _lora_off(lora_layers):
         conds = _conds(adapter, picks, config)
         noised.target.copy_(adapter.predict(noised, conds).to(noised.target.dtype))
 
 
-@contextmanager
-def _lora_off(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
-    """The modules as the base model has them: their LoRA layers bypassed."""
+def _lora_layers(modules: Iterable[torch.nn.Module]) -> list[BaseTunerLayer]:
+    """The LoRA layers in ``modules``, found once for the run rather than at every step."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    layers = [m for module in modules for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    return [m for module in modules for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextmanager
+def _lora_off(layers: list[BaseTunerLayer]) -> Iterator[None]:
+    """The base model: ``layers`` bypassed."""
     for layer in layers:
         layer.enable_adapters(False)
     try:
@@ -781,19 +789,23 @@ def _samples(
 
 
 def _export(
-    pipe: DiffusionPipeline, adapter: _Family, trained: dict[str, torch.nn.Module], path: Path
+    pipe: DiffusionPipeline, trained: dict[str, torch.nn.Module], path: Path, scale: float
 ) -> Path:
     """Write the LoRA layers as diffusers' ``save_lora_weights`` does (the file
     ``load_lora_weights`` reads), with each module's LoRA settings in the metadata. The keys stay
     in peft's naming: diffusers' ``convert_state_dict_to_diffusers`` renames the attention
     layers' keys but not the convolutions', and ``load_lora_weights`` then dropped the attention
-    half of such a mixed file without an error (only a warning)."""
+    half of such a mixed file without an error (only a warning). The LoRA's change is saved
+    times ``scale`` (`LoraConfig.export_scale`)."""
     from peft.utils import get_peft_model_state_dict
 
     accepted = inspect.signature(type(pipe).save_lora_weights).parameters
     kwargs: dict[str, Any] = {}
     for name, module in trained.items():
-        kwargs[f"{name}_lora_layers"] = get_peft_model_state_dict(module)
+        kwargs[f"{name}_lora_layers"] = {
+            key: value * scale if ".lora_B." in key else value  # the change is B @ A
+            for key, value in get_peft_model_state_dict(module).items()
+        }
         if f"{name}_lora_adapter_metadata" in accepted:
             kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
     type(pipe).save_lora_weights(

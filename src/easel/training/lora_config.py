@@ -1,20 +1,29 @@
 """The settings of a LoRA fine-tune (`easel.training.lora.train_lora`), checked when built.
 
 Kept free of torch, so the server checks a `train_lora` request with the same rules as the CLI
-before the job exists. The defaults teach the bundled tiny-shapes model a new shape from about 20
-captioned images in under three minutes on a 2-core CPU (docs/TRAINING.md).
+before the job exists. A model may name its own defaults (`lora_config`): with tiny-shapes'
+(its easel.json) they teach the bundled model a new shape from about 20 captioned images in
+under three minutes on a 2-core CPU, leaving its other shapes alone (docs/TRAINING.md).
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
-from easel.domain import GenerationParams, InvalidParams
-from easel.models.loras import MAX_RANK, MAX_TRAIN_STEPS, NAME_RE, TRIGGER_RE
+from easel.domain import FILLED_TEXT_PATTERN, GenerationParams, InvalidParams
+from easel.models.loras import MAX_PRIOR_WORDS, MAX_RANK, MAX_TRAIN_STEPS, NAME_RE, TRIGGER_RE
 from easel.models.params import check_int, check_number
 
 JOB_CHECKPOINTS = 10  # a train_lora job checkpoints about this often over its run
+# the LoraConfig fields a model's training defaults (easel.json's ``train_lora``) may set
+FILLED_TEXT = re.compile(FILLED_TEXT_PATTERN)
+MODEL_TRAIN_FIELDS = (
+    "steps", "rank", "learning_rate", "train_text_encoder", "prior_words", "export_scale",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,10 @@ class LoraConfig:
     # the text (docs/TRAINING.md); the convolutions that see no text then get no LoRA. No images
     # to make; one more forward pass of the base per step.
     prior_words: tuple[str, ...] = ()
+    # the LoRA is saved with its layers' change times this, so that weight 1 at generation
+    # applies it this strongly: tiny-shapes' prior-word LoRAs are saved at 1.05, which drew 10
+    # points more of a new shape for under 1 point of drift (docs/TRAINING.md)
+    export_scale: float = 1.0
     size: int | None = None  # training side in pixels (default: the model's default width)
     holdout: float = 0.1  # share of the images kept out for the held-out loss (0: none)
     sample_every: int = 100  # steps between validation samples and held-out losses (0: never)
@@ -93,6 +106,7 @@ class LoraConfig:
         check_number("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
         check_number("prior_weight", self.prior_weight, 0.0, 100.0, low_open=True)
         check_number("holdout", self.holdout, 0.0, 0.5)
+        check_number("export_scale", self.export_scale, 0.0, 4.0, low_open=True)
         check_number("min_snr_gamma", self.min_snr_gamma, 0.0, 1000.0)
         if self.targets is not None and (
             not self.targets or not all(isinstance(t, str) and t for t in self.targets)
@@ -100,9 +114,23 @@ class LoraConfig:
             raise InvalidParams("targets must name at least one module", field="targets")
         if not all(isinstance(p, str) and p.strip() for p in self.prior_prompts):
             raise InvalidParams("prior_prompts must not be empty text", field="prior_prompts")
+        if not isinstance(self.train_text_encoder, bool):
+            raise InvalidParams(
+                f"train_text_encoder must be true or false (got {self.train_text_encoder!r})",
+                field="train_text_encoder",
+            )
+        if not isinstance(self.prior_words, tuple) or len(self.prior_words) > MAX_PRIOR_WORDS:
+            raise InvalidParams(
+                f"prior_words must be a list of at most {MAX_PRIOR_WORDS} words "
+                f"(got {self.prior_words!r:.80})",
+                field="prior_words",
+            )
         for word in self.prior_words:
-            if not isinstance(word, str) or not word.strip():
-                raise InvalidParams("prior_words must not be empty text", field="prior_words")
+            if not isinstance(word, str) or len(word) > 64 or not FILLED_TEXT.fullmatch(word):
+                raise InvalidParams(
+                    f"prior_words must be words of 1-64 characters (got {word!r:.80})",
+                    field="prior_words",
+                )
             if self.trigger.lower() in word.lower().split():
                 raise InvalidParams(
                     f"prior_words must not contain the trigger {self.trigger!r} (got {word!r})",
@@ -110,18 +138,33 @@ class LoraConfig:
                 )
 
 
-def config_from_params(params: GenerationParams, dataset: str, out_dir: str) -> LoraConfig:
+def lora_config(model_defaults: Mapping[str, Any], **fields: Any) -> LoraConfig:
+    """A LoraConfig of ``fields``, where those left None take the model's training defaults
+    (`ModelRecord.train_defaults`, its easel.json's ``train_lora``: tiny-shapes names the shapes
+    it draws as prior words), else LoraConfig's own. What the CLI and a queued job train with."""
+    given = {key: value for key, value in fields.items() if value is not None}
+    for key in MODEL_TRAIN_FIELDS:
+        if key not in given and key in model_defaults:
+            value = model_defaults[key]
+            given[key] = tuple(value) if isinstance(value, list) else value
+    return LoraConfig(**given)
+
+
+def config_from_params(
+    params: GenerationParams,
+    dataset: str,
+    out_dir: str,
+    model_defaults: Mapping[str, Any] | None = None,
+) -> LoraConfig:
     """The LoraConfig of a ``train_lora`` job: what the server checks at submit and the worker
-    trains with. Fields the request leaves unset keep their defaults, but for two that a job
-    sets its own way: its samples denoise for the job's ``num_inference_steps`` (the model's
-    default unless given), and it checkpoints every tenth of its steps (10 to 100 steps apart),
-    so a crash or a restart costs at most a tenth of the run."""
-    given = {
-        key: value
-        for key in ("steps", "rank", "learning_rate")
-        if (value := getattr(params, key)) is not None
-    }
-    config = LoraConfig(
+    trains with. Fields the request leaves unset take the model's training defaults, else
+    LoraConfig's, but for two that a job sets its own way: its samples denoise for the job's
+    ``num_inference_steps`` (the model's default unless given), and it checkpoints every tenth
+    of its steps (10 to 100 steps apart), so a crash or a restart costs at most a tenth of the
+    run."""
+    prior_words = params.prior_words
+    config = lora_config(
+        model_defaults or {},
         model=params.model or "",
         dataset=dataset,
         out_dir=out_dir,
@@ -129,7 +172,11 @@ def config_from_params(params: GenerationParams, dataset: str, out_dir: str) -> 
         trigger=params.trigger or "",
         seed=params.seed or 0,
         sample_steps=params.num_inference_steps,
-        **given,  # type: ignore[arg-type]
+        steps=params.steps,
+        rank=params.rank,
+        learning_rate=params.learning_rate,
+        train_text_encoder=params.train_text_encoder,
+        prior_words=None if prior_words is None else tuple(prior_words),
     )
     every = math.ceil(config.steps / JOB_CHECKPOINTS)
     return replace(config, checkpoint_every=min(config.checkpoint_every, max(10, every)))

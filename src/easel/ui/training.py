@@ -31,10 +31,15 @@ from easel.ui.forms import model_choices
 from easel.ui.jobs import Waiting, follow_job, user_errors, waiting_now
 
 # The trainer's defaults (easel.training.lora_config.LoraConfig; the UI may not import
-# easel.training), shown in the form. A test checks that they agree.
-DEFAULT_STEPS = 600
-DEFAULT_RANK = 8
-DEFAULT_LEARNING_RATE = 1e-3
+# easel.training), shown in the form under a model's own (`form_defaults`). A test checks that
+# they agree.
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "steps": 600,
+    "rank": 8,
+    "learning_rate": 1e-3,
+    "train_text_encoder": False,
+    "prior_words": [],
+}
 TRAIN_TASK = "train_lora"
 SERIES = {"training": "#2563eb", "held-out": "#f97316"}  # the loss chart's lines
 DATASET_HINT = "Upload a .zip, or images with same-name .txt captions (cat.png + cat.txt)."
@@ -78,6 +83,8 @@ class TrainTab:
     steps: gr.Number
     rank: gr.Number
     learning_rate: gr.Number
+    prior_words: gr.Textbox
+    train_text_encoder: gr.Checkbox
     run: gr.Button
     cancel: gr.Button
     progress: gr.HTML
@@ -86,6 +93,22 @@ class TrainTab:
     result: gr.Markdown
     dataset: gr.State
     job: gr.State
+
+
+def form_defaults(info: ModelInfo | None) -> dict[str, Any]:
+    """The form's settings for a model: its training defaults (``ModelRecord.train_defaults``,
+    e.g. tiny-shapes' prior words), else the trainer's."""
+    own = info.record.train_defaults if info else {}
+    return {key: own.get(key, value) for key, value in TRAINER_DEFAULTS.items()}
+
+
+def words_text(words: list[str]) -> str:
+    return ", ".join(words)
+
+
+def parse_words(text: str | None) -> list[str]:
+    """The prior words typed in the form: comma-separated, blanks dropped."""
+    return [word.strip() for word in (text or "").split(",") if word.strip()]
 
 
 def trainable(infos: list[ModelInfo]) -> list[ModelInfo]:
@@ -102,6 +125,7 @@ def train_tab(services: Services) -> TrainTab:
     available = [i.record.id for i in models if i.record.available]
     # the server's default model, else the first one here, else the first listed
     first = default if default in ids else next(iter(available or ids), None)
+    shown = form_defaults(next((i for i in models if i.record.id == first), None))
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=300):
             files = gr.File(
@@ -130,7 +154,7 @@ def train_tab(services: Services) -> TrainTab:
                 )
             with gr.Row():
                 steps = gr.Number(
-                    DEFAULT_STEPS,
+                    shown["steps"],
                     precision=0,
                     minimum=1,
                     label="Steps",
@@ -138,7 +162,7 @@ def train_tab(services: Services) -> TrainTab:
                     elem_id="train-steps",
                 )
                 rank = gr.Number(
-                    DEFAULT_RANK,
+                    shown["rank"],
                     precision=0,
                     minimum=1,
                     label="Rank",
@@ -146,9 +170,23 @@ def train_tab(services: Services) -> TrainTab:
                     elem_id="train-rank",
                 )
                 learning_rate = gr.Number(
-                    DEFAULT_LEARNING_RATE, minimum=0, step=0.0001, label="Learning rate",
+                    shown["learning_rate"], minimum=0, step=0.0001, label="Learning rate",
                     min_width=90, elem_id="train-lr",
                 )  # fmt: skip
+            with gr.Row():
+                prior_words = gr.Textbox(
+                    words_text(shown["prior_words"]),
+                    label="Keep apart from",
+                    info="prior words: what the new thing must not change (comma-separated)",
+                    scale=3,
+                    elem_id="train-prior-words",
+                )
+                train_text_encoder = gr.Checkbox(
+                    shown["train_text_encoder"],
+                    label="Train text encoder",
+                    scale=1,
+                    elem_id="train-text-encoder",
+                )
             with gr.Row():
                 run = gr.Button("Train", variant="primary", elem_id="train-run")
                 cancel = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
@@ -186,6 +224,8 @@ def train_tab(services: Services) -> TrainTab:
         steps=steps,
         rank=rank,
         learning_rate=learning_rate,
+        prior_words=prior_words,
+        train_text_encoder=train_text_encoder,
         run=run,
         cancel=cancel,
         progress=progress,
@@ -204,9 +244,11 @@ def wire_train(services: Services, tab: TrainTab, demo: gr.Blocks) -> Any:
     tab.files.change(
         ui.store_dataset, tab.files, [tab.dataset, tab.dataset_status], api_visibility="private"
     )
+    settings = [tab.steps, tab.rank, tab.learning_rate, tab.train_text_encoder, tab.prior_words]
+    tab.model.change(ui.model_settings, tab.model, settings, api_visibility="private")
     finished = tab.run.click(
         ui.train,
-        [tab.dataset, tab.model, tab.name, tab.trigger, tab.steps, tab.rank, tab.learning_rate],
+        [tab.dataset, tab.model, tab.name, tab.trigger, *settings],
         [tab.progress, tab.chart, tab.samples, tab.result, tab.job],
         api_visibility="private",
         concurrency_limit=None,  # the wait is in the Easel queue, not in Gradio's
@@ -224,6 +266,18 @@ class TrainHandlers:
 
     def model_list(self) -> Any:
         return gr.update(choices=model_choices(trainable(self.services.list_models())))
+
+    def model_settings(self, model: str | None) -> tuple[Any, ...]:
+        """The form's settings when the model changes: that model's training defaults."""
+        infos = trainable(self.services.list_models())
+        shown = form_defaults(next((i for i in infos if i.record.id == model), None))
+        return (
+            shown["steps"],
+            shown["rank"],
+            shown["learning_rate"],
+            shown["train_text_encoder"],
+            words_text(shown["prior_words"]),
+        )
 
     def store_dataset(
         self, paths: list[str] | None, request: gr.Request | None = None
@@ -249,13 +303,16 @@ class TrainHandlers:
         model: str | None,
         name: str,
         trigger: str,
-        steps: float | None = DEFAULT_STEPS,
-        rank: float | None = DEFAULT_RANK,
-        learning_rate: float | None = DEFAULT_LEARNING_RATE,
+        steps: float | None = None,
+        rank: float | None = None,
+        learning_rate: float | None = None,
+        train_text_encoder: bool | None = None,
+        prior_words: str | None = None,
         request: gr.Request | None = None,
     ) -> AsyncIterator[tuple[Any, ...]]:
         """Submit a ``train_lora`` job and follow it: yields (status, loss chart, samples,
-        result, job id); the last update is complete."""
+        result, job id); the last update is complete. Settings left None take the model's
+        training defaults; ``prior_words`` is the form's comma-separated text ("": none)."""
         # 1. check the request and queue it (a bad field is an error naming it)
         with user_errors("Cannot train"):
             principal = acting_for(self.services, request)
@@ -274,6 +331,8 @@ class TrainHandlers:
                 steps=None if steps is None else int(steps),
                 rank=None if rank is None else int(rank),
                 learning_rate=learning_rate,
+                train_text_encoder=train_text_encoder,
+                prior_words=None if prior_words is None else parse_words(prior_words),
             )
             job = await asyncio.to_thread(self.services.submit_job, params, principal=principal)
         # 2. follow it: the loss chart and the samples grow as the events come

@@ -22,6 +22,7 @@ from easel.training.tinyshapes.data import (
 )
 from easel.training.tinyshapes.recipe import (
     ATTRIBUTE_CLASSES,
+    LORA_DEFAULTS,
     AttributeProbe,
     LatentPool,
     attribute_labels,
@@ -104,10 +105,12 @@ def test_writes_a_loadable_pipeline_and_training_artifacts(tiny_run):
     assert image.size == (64, 64)
     # the folder carries its recipe's sampling settings, and Easel serves it with them
     assert json.loads((folder / "easel.json").read_text()) == {
-        "defaults": sampling_defaults(_tiny(out_dir))
+        "defaults": sampling_defaults(_tiny(out_dir)),
+        "train_lora": LORA_DEFAULTS,
     }
     record = ModelCatalog(Settings(home=out_dir / "home")).get(str(folder))
     assert record.defaults["num_inference_steps"] == 2 and record.defaults["max_size"] == 128
+    assert record.train_defaults["prior_words"] == list(SHAPES)  # LoRAs keep its shapes apart
 
 
 def test_resumes_from_the_latest_checkpoint(tiny_run, tmp_path):
@@ -149,9 +152,11 @@ def test_latent_channels_reach_the_autoencoder_and_the_denoiser():
 
 def test_the_shipped_model_carries_the_recipes_sampling_settings(easel_home):
     shipped = json.loads((TINY_SHAPES_DIR / "easel.json").read_text())
-    assert shipped == {"defaults": sampling_defaults(preset("gpu"))}  # the preset it was made with
+    # the preset it was made with, and the LoRA defaults its fine-tunes were measured with
+    assert shipped == {"defaults": sampling_defaults(preset("gpu")), "train_lora": LORA_DEFAULTS}
     record = ModelCatalog(Settings(home=easel_home)).get("tiny-shapes")
     assert record.defaults == shipped["defaults"]
+    assert record.train_defaults == LORA_DEFAULTS
 
 
 def test_the_latent_pool_draws_distinct_examples_and_replaces_the_oldest_first():

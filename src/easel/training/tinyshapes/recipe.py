@@ -622,12 +622,24 @@ def sampling_defaults(config: BaseConfig) -> dict[str, int | float | str]:
     }
 
 
+# `easel train lora`'s defaults for this model (easel.json's ``train_lora``): the shapes it draws
+# as prior words, which a new shape must leave alone, with the text encoder's LoRA, the steps
+# and the saved strength that keep them apart (docs/TRAINING.md)
+LORA_DEFAULTS = {
+    "steps": 900,
+    "train_text_encoder": True,
+    "prior_words": list(SHAPES),
+    "export_scale": 1.05,
+}
+
+
 def export_pipeline(
     pipeline: StableDiffusionPipeline, folder: Path, tokenizer_dir: Path, defaults: dict
 ) -> Path:
     """Save with fp16 weights (half the size); configs still say float32, so a plain
     `from_pretrained` loads the model in float32. ``defaults`` go to easel.json, so Easel
-    samples the folder with its recipe's settings, not its family's."""
+    samples the folder with its recipe's settings, not its family's, and fine-tunes it with
+    `LORA_DEFAULTS`."""
     half = copy.deepcopy(pipeline).to(torch.float16)
     half.save_pretrained(folder, safe_serialization=True)
     # diffusers loads fp16 files into the models' default float32; transformers follows the
@@ -639,7 +651,8 @@ def export_pipeline(
     # The classic CLIP files too, for transformers versions that do not read tokenizer.json.
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(tokenizer_dir / name, folder / "tokenizer" / name)
-    (folder / MODEL_DEFAULTS_FILE).write_text(json.dumps({"defaults": defaults}, indent=2) + "\n")
+    model_file = {"defaults": defaults, "train_lora": LORA_DEFAULTS}
+    (folder / MODEL_DEFAULTS_FILE).write_text(json.dumps(model_file, indent=2) + "\n")
     return folder
 
 
