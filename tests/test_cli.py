@@ -90,6 +90,8 @@ def test_info_round_trips_every_parameter(
         "steps": None,
         "rank": None,
         "learning_rate": None,
+        "train_text_encoder": None,
+        "prior_words": None,
     }
     code, out, _ = _run(["info", str(generated[1])], capsys)
     assert out.splitlines() == [

@@ -80,10 +80,14 @@ def _register_train_lora(kinds: argparse._SubParsersAction) -> None:
         help="the word that calls up what the LoRA learns; put in front of captions lacking it",
     )
     lora.add_argument("-m", "--model", help="catalog id or model folder (default: the default)")
-    model_default = "(default: the model's, else {})".format
-    lora.add_argument("--steps", type=int, help=model_default(defaults.steps))
-    lora.add_argument("--rank", type=int, help=model_default(defaults.rank))
-    lora.add_argument("--learning-rate", type=float, help=model_default(defaults.learning_rate))
+    model_default = "{} (default: the model's, else {})".format
+    lora.add_argument("--steps", type=int, help=model_default("optimisation steps", defaults.steps))
+    lora.add_argument("--rank", type=int, help=model_default("LoRA rank", defaults.rank))
+    lora.add_argument(
+        "--learning-rate",
+        type=float,
+        help=model_default("AdamW's learning rate", defaults.learning_rate),
+    )
     lora.add_argument(
         "--batch-size", type=int, default=defaults.batch_size, help="(default %(default)s)"
     )

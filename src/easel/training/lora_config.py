@@ -19,8 +19,8 @@ from easel.models.loras import MAX_PRIOR_WORDS, MAX_RANK, MAX_TRAIN_STEPS, NAME_
 from easel.models.params import check_int, check_number
 
 JOB_CHECKPOINTS = 10  # a train_lora job checkpoints about this often over its run
+FILLED_TEXT = re.compile(FILLED_TEXT_PATTERN)  # a prior word: not blank, no control characters
 # the LoraConfig fields a model's training defaults (easel.json's ``train_lora``) may set
-FILLED_TEXT = re.compile(FILLED_TEXT_PATTERN)
 MODEL_TRAIN_FIELDS = (
     "steps", "rank", "learning_rate", "train_text_encoder", "prior_words", "export_scale",
 )  # fmt: skip
