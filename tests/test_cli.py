@@ -92,6 +92,7 @@ def test_info_round_trips_every_parameter(
         "learning_rate": None,
         "train_text_encoder": None,
         "prior_words": None,
+        "export_scale": None,
     }
     code, out, _ = _run(["info", str(generated[1])], capsys)
     assert out.splitlines() == [

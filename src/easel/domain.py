@@ -91,6 +91,7 @@ TASK_SPECS: dict[str, TaskSpec] = {
             "learning_rate",
             "train_text_encoder",
             "prior_words",
+            "export_scale",
         ),  # fmt: skip
         description="fit a LoRA on a dataset of captioned images; samples show its progress",
         kind="train",
@@ -285,6 +286,7 @@ class GenerationParams:
     # classes the LoRA must leave alone (each caption again with one in the trigger's place);
     # None: the model's, [] none
     prior_words: list[str] | None = None
+    export_scale: float | None = None  # the LoRA is saved with its change times this
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -69,7 +69,7 @@ from easel.jobs.webhooks import WebhookPolicy, Webhooks, check_url
 from easel.jobs.worker import Generator, Trainer, Worker
 from easel.models.catalog import ModelCatalog
 from easel.models.families import Family, get_family
-from easel.models.loras import LoraCatalog
+from easel.models.loras import LoraCatalog, check_text_encoder_family
 from easel.models.params import defaults_for, effective_family, resolve_params
 
 PRIORITY_RANGE = (-100, 100)
@@ -787,6 +787,7 @@ class Services:
 
         # what the worker builds, the model's training defaults filled in
         config = config_from_params(params, params.dataset, "", record.train_defaults)
+        check_text_encoder_family(config.train_text_encoder, record.family)
         self.dataset_path(params.dataset, principal)
         return replace(
             params,
@@ -795,6 +796,7 @@ class Services:
             learning_rate=config.learning_rate,
             train_text_encoder=config.train_text_encoder,
             prior_words=list(config.prior_words),
+            export_scale=config.export_scale,
         )
 
     def _check_lora_name_free(self, params: GenerationParams) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ from PIL import Image
 
 from easel.api.app import create_app
 from easel.config import Settings
+from easel.models.catalog import ModelCatalog
 from easel.models.loras import LoraCatalog
 from easel.services import Services, build_services
 from tests.api.test_editing_api import encode
@@ -194,7 +196,7 @@ def test_bad_train_requests_name_the_field_and_store_nothing(
 
 
 def test_a_job_takes_the_models_training_defaults_where_the_request_is_silent(
-    client: TestClient, app_services: Services
+    client: TestClient, app_services: Services, tiny_flux_path: Path
 ) -> None:
     dataset = post_dataset(client)
     base = {"task": "train_lora", "model": "tiny-shapes", "dataset": dataset, "trigger": "sks"}
@@ -210,6 +212,15 @@ def test_a_job_takes_the_models_training_defaults_where_the_request_is_silent(
     assert response.status_code == 202, response.text
     params = response.json()["params"]
     assert (params["prior_words"], params["train_text_encoder"], params["steps"]) == ([], False, 5)
+    assert (response.json()["params"]["export_scale"], own["export_scale"]) == (1.05, 1.05)
+    # a text-encoder LoRA needs a CLIP encoder: refused at submit for Flux, not when it runs
+    ModelCatalog(app_services.settings).add("flux", str(tiny_flux_path))
+    response = client.post(
+        "/api/v1/jobs", json={**base, "model": "flux", "name": "f", "train_text_encoder": True}
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["field"] == "train_text_encoder" and "not flux" in error["message"]
 
 
 def test_one_lora_name_is_trained_by_one_job_at_a_time(

@@ -226,6 +226,16 @@ def test_a_crafted_easel_json_in_a_real_model_folder(
     (folder / "easel.json").write_text('{"train_lora": ["circle"]}')
     with pytest.raises(InvalidParams, match="`train_lora` must be an object"):
         catalog.get(str(folder), explain=True)
+    for train_lora, says in (
+        ('{"learning-rate": 0.1}', "no setting 'learning-rate'"),
+        ('{"prior_words": "circle"}', "`train_lora.prior_words` must be a list of words"),
+        ('{"prior_words": [5]}', "must be a list of words"),
+        ('{"steps": 1.5}', "`train_lora.steps` must be a whole number"),
+        ('{"train_text_encoder": 1}', "must be true or false"),
+    ):
+        (folder / "easel.json").write_text(f'{{"train_lora": {train_lora}}}')
+        with pytest.raises(InvalidParams, match=says):
+            catalog.get(str(folder), explain=True)
     (folder / "easel.json").write_text('{"train_lora": {"prior_words": ["circle"]}}')
     assert catalog.get(str(folder)).train_defaults == {"prior_words": ["circle"]}
 

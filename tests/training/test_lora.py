@@ -289,6 +289,8 @@ def test_captions_get_the_trigger_and_images_without_one_get_it_alone():
         ({"prior_words": ("x",) * 17}, "prior_words"),
         ({"prior_words": ("x" * 65,)}, "prior_words"),
         ({"prior_words": ("ci\x00rcle",)}, "prior_words"),
+        ({"prior_words": ("circle\ud800",)}, "prior_words"),  # a lone surrogate
+        ({"export_scale": 0.0}, "export_scale"),
         ({"train_text_encoder": "yes"}, "train_text_encoder"),
     ],
 )

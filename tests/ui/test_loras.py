@@ -20,8 +20,9 @@ from easel.config import Settings
 from easel.domain import LOCAL, GenerationParams, LoraRecord, TrainProgress, TrainSamples
 from easel.imaging import png_bytes
 from easel.jobs.standin import StandInGenerator
+from easel.models.catalog import TRAIN_DEFAULT_FIELDS
 from easel.services import Services, build_services
-from easel.training.lora_config import MODEL_TRAIN_FIELDS, LoraConfig
+from easel.training.lora_config import LoraConfig
 from easel.ui.access import ANYONE
 from easel.ui.app import _Handlers
 from easel.ui.loras import (
@@ -184,7 +185,7 @@ def test_form_defaults_are_the_trainers_under_the_models(services: Services) -> 
         for key, value in asdict(config).items()
         if key in TRAINER_DEFAULTS
     }
-    assert set(TRAINER_DEFAULTS) <= set(MODEL_TRAIN_FIELDS)
+    assert set(TRAINER_DEFAULTS) <= set(TRAIN_DEFAULT_FIELDS)
     # tiny-shapes names its own (its easel.json); the form shows them when it is picked
     tiny = services.model_info("tiny-shapes", ANYONE)
     own = {k: v for k, v in tiny.record.train_defaults.items() if k in TRAINER_DEFAULTS}

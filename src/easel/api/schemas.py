@@ -114,7 +114,7 @@ class JobCreate(BaseModel):
         description="txt2img; img2img (image, strength); inpaint (image, mask, strength, "
         "mask_blur, only_masked); outpaint (image, outpaint, mask_blur); style (style_image, "
         "optional image, style_strength, strength); train_lora (dataset, name, trigger, "
-        "steps, rank, learning_rate, train_text_encoder, prior_words).",
+        "steps, rank, learning_rate, train_text_encoder, prior_words, export_scale).",
     )
     model: str | None = Field(
         None,
@@ -248,6 +248,12 @@ class JobCreate(BaseModel):
                 "pattern": FILLED_TEXT_PATTERN,
             },
         ),  # fmt: skip
+    )
+    export_scale: float | None = Field(
+        None,
+        description="train_lora: the LoRA is saved with its change times this, 0 < x <= 4, so "
+        "that weight 1 applies it this strongly. Default: the model's (tiny-shapes: 1.05), else 1.",
+        json_schema_extra=limits(exclusiveMinimum=0, maximum=4),
     )
     priority: Int = Field(
         0,

@@ -144,6 +144,48 @@ def folder_defaults(folder: Path, key: str = "defaults") -> dict[str, Any]:
     return defaults
 
 
+# what an easel.json's ``train_lora`` may set, by kind: LoraConfig fields (which check the values)
+TRAIN_DEFAULT_FIELDS = {
+    "steps": "a whole number",
+    "rank": "a whole number",
+    "learning_rate": "a number",
+    "train_text_encoder": "true or false",
+    "prior_words": "a list of words",
+    "export_scale": "a number",
+}
+
+
+def folder_train_defaults(folder: Path) -> dict[str, Any]:
+    """The LoRA fine-tune defaults in ``folder``/easel.json (``train_lora``), each a known
+    setting of the right kind; the ranges are LoraConfig's to check."""
+    defaults = folder_defaults(folder, "train_lora")
+    for key, value in defaults.items():
+        kind = TRAIN_DEFAULT_FIELDS.get(key)
+        if kind is None:
+            known = ", ".join(TRAIN_DEFAULT_FIELDS)
+            raise InvalidParams(
+                f"{folder / MODEL_DEFAULTS_FILE}: `train_lora` has no setting {key!r} "
+                f"(known: {known})",
+                field="model",
+            )
+        if not _is_kind(value, kind):
+            raise InvalidParams(
+                f"{folder / MODEL_DEFAULTS_FILE}: `train_lora.{key}` must be {kind} "
+                f"(got {value!r:.80})",
+                field="model",
+            )
+    return defaults
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind == "true or false":
+        return isinstance(value, bool)
+    if kind == "a list of words":
+        return isinstance(value, list) and all(isinstance(word, str) for word in value)
+    number = int if kind == "a whole number" else int | float
+    return isinstance(value, number) and not isinstance(value, bool)
+
+
 def hub_cache_dir() -> Path:
     """The Hugging Face hub cache, read from the environment at call time (tests change it)."""
     if os.environ.get("HF_HUB_CACHE"):
@@ -594,7 +636,7 @@ class ModelCatalog:
             record,
             tasks=tasks,
             defaults={**folder_defaults(folder), **record.defaults},
-            train_defaults={**folder_defaults(folder, "train_lora"), **record.train_defaults},
+            train_defaults=folder_train_defaults(folder),
             available=self.is_available(record),
         )
 

@@ -38,6 +38,7 @@ TRIGGER_RE = re.compile(r"[^\s<>:\"]{1,64}")  # one word (fullmatch)
 MAX_TRAIN_STEPS = 100_000
 MAX_RANK = 256
 MAX_PRIOR_WORDS = 16  # a fine-tune's prior words: each is one more pass over the dataset
+TEXT_ENCODER_FAMILIES = ("sd", "sdxl")  # whose text encoders a LoRA can train (CLIP)
 # a down (A) projection of a LoRA in any of the formats diffusers reads: peft (`lora_A`),
 # diffusers' older `lora.down` / `to_k_lora.down`, kohya (`lora_down`)
 _DOWN_KEY = re.compile(r"(lora_A|lora\.down|lora_down)\.weight$")
@@ -56,6 +57,16 @@ _METADATA_FAMILIES = (
     ("stable-diffusion-v1", "sd"),
     ("stable-diffusion-v2", "sd"),
 )
+
+
+def check_text_encoder_family(train_text_encoder: bool, family: str) -> None:
+    """A LoRA on the text encoder needs a CLIP one (the sd and sdxl families)."""
+    if train_text_encoder and family not in TEXT_ENCODER_FAMILIES:
+        raise InvalidParams(
+            f"train_text_encoder is supported for the {' and '.join(TEXT_ENCODER_FAMILIES)} "
+            f"families only (CLIP encoders), not {family}",
+            field="train_text_encoder",
+        )
 
 
 def parse_lora_arg(text: str) -> dict[str, Any]:

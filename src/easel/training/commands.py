@@ -185,7 +185,7 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         raise InvalidParams("give --prior-word or --no-prior-words, not both", field="prior_words")
     prior_words = () if args.no_prior_words else tuple(args.prior_words) or None
     config = lora_config(
-        ModelCatalog(settings).get(model).train_defaults,
+        ModelCatalog(settings).get(model, explain=True).train_defaults,
         model=model,
         dataset=str(run_dir / "dataset"),
         out_dir=str(run_dir),

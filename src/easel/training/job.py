@@ -24,7 +24,6 @@ from easel.domain import (
     TrainProgress,
     TrainSamples,
 )
-from easel.models.catalog import ModelCatalog
 from easel.models.loras import LoraCatalog
 from easel.training.loop import TrainStep
 from easel.training.lora import LoraResult, Samples, train_lora
@@ -119,10 +118,9 @@ class LoraTrainer:
         assert params.dataset
         run_dir = self.settings.home / "training" / job_id
         dataset = self.settings.datasets_dir / params.dataset
-        # the params hold what the server filled in at submit; the model's training defaults
-        # give the rest (export_scale)
-        own = ModelCatalog(self.settings).get(params.model or self.settings.default_model)
-        config = config_from_params(params, str(dataset), str(run_dir), own.train_defaults)
+        # the params hold the model's training defaults as the server filled them in at submit
+        # (a job queued before a field existed trains with LoraConfig's default for it)
+        config = config_from_params(params, str(dataset), str(run_dir))
 
         def report_step(step: TrainStep) -> None:
             fraction = max(step.fraction, 1e-9)

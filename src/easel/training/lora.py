@@ -41,6 +41,7 @@ from easel.imaging import image_grid
 from easel.models.catalog import ModelCatalog
 from easel.models.families import get_family
 from easel.models.loader import ModelManager
+from easel.models.loras import check_text_encoder_family
 from easel.models.params import defaults_for, effective_family
 from easel.training.loop import (
     Checkpoints,
@@ -468,11 +469,7 @@ def train_lora(
     )  # fmt: skip
     pipe = ModelManager(training_settings, catalog).get_pipeline(config.model).pipeline
     adapter = _family_adapter(family.name, pipe, device, config)
-    if config.train_text_encoder and family.name not in ("sd", "sdxl"):
-        raise InvalidParams(
-            "train_text_encoder is supported for the sd and sdxl families only (CLIP encoders)",
-            field="train_text_encoder",
-        )
+    check_text_encoder_family(config.train_text_encoder, family.name)
     size = config.size or int(defaults.get("width", 512))
     check_trigger_tokens(pipe, config.trigger)
 

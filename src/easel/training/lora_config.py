@@ -14,16 +14,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from easel.domain import FILLED_TEXT_PATTERN, GenerationParams, InvalidParams
+from easel.domain import FILLED_TEXT_PATTERN, GenerationParams, InvalidParams, check_text
+from easel.models.catalog import TRAIN_DEFAULT_FIELDS
 from easel.models.loras import MAX_PRIOR_WORDS, MAX_RANK, MAX_TRAIN_STEPS, NAME_RE, TRIGGER_RE
 from easel.models.params import check_int, check_number
 
 JOB_CHECKPOINTS = 10  # a train_lora job checkpoints about this often over its run
 FILLED_TEXT = re.compile(FILLED_TEXT_PATTERN)  # a prior word: not blank, no control characters
-# the LoraConfig fields a model's training defaults (easel.json's ``train_lora``) may set
-MODEL_TRAIN_FIELDS = (
-    "steps", "rank", "learning_rate", "train_text_encoder", "prior_words", "export_scale",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -131,6 +128,7 @@ class LoraConfig:
                     f"prior_words must be words of 1-64 characters (got {word!r:.80})",
                     field="prior_words",
                 )
+            check_text(word, "prior_words")  # a lone surrogate too (a crafted easel.json)
             if self.trigger.lower() in word.lower().split():
                 raise InvalidParams(
                     f"prior_words must not contain the trigger {self.trigger!r} (got {word!r})",
@@ -143,7 +141,7 @@ def lora_config(model_defaults: Mapping[str, Any], **fields: Any) -> LoraConfig:
     (`ModelRecord.train_defaults`, its easel.json's ``train_lora``: tiny-shapes names the shapes
     it draws as prior words), else LoraConfig's own. What the CLI and a queued job train with."""
     given = {key: value for key, value in fields.items() if value is not None}
-    for key in MODEL_TRAIN_FIELDS:
+    for key in TRAIN_DEFAULT_FIELDS:
         if key not in given and key in model_defaults:
             value = model_defaults[key]
             given[key] = tuple(value) if isinstance(value, list) else value
@@ -177,6 +175,7 @@ def config_from_params(
         learning_rate=params.learning_rate,
         train_text_encoder=params.train_text_encoder,
         prior_words=None if prior_words is None else tuple(prior_words),
+        export_scale=params.export_scale,
     )
     every = math.ceil(config.steps / JOB_CHECKPOINTS)
     return replace(config, checkpoint_every=min(config.checkpoint_every, max(10, every)))
