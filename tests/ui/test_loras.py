@@ -20,7 +20,7 @@ from easel.config import Settings
 from easel.domain import LOCAL, GenerationParams, LoraRecord, TrainProgress, TrainSamples
 from easel.imaging import png_bytes
 from easel.jobs.standin import StandInGenerator
-from easel.models.catalog import TRAIN_DEFAULT_FIELDS
+from easel.models.catalog import TRAIN_DEFAULT_FIELDS, ModelCatalog
 from easel.services import Services, build_services
 from easel.training.lora_config import LoraConfig
 from easel.ui.access import ANYONE
@@ -42,6 +42,7 @@ from easel.ui.training import (
     TrainRun,
     form_defaults,
     parse_words,
+    text_encoder_trains,
     trainable,
 )
 
@@ -178,7 +179,9 @@ def test_generate_and_edit_send_the_picked_loras(services: Services, tmp_path: P
 # --- the Train tab ------------------------------------------------------------------------------
 
 
-def test_form_defaults_are_the_trainers_under_the_models(services: Services) -> None:
+def test_form_defaults_are_the_trainers_under_the_models(
+    services: Services, tiny_flux_path: Path
+) -> None:
     config = LoraConfig(model="m", dataset="d", out_dir="o", name="n", trigger="t")
     assert TRAINER_DEFAULTS == {
         key: list(value) if isinstance(value, tuple) else value
@@ -192,11 +195,16 @@ def test_form_defaults_are_the_trainers_under_the_models(services: Services) -> 
     assert form_defaults(tiny) == {**TRAINER_DEFAULTS, **own}
     assert form_defaults(tiny)["prior_words"] == ["circle", "square", "triangle", "star", "cross"]
     steps, rank, rate, text_encoder, words = TrainHandlers(services).model_settings("tiny-shapes")
-    assert (steps, text_encoder, words) == (
+    assert (steps, text_encoder["value"], words) == (
         tiny.record.train_defaults["steps"],
         True,
         "circle, square, triangle, star, cross",
     )
+    assert text_encoder["interactive"] is True and text_encoder_trains(tiny)
+    # Flux's text encoders take no LoRA: the box is off and cannot be ticked
+    ModelCatalog(services.settings).add("flux", str(tiny_flux_path))
+    flux = TrainHandlers(services).model_settings("flux")[3]
+    assert (flux["value"], flux["interactive"]) == (False, False)
     assert (rank, rate) == (8, 1e-3)
     assert form_defaults(None) == TRAINER_DEFAULTS
     assert parse_words(" circle,, square ,") == ["circle", "square"] and parse_words("") == []

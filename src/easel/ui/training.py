@@ -24,6 +24,7 @@ import gradio as gr
 import pandas as pd
 
 from easel.domain import GenerationParams, InvalidParams, Principal
+from easel.models.loras import TEXT_ENCODER_FAMILIES
 from easel.services import ModelInfo, Services
 from easel.ui import status
 from easel.ui.access import acting_for
@@ -102,6 +103,11 @@ def form_defaults(info: ModelInfo | None) -> dict[str, Any]:
     return {key: own.get(key, value) for key, value in TRAINER_DEFAULTS.items()}
 
 
+def text_encoder_trains(info: ModelInfo | None) -> bool:
+    """Whether the model's text encoder can take a LoRA (a CLIP one): else the box is fixed."""
+    return info is None or info.record.family in TEXT_ENCODER_FAMILIES
+
+
 def words_text(words: list[str]) -> str:
     return ", ".join(words)
 
@@ -125,7 +131,8 @@ def train_tab(services: Services) -> TrainTab:
     available = [i.record.id for i in models if i.record.available]
     # the server's default model, else the first one here, else the first listed
     first = default if default in ids else next(iter(available or ids), None)
-    shown = form_defaults(next((i for i in models if i.record.id == first), None))
+    first_info = next((i for i in models if i.record.id == first), None)
+    shown = form_defaults(first_info)
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=300):
             files = gr.File(
@@ -184,6 +191,7 @@ def train_tab(services: Services) -> TrainTab:
                 train_text_encoder = gr.Checkbox(
                     shown["train_text_encoder"],
                     label="Train text encoder",
+                    interactive=text_encoder_trains(first_info),
                     scale=1,
                     elem_id="train-text-encoder",
                 )
@@ -269,13 +277,15 @@ class TrainHandlers:
 
     def model_settings(self, model: str | None) -> tuple[Any, ...]:
         """The form's settings when the model changes: that model's training defaults."""
-        infos = trainable(self.services.list_models())
-        shown = form_defaults(next((i for i in infos if i.record.id == model), None))
+        info = next(
+            (i for i in trainable(self.services.list_models()) if i.record.id == model), None
+        )
+        shown = form_defaults(info)
         return (
             shown["steps"],
             shown["rank"],
             shown["learning_rate"],
-            shown["train_text_encoder"],
+            gr.update(value=shown["train_text_encoder"], interactive=text_encoder_trains(info)),
             words_text(shown["prior_words"]),
         )
 
