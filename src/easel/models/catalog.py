@@ -128,22 +128,6 @@ _SINGLE_FILE_KEYS = (
 )
 
 
-def folder_defaults(folder: Path, key: str = "defaults") -> dict[str, Any]:
-    """The object ``key`` of ``folder``/easel.json (``defaults``: generation's; ``train_lora``:
-    a LoRA fine-tune's); {} when there is no such file or key."""
-    file = folder / MODEL_DEFAULTS_FILE
-    if not file.is_file():
-        return {}
-    try:
-        data = read_json_bounded(file, field="model", what="it")
-    except InvalidParams as exc:
-        raise InvalidParams(f"cannot read {file}: {exc.message}", field="model") from None
-    defaults = data.get(key, {}) if isinstance(data, dict) else None
-    if not isinstance(defaults, dict):
-        raise InvalidParams(f"{file}: `{key}` must be an object", field="model")
-    return defaults
-
-
 # what an easel.json's ``train_lora`` may set, by kind: LoraConfig fields (which check the values)
 TRAIN_DEFAULT_FIELDS = {
     "steps": "a whole number",
@@ -155,26 +139,36 @@ TRAIN_DEFAULT_FIELDS = {
 }
 
 
-def folder_train_defaults(folder: Path) -> dict[str, Any]:
-    """The LoRA fine-tune defaults in ``folder``/easel.json (``train_lora``), each a known
-    setting of the right kind; the ranges are LoraConfig's to check."""
-    defaults = folder_defaults(folder, "train_lora")
-    for key, value in defaults.items():
+def folder_defaults(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The defaults in ``folder``/easel.json, read once: generation's (``defaults``) and a LoRA
+    fine-tune's (``train_lora``: each a known setting of the right kind; the ranges are
+    LoraConfig's to check); ({}, {}) when there is no such file."""
+    file = folder / MODEL_DEFAULTS_FILE
+    if not file.is_file():
+        return {}, {}
+    try:
+        data = read_json_bounded(file, field="model", what="it")
+    except InvalidParams as exc:
+        raise InvalidParams(f"cannot read {file}: {exc.message}", field="model") from None
+    sections = []
+    for key in ("defaults", "train_lora"):
+        section = data.get(key, {}) if isinstance(data, dict) else None
+        if not isinstance(section, dict):
+            raise InvalidParams(f"{file}: `{key}` must be an object", field="model")
+        sections.append(section)
+    generation, training = sections
+    for key, value in training.items():
         kind = TRAIN_DEFAULT_FIELDS.get(key)
         if kind is None:
             known = ", ".join(TRAIN_DEFAULT_FIELDS)
             raise InvalidParams(
-                f"{folder / MODEL_DEFAULTS_FILE}: `train_lora` has no setting {key!r} "
-                f"(known: {known})",
-                field="model",
+                f"{file}: `train_lora` has no setting {key!r} (known: {known})", field="model"
             )
         if not _is_kind(value, kind):
             raise InvalidParams(
-                f"{folder / MODEL_DEFAULTS_FILE}: `train_lora.{key}` must be {kind} "
-                f"(got {value!r:.80})",
-                field="model",
+                f"{file}: `train_lora.{key}` must be {kind} (got {value!r:.80})", field="model"
             )
-    return defaults
+    return generation, training
 
 
 def _is_kind(value: Any, kind: str) -> bool:
@@ -631,12 +625,12 @@ class ModelCatalog:
         """A copy with the family's tasks, the folder's own defaults (generation's and
         training's) under the entry's, and whether the weights are here."""
         tasks = FAMILIES[record.family].tasks if record.family in FAMILIES else record.tasks
-        folder = Path(record.source).expanduser()
+        generation, training = folder_defaults(Path(record.source).expanduser())
         return dataclasses.replace(
             record,
             tasks=tasks,
-            defaults={**folder_defaults(folder), **record.defaults},
-            train_defaults=folder_train_defaults(folder),
+            defaults={**generation, **record.defaults},
+            train_defaults=training,
             available=self.is_available(record),
         )
 

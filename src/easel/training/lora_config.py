@@ -9,18 +9,16 @@ under three minutes on a 2-core CPU, leaving its other shapes alone (docs/TRAINI
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from easel.domain import FILLED_TEXT_PATTERN, GenerationParams, InvalidParams, check_text
+from easel.domain import GenerationParams, InvalidParams, check_text
 from easel.models.catalog import TRAIN_DEFAULT_FIELDS
 from easel.models.loras import MAX_PRIOR_WORDS, MAX_RANK, MAX_TRAIN_STEPS, NAME_RE, TRIGGER_RE
 from easel.models.params import check_int, check_number
 
 JOB_CHECKPOINTS = 10  # a train_lora job checkpoints about this often over its run
-FILLED_TEXT = re.compile(FILLED_TEXT_PATTERN)  # a prior word: not blank, no control characters
 
 
 @dataclass(frozen=True)
@@ -123,12 +121,13 @@ class LoraConfig:
                 field="prior_words",
             )
         for word in self.prior_words:
-            if not isinstance(word, str) or len(word) > 64 or not FILLED_TEXT.fullmatch(word):
+            if not isinstance(word, str) or len(word) > 64 or not word.strip():
                 raise InvalidParams(
                     f"prior_words must be words of 1-64 characters (got {word!r:.80})",
                     field="prior_words",
                 )
-            check_text(word, "prior_words")  # a lone surrogate too (a crafted easel.json)
+            # control characters and lone surrogates (the schema's FILLED_TEXT_PATTERN)
+            check_text(word, "prior_words")
             if self.trigger.lower() in word.lower().split():
                 raise InvalidParams(
                     f"prior_words must not contain the trigger {self.trigger!r} (got {word!r})",
